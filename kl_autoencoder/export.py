@@ -1,0 +1,247 @@
+"""Conversion to and from diffusers' `AutoencoderKL`: pure dict -> dict functions plus a small writer/reader.
+
+A diffusers folder is `config.json` + `diffusion_pytorch_model.safetensors`; it loads with
+`diffusers.AutoencoderKL.from_pretrained(folder)` and with `Autoencoder.from_pretrained(folder)`.
+Our module names already equal diffusers' keys, so the state-dict functions are the one place for renames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import Autoencoder, AutoencoderConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+# AutoencoderKL.__init__ defaults: what diffusers builds when a (older) config.json omits a key
+_DIFFUSERS_DEFAULTS = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+
+
+def to_diffusers_config(cfg: AutoencoderConfig) -> dict:
+    """The `AutoencoderKL` config for `cfg`; `AutoencoderKL(**to_diffusers_config(cfg))` builds it."""
+    levels = range(len(cfg.channel_mult))
+    down = ["AttnDownEncoderBlock2D" if i in cfg.attn_levels else "DownEncoderBlock2D" for i in levels]
+    up = ["AttnUpDecoderBlock2D" if i in cfg.attn_levels else "UpDecoderBlock2D" for i in reversed(levels)]
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": down,
+        "up_block_types": up,  # lowest resolution first, as diffusers' decoder runs them
+        "block_out_channels": list(cfg.block_out_channels),
+        "layers_per_block": cfg.layers_per_block,
+        "act_fn": "silu",
+        "latent_channels": cfg.latent_channels,
+        "norm_num_groups": cfg.norm_num_groups,
+        "sample_size": cfg.sample_size,
+        "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor,
+        "latents_mean": cfg.latents_mean,
+        "latents_std": cfg.latents_std,
+        "force_upcast": cfg.force_upcast,
+        "use_quant_conv": cfg.use_quant_conv,
+        "use_post_quant_conv": cfg.use_post_quant_conv,
+        "mid_block_add_attention": cfg.mid_attention,
+    }
+
+
+def from_diffusers_config(d: dict) -> AutoencoderConfig:
+    """Inverse of `to_diffusers_config`; raises ValueError for anything our model cannot represent."""
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+    if unknown:  # e.g. a VQModel config: refuse rather than silently build something else
+        raise ValueError(f"not an AutoencoderKL config we can represent: unknown keys {unknown}")
+    if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"expected _class_name 'AutoencoderKL', got {d['_class_name']!r}")
+    d = {**_DIFFUSERS_DEFAULTS, **d}
+    if d["act_fn"] != "silu":
+        raise ValueError(f"only act_fn 'silu' is supported, got {d['act_fn']!r}")
+
+    widths = [int(w) for w in d["block_out_channels"]]
+    base = widths[0]
+    if any(w % base for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first width")
+    n = len(widths)
+    down, up = list(d["down_block_types"]), list(d["up_block_types"])
+    if len(down) != n or len(up) != n:
+        raise ValueError(f"{len(down)} down and {len(up)} up block types for {n} block_out_channels")
+    down_kinds = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}
+    up_kinds = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
+    bad = [t for t in down if t not in down_kinds] + [t for t in up if t not in up_kinds]
+    if bad:
+        raise ValueError(f"unsupported block types {bad}; expected {list(down_kinds)} and {list(up_kinds)}")
+    enc_attn = [i for i, t in enumerate(down) if down_kinds[t]]
+    dec_attn = [n - 1 - i for i, t in enumerate(up) if up_kinds[t]]
+    if sorted(enc_attn) != sorted(dec_attn):
+        raise ValueError(f"attention at encoder levels {enc_attn} but decoder levels {sorted(dec_attn)}; must match")
+
+    sample_size = d["sample_size"]
+    if isinstance(sample_size, (list, tuple)):
+        if len(set(sample_size)) != 1:
+            raise ValueError(f"only square sample_size is supported, got {sample_size}")
+        sample_size = sample_size[0]
+
+    return AutoencoderConfig(
+        in_channels=d["in_channels"],
+        out_channels=d["out_channels"],
+        base_channels=base,
+        channel_mult=tuple(w // base for w in widths),
+        layers_per_block=d["layers_per_block"],
+        latent_channels=d["latent_channels"],
+        norm_num_groups=d["norm_num_groups"],
+        attn_levels=tuple(enc_attn),
+        mid_attention=d["mid_block_add_attention"],
+        use_quant_conv=d["use_quant_conv"],
+        use_post_quant_conv=d["use_post_quant_conv"],
+        sample_size=int(sample_size),
+        scaling_factor=float(d["scaling_factor"]),
+        shift_factor=d["shift_factor"],
+        latents_mean=d["latents_mean"],
+        latents_std=d["latents_std"],
+        force_upcast=d["force_upcast"],
+    )
+
+
+def to_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our keys are diffusers' keys; contiguous because safetensors refuses strided views."""
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+# diffusers < 0.14 named the attention projections like LDM; some hub VAEs (sd-vae-ft-*) still do
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_PATTERN = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)(\.(?:weight|bias))$")
+
+
+def from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' keys -> ours, renaming legacy attention names as diffusers does on load."""
+
+    def rename(key: str) -> str:
+        return _LEGACY_PATTERN.sub(lambda m: m[1] + _LEGACY_ATTENTION[m[2]] + m[3], key)
+
+    return {rename(k): v.contiguous() for k, v in sd.items()}
+
+
+def save_diffusers(
+    model: Autoencoder | tuple[AutoencoderConfig, dict[str, torch.Tensor]],
+    out_dir: str | Path,
+    extra_config: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `model` (or a `(config, state_dict)` pair, e.g. EMA weights) as a diffusers folder.
+
+    extra_config is merged over the config (e.g. a measured scaling_factor); its keys must be AutoencoderKL
+    arguments or start with "_", so that the folder still loads here and in diffusers. dtype (e.g.
+    torch.float16) casts the floating-point weights of the written file only.
+    """
+    if isinstance(model, Autoencoder):
+        cfg, sd = model.config, model.state_dict()
+    else:
+        cfg, sd = model
+    config = to_diffusers_config(cfg)
+    extra_config = dict(extra_config or {})
+    unknown = sorted(k for k in extra_config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+    if unknown:
+        raise ValueError(f"extra_config keys {unknown} are not AutoencoderKL arguments; prefix them with '_'")
+    config.update(extra_config)
+    from_diffusers_config(config)  # fail here, not at load time, if the merged config is not representable
+
+    tensors = to_diffusers_state_dict(sd)
+    tensors = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in tensors.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # write next to the target and rename, so an interrupted save never leaves a truncated file in place
+    tmp = out_dir / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / WEIGHTS_NAME)
+    tmp = out_dir / (CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / CONFIG_NAME)
+    return out_dir
+
+
+def _describe(keys: set[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_diffusers(path: str | Path) -> tuple[AutoencoderConfig, dict[str, torch.Tensor]]:
+    """Read a diffusers AutoencoderKL folder; strict: missing, unexpected or mis-shaped keys raise."""
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a diffusers AutoencoderKL folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+            "(only unsharded safetensors weights are supported)"
+        )
+    cfg = from_diffusers_config(json.loads(config_file.read_text()))
+    sd = from_diffusers_state_dict(load_file(str(weights_file)))
+
+    with torch.device("meta"):  # shapes only, no memory or init time
+        expected = {k: v.shape for k, v in Autoencoder(cfg).state_dict().items()}
+    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    wrong = {f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in sd and sd[k].shape != s}
+    if wrong:
+        problems.append(f"shape mismatches: {_describe(wrong)}")
+    if problems:
+        raise ValueError(f"{weights_file} does not match its {CONFIG_NAME}; " + "; ".join(problems))
+    return cfg, sd
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def find_diffusers_folder(path: str | Path) -> Path:
+    """Resolve a diffusers folder, a run folder or a checkpoint folder to the diffusers folder inside.
+
+    Run folder: `<run>/diffusers` if present, else the checkpoint named in `<run>/checkpoints/latest`.
+    Checkpoint folder: its `autoencoder/` subfolder (written by `Autoencoder.save_pretrained`).
+    """
+    path = Path(path)
+    looked = [str(path)]
+    if _is_diffusers_folder(path):
+        return path
+    looked.append(str(path / "diffusers"))
+    if _is_diffusers_folder(path / "diffusers"):
+        return path / "diffusers"
+    checkpoint = path
+    pointer = path / "checkpoints" / "latest"
+    if pointer.is_file():
+        checkpoint = path / "checkpoints" / pointer.read_text().strip()
+    looked.append(str(checkpoint / "autoencoder"))
+    if _is_diffusers_folder(checkpoint / "autoencoder"):
+        return checkpoint / "autoencoder"
+    raise FileNotFoundError(
+        f"no autoencoder weights found at {path}: looked for {CONFIG_NAME} + {WEIGHTS_NAME} in " + ", ".join(looked)
+    )

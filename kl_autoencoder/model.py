@@ -1,0 +1,377 @@
+"""The first-stage KL autoencoder of latent diffusion: config, presets, blocks, posterior, model.
+
+Architecture of CompVis/latent-diffusion `ldm/modules/diffusionmodules/model.py` (the SD VAE). Module
+names follow diffusers' `AutoencoderKL` exactly, so `state_dict()` loads strictly into it; the numerics
+(GroupNorm eps 1e-6, (0, 1, 0, 1) padding before the stride-2 conv, single-head attention with scale
+C**-0.5) are diffusers' too. Export lives in `export.py`; this file does not import diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    # width of each resolution level as a multiple of base_channels; one stride-2 downsampling between
+    # consecutive levels, so the spatial downsampling factor is 2 ** (len(channel_mult) - 1)
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    # resnets per encoder level; the decoder has one more per level (as LDM and diffusers)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    # levels (0 = full resolution) whose resnets are each followed by self-attention, in the encoder and
+    # the decoder: LDM's attn_resolutions, expressed as levels so it does not depend on the image size
+    attn_levels: tuple[int, ...] = ()
+    mid_attention: bool = True  # self-attention between the two resnets of the lowest-resolution mid block
+    # 1x1 convs on the moments after the encoder and on z before the decoder (SD 1/2: on; Flux/SD3: off)
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    bottleneck: str = "kl"  # "kl" (diagonal Gaussian posterior); "vq" later
+    sample_size: int = 256  # training resolution, recorded in the diffusers config (sets its tile size)
+    # latent normalization for the diffusion model, latents = (z - shift_factor) * scaling_factor;
+    # measured on data after training (LDM's scale_by_std), stored in the exported config only
+    scaling_factor: float = 1.0
+    shift_factor: float | None = None
+    latents_mean: list[float] | None = None  # per-channel statistics, an alternative some pipelines use
+    latents_std: list[float] | None = None
+    force_upcast: bool = True  # hint to diffusers pipelines to run the VAE in fp32 (fp16 may overflow)
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; tuples keep the config hashable and comparable
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.attn_levels = tuple(sorted({int(level) for level in self.attn_levels}))
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = [float(v) for v in value]
+                if len(value) != self.latent_channels:
+                    raise ValueError(
+                        f"{name} has {len(value)} entries, expected latent_channels={self.latent_channels}"
+                    )
+                setattr(self, name, value)
+        if self.bottleneck != "kl":
+            raise ValueError(f"bottleneck must be 'kl', got {self.bottleneck!r}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
+        for name in ("in_channels", "out_channels", "base_channels", "layers_per_block", "latent_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.norm_num_groups < 1:
+            raise ValueError(f"norm_num_groups must be >= 1, got {self.norm_num_groups}")
+        for width in self.block_out_channels:
+            if width % self.norm_num_groups:
+                raise ValueError(
+                    f"every level width (base_channels * channel_mult = {list(self.block_out_channels)}) must be "
+                    f"divisible by norm_num_groups={self.norm_num_groups}"
+                )
+        bad = [level for level in self.attn_levels if not 0 <= level < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attn_levels {bad} out of range for {len(self.channel_mult)} levels")
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * m for m in self.channel_mult)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+PRESETS: dict[str, AutoencoderConfig] = {
+    # trains in minutes on 2 CPU cores at 64px (latents 4x8x8); for smoke tests and recipe debugging
+    "tiny": AutoencoderConfig(
+        base_channels=32, channel_mult=(1, 2, 2, 2), layers_per_block=1, norm_num_groups=8, sample_size=64
+    ),
+    # the SD 1.x / 2.x VAE (LDM kl-f8)
+    "kl-f8": AutoencoderConfig(),
+    # 16 latent channels without the 1x1 quant convs, as the SD3 and Flux VAEs
+    "kl-f8-c16": AutoencoderConfig(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False),
+    # LDM kl-f4
+    "kl-f4": AutoencoderConfig(channel_mult=(1, 2, 4), latent_channels=3),
+    # LDM kl-f16: attention at level 4, i.e. at resolution 16 for 256px images
+    "kl-f16": AutoencoderConfig(channel_mult=(1, 1, 2, 2, 4), latent_channels=16, attn_levels=(4,)),
+}
+
+
+class DiagonalGaussian:
+    """Posterior q(z|x) = N(mean, diag(var)) from the encoder's moments (B, 2L, h, w)."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.moments = moments
+        self.mean, logvar = torch.chunk(moments, 2, dim=1)  # (B, L, h, w) each
+        # as LDM: keeps exp() finite early in training and for untrained encoders
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterized draw, mean + std * eps, so gradients reach mean and logvar."""
+        # draw on the generator's device, then move, so a CPU generator gives the same latents on any device
+        # (what diffusers' randn_tensor does)
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) in closed form, summed over (C, H, W): shape (B,)."""
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+class Checkpointable(nn.Module):
+    """A block whose forward can be recomputed in backward (training mode only), trading compute for memory."""
+
+    gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class ResnetBlock(Checkpointable):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(0.0)  # no parameters; kept so the module tree mirrors diffusers'
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            if self.training:  # x may be channels-last (see Attention); as diffusers, so DDP sees dense grads
+                x = x.contiguous()
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(Checkpointable):
+    """Single-head self-attention over the h*w positions, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        # norm over (B, C, HW) as diffusers does: on a channels-last x the 4-D kernel would round differently
+        h = self.group_norm(x.flatten(2)).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C), scale C**-0.5
+        h = self.to_out[1](self.to_out[0](h)).transpose(1, 2).reshape(B, C, H, W)  # a channels-last view
+        # `h + x`, not `x + h`: the sum then takes h's channels-last layout, as in diffusers, and every later
+        # conv and norm rounds the same way, so exported models match diffusers bit for bit
+        return h + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # asymmetric padding (LDM's choice), so H and W halve exactly for even sizes
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class Level(nn.Module):
+    """One resolution level: resnets, each optionally followed by attention, then an optional resampler."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_resnets: int, groups: int, attention: bool, resample: str
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_resnets)]
+        )
+        if attention:  # diffusers' Attn*Block2D; plain blocks have no `attentions` entry at all
+            self.attentions = nn.ModuleList([Attention(out_channels, groups) for _ in range(num_resnets)])
+        else:
+            self.attentions = None
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample(out_channels)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample(out_channels)])
+        self.resample = resample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x)
+            if self.attentions is not None:
+                x = self.attentions[i](x)
+        if self.resample == "down":
+            x = self.downsamplers[0](x)
+        elif self.resample == "up":
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)] if attention else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        widths, groups = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        for level, width in enumerate(widths):
+            last = level == len(widths) - 1
+            self.down_blocks.append(
+                Level(
+                    widths[max(level - 1, 0)],
+                    width,
+                    cfg.layers_per_block,
+                    groups,
+                    attention=level in cfg.attn_levels,
+                    resample="none" if last else "down",
+                )
+            )
+        self.mid_block = MidBlock(widths[-1], groups, cfg.mid_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, C0, H, W)
+        for block in self.down_blocks:
+            h = block(h)
+        h = self.mid_block(h)  # (B, C_last, H/f, W/f)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2L, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        widths, groups = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
+        self.mid_block = MidBlock(widths[-1], groups, cfg.mid_attention)
+        # diffusers order: up_blocks[0] is the lowest resolution
+        self.up_blocks = nn.ModuleList()
+        for i, level in enumerate(reversed(range(len(widths)))):
+            self.up_blocks.append(
+                Level(
+                    widths[min(level + 1, len(widths) - 1)],
+                    widths[level],
+                    cfg.layers_per_block + 1,
+                    groups,
+                    attention=level in cfg.attn_levels,
+                    resample="up" if level > 0 else "none",
+                )
+            )
+        self.conv_norm_out = nn.GroupNorm(groups, widths[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid_block(self.conv_in(z))  # (B, C_last, h, w)
+        for block in self.up_blocks:
+            h = block(h)  # (B, C_level, ...) doubling h, w in all but the last
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, h*f, w*f)
+
+
+class Autoencoder(nn.Module):
+    """x in [-1, 1] -> posterior over latents -> reconstruction; state dict = diffusers' AutoencoderKL."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        L = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(L, L, 1) if config.use_post_quant_conv else None
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        moments = self.encoder(x)  # (B, 2L, H/f, W/f)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, L, h, w) -> images (B, out_channels, h*f, w*f); scaling_factor is not applied."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+        return_posterior: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, DiagonalGaussian]:
+        # training goes through here (not encode/decode) so that DDP sees the forward and syncs gradients
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        reconstruction = self.decode(z)
+        return (reconstruction, posterior) if return_posterior else reconstruction
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight LDM's adaptive GAN weight differentiates the losses against."""
+        return self.decoder.conv_out.weight
+
+    def enable_gradient_checkpointing(self, flag: bool = True) -> None:
+        """Recompute each resnet and attention block in backward (training mode only) to save memory."""
+        for module in self.modules():
+            if isinstance(module, Checkpointable):
+                module.gradient_checkpointing = flag
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Autoencoder:
+        """Load from a diffusers folder, a run folder, or a checkpoint folder (see export.find_diffusers_folder).
+
+        Weights stored in fp16/bf16 are upcast into this fp32 model. Returned in eval mode, as diffusers does.
+        """
+        from .export import find_diffusers_folder, load_diffusers  # export imports this module
+
+        config, state_dict = load_diffusers(find_diffusers_folder(path))
+        model = cls(config)
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
+
+    def save_pretrained(
+        self, path: str | Path, extra_config: dict | None = None, dtype: torch.dtype | None = None
+    ) -> Path:
+        """Write a diffusers `AutoencoderKL` folder (config.json + diffusion_pytorch_model.safetensors)."""
+        from .export import save_diffusers
+
+        return save_diffusers(self, path, extra_config=extra_config, dtype=dtype)

@@ -1,0 +1,317 @@
+"""The training configuration: typed dataclasses whose defaults are the recipe.
+
+A run's config is built in three layers: the dataclass defaults (the CPU default run: `tiny` on the
+bundled photos), then a YAML recipe (`configs/<name>.yaml` or any file), then `section.key=value`
+overrides from the command line. Every key is checked against the dataclasses and every value
+against its type and range before anything heavy starts; a mistake is a `ConfigError` naming the
+key. The resolved config is saved as `<out>/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from training.data import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a one-line message that names the key."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # a name from kl_autoencoder.PRESETS; the fields below override it
+    base_channels: int | None = None
+    channel_mult: list[int] | None = None
+    layers_per_block: int | None = None
+    latent_channels: int | None = None
+    norm_num_groups: int | None = None
+    init_from: str | None = None  # a diffusers AutoencoderKL folder or a run folder to start from
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+
+    def validate(self) -> None:
+        from kl_autoencoder import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        for key in ("base_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"model.{key}: must be > 0, got {value}")
+        if self.channel_mult is not None and (not self.channel_mult or min(self.channel_mult) <= 0):
+            raise ConfigError(f"model.channel_mult: must be a non-empty list of positive ints, got {self.channel_mult}")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise ConfigError(f"model.init_from: {self.init_from} does not exist")
+        try:
+            self.autoencoder_config()
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+    def autoencoder_config(self):
+        """The `AutoencoderConfig` this section describes: the preset with the overrides applied."""
+        from kl_autoencoder import PRESETS
+
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("preset", "init_from", "gradient_checkpointing") and getattr(self, f.name) is not None
+        }
+        if "channel_mult" in overrides:
+            overrides["channel_mult"] = tuple(overrides["channel_mult"])
+        return dataclasses.replace(PRESETS[self.preset], **overrides)
+
+
+@dataclass
+class LossConfig:
+    rec_loss: Literal["l1", "l2"] = "l1"  # l1: Laplace NLL (LDM); l2: Gaussian NLL
+    perceptual_weight: float = 1.0
+    lpips: Literal["required", "auto", "off"] = "auto"  # auto: train without LPIPS (loudly) if weights are missing
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+    lpips_weights: str | None = None  # explicit path to the torchvision backbone file
+    learn_logvar: bool = False  # learn the decoder's output log-variance (sigma_x^2), LDM's `logvar`
+    logvar_init: float = 0.0
+    kl_weight: float = 1e-6
+    # sum: LDM's per-image sums (nll over pixels, KL over latent elements);
+    # mean: per-element means, so kl_weight means the same at any resolution and compression ratio.
+    reduction: Literal["sum", "mean"] = "sum"
+    kl_anneal_steps: int = 0  # linear beta warm-up from 0 over this many steps (0: off)
+    free_bits: float = 0.0  # per-channel KL floor, nats per latent element (0: off)
+    gan_loss: Literal["hinge", "vanilla", "non_saturating"] = "hinge"
+    disc_weight: float = 0.5
+    disc_start: int = 50001  # step at which the discriminator starts (LDM's ImageNet value)
+    disc_ramp: int = 0  # linear ramp of the adversarial factor over this many steps after disc_start
+    disc_norm: Literal["batch", "group"] = "batch"
+    disc_channels: int = 64
+    disc_layers: int = 3
+
+    def validate(self) -> None:
+        for key in ("perceptual_weight", "kl_weight", "disc_weight", "free_bits"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("kl_anneal_steps", "disc_start", "disc_ramp"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("disc_channels", "disc_layers"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"loss.{key}: must be > 0, got {getattr(self, key)}")
+        if self.lpips_weights is not None and not Path(self.lpips_weights).is_file():
+            raise ConfigError(f"loss.lpips_weights: {self.lpips_weights} is not a file")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    disc_lr: float | None = None  # None: the same as lr
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # LDM's Adam betas
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max global grad norm per model (0: off)
+    scale_lr: bool = False  # LDM rule: lr x batch_size x processes x grad_accum
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        if self.disc_lr is not None and self.disc_lr <= 0:
+            raise ConfigError(f"optim.disc_lr: must be > 0, got {self.disc_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip: must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1200
+    grad_accum: int = 1
+    log_every: int = 10
+    sample_every: int = 300
+    checkpoint_every: int = 600
+    eval_every: int = 300
+    keep_checkpoints: int = 3  # keep the last K checkpoints
+    # auto: bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with AVX-512 BF16 / AMX)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+
+    def validate(self) -> None:
+        for key in ("max_steps", "grad_accum", "log_every", "sample_every", "checkpoint_every", "eval_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}: must be > 0, got {getattr(self, key)}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, resize=128, batch_size=8, repeats=64))
+    loss: LossConfig = field(default_factory=lambda: LossConfig(disc_start=600, disc_norm="group"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    out_dir: str = "runs/default"
+
+    def validate(self) -> TrainConfig:
+        self.model.validate()
+        try:
+            self.data.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.loss.validate()
+        self.optim.validate()
+        self.train.validate()
+        factor = self.model.autoencoder_config().downsample_factor
+        if self.data.resolution % factor:
+            raise ConfigError(
+                f"data.resolution: {self.data.resolution} is not a multiple of the model's downsampling factor {factor}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` coerced to `hint`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_name(hint)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `off` as false
+            value = {False: "off", True: "on"}[value]
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Merge a nested dict onto a dataclass instance in place, checking every key and value."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key; valid keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            merge(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _check_type(full, value, hints[key]))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b=value` -> {"a": {"b": value}}, the value parsed as YAML (so 1e-4, true, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: overrides are written section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    # a bare 1e-4 is a string to YAML 1.1; read it as a number
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    node: dict[str, Any] = {}
+    out = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in importlib.resources.files("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A YAML file path, or the name of a recipe shipped in `configs/` (found from any directory)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"--config: {name_or_path} is not a file")
+        return path
+    resource = importlib.resources.files("configs") / f"{name_or_path}.yaml"
+    if not resource.is_file():
+        names = recipe_names()
+        raise ConfigError(f"--config: unknown recipe {name_or_path!r}; choose from {names} or give a YAML file")
+    return Path(str(resource))
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults, then the YAML recipe, then the overrides; validated."""
+    cfg = TrainConfig()
+    if config is not None:
+        path = find_recipe(config)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        merge(cfg, data)
+    for text in overrides:
+        merge(cfg, parse_override(text))
+    return cfg.validate()
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,132 @@
+"""The LDM first-stage losses as pure functions, each returning `(loss, logs)`.
+
+Adapted from CompVis/latent-diffusion `ldm/modules/losses/contperceptual.py`, with its known
+faults fixed: the learned output log-variance is a real parameter (the trainer optimizes it), the
+adaptive weight is computed in fp32 on the gradients of the decoder's last layer, and the
+non-saturating GAN loss has its arguments the right way round. `logs` hold detached tensors; the
+trainer turns them into numbers only on logging steps, so no step waits on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Logs = dict[str, Tensor]
+
+
+def reconstruction_error(x: Tensor, x_hat: Tensor, kind: Literal["l1", "l2"] = "l1") -> Tensor:
+    """Element-wise |x - x_hat| or (x - x_hat)^2, in fp32. (B, C, H, W)"""
+    diff = x.float() - x_hat.float()
+    if kind == "l1":
+        return diff.abs()
+    if kind == "l2":
+        return diff.square()
+    raise ValueError(f"unknown reconstruction loss {kind!r}; choose l1 or l2")
+
+
+def nll_loss(
+    error: Tensor,
+    logvar: Tensor,
+    kind: Literal["l1", "l2"] = "l1",
+    reduction: Literal["sum", "mean"] = "sum",
+) -> tuple[Tensor, Logs]:
+    """Negative log-likelihood of the data under the decoder with output log-variance `logvar`.
+
+    `error` is the per-element reconstruction error (perceptual term already added, as in LDM).
+    l1 is the Laplace NLL  e / b + log b  with log b = logvar (exactly LDM's `rec / exp(logvar) + logvar`);
+    l2 is the Gaussian NLL  0.5 e / sigma^2 + 0.5 log sigma^2. Constants are dropped. With a fixed
+    logvar of 0 these are the plain reconstruction losses; `sum` reduces per image as LDM does.
+    """
+    logvar = logvar.float()
+    if kind == "l1":
+        nll = error / torch.exp(logvar) + logvar
+    elif kind == "l2":
+        nll = 0.5 * error / torch.exp(logvar) + 0.5 * logvar
+    else:
+        raise ValueError(f"unknown reconstruction loss {kind!r}; choose l1 or l2")
+    loss = nll.sum() / nll.shape[0] if reduction == "sum" else nll.mean()
+    return loss, {"train/nll": loss.detach(), "train/logvar": logvar.detach()}
+
+
+def kl_loss(
+    mean: Tensor,
+    logvar: Tensor,
+    reduction: Literal["sum", "mean"] = "sum",
+    free_bits: float = 0.0,
+    pixels_per_image: int | None = None,
+) -> tuple[Tensor, Logs]:
+    """KL(q(z|x) || N(0, I)) in closed form for a diagonal Gaussian posterior.
+
+    `sum`: per-image sum over latent elements, batch mean (LDM, with kl_weight 1e-6).
+    `mean`: mean per latent element. `free_bits` floors each channel's batch-mean KL (nats per
+    element) so no channel is pushed all the way to the prior (Kingma et al. 2016).
+    `pixels_per_image` (C*H*W of the input) gives the rate in bits per data dimension for the logs.
+    """
+    mean, logvar = mean.float(), logvar.clamp(-30.0, 20.0).float()
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)  # (B, C, h, w)
+    per_channel = kl.mean(dim=(0, 2, 3))  # (C,) nats per element
+    if free_bits > 0:
+        per_channel = per_channel.clamp(min=free_bits)
+    spatial = kl.shape[2] * kl.shape[3]
+    loss = per_channel.sum() * spatial if reduction == "sum" else per_channel.mean()
+    per_image = kl.detach().sum(dim=(1, 2, 3)).mean()  # nats per image, whatever the reduction
+    logs = {"train/kl": per_image}
+    if pixels_per_image:
+        logs["train/kl_bits_per_dim"] = per_image / (pixels_per_image * math.log(2))
+    return loss, logs
+
+
+def kl_anneal(step: int, anneal_steps: int) -> float:
+    """Beta warm-up factor: linear from 0 to 1 over `anneal_steps` (1 when off)."""
+    return 1.0 if anneal_steps <= 0 else min(1.0, step / anneal_steps)
+
+
+def generator_adv_loss(logits_fake: Tensor, kind: str = "hinge") -> Tensor:
+    """The generator's adversarial loss on the discriminator's logits for reconstructions.
+
+    hinge and vanilla use LDM's -mean(D(x_hat)); non_saturating is -log sigmoid(D(x_hat)),
+    i.e. BCE against the "real" label (the form LlamaGen got with its arguments swapped).
+    """
+    logits_fake = logits_fake.float()
+    if kind in ("hinge", "vanilla"):
+        return -logits_fake.mean()
+    if kind == "non_saturating":
+        return F.softplus(-logits_fake).mean()
+    raise ValueError(f"unknown gan loss {kind!r}; choose hinge, vanilla or non_saturating")
+
+
+def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, kind: str = "hinge") -> tuple[Tensor, Logs]:
+    """The discriminator's loss: hinge, or the logistic (vanilla / non-saturating) one."""
+    logits_real, logits_fake = logits_real.float(), logits_fake.float()
+    if kind == "hinge":
+        loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    elif kind in ("vanilla", "non_saturating"):
+        loss = 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+    else:
+        raise ValueError(f"unknown gan loss {kind!r}; choose hinge, vanilla or non_saturating")
+    logs = {
+        "train/d_loss": loss.detach(),
+        "logits/real": logits_real.detach().mean(),
+        "logits/fake": logits_fake.detach().mean(),
+    }
+    return loss, logs
+
+
+def adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
+    """LDM's balance ||grad nll|| / (||grad g_loss|| + 1e-4) on the decoder's last layer, in fp32, detached."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def disc_factor(step: int, start: int, ramp: int = 0) -> float:
+    """0 before `start`, then 1 (or a linear ramp from 0 to 1 over `ramp` steps)."""
+    if step < start:
+        return 0.0
+    return 1.0 if ramp <= 0 else min(1.0, (step - start + 1) / ramp)

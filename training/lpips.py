@@ -1,0 +1,156 @@
+"""LPIPS perceptual distance: a thin, frozen, fp32 wrapper over the `lpips` package.
+
+The `lpips` package ships its calibrated linear heads but fetches the ImageNet backbone
+(torchvision VGG16 / AlexNet) from the internet. We build it offline with a random
+backbone and then load the torchvision file ourselves, from an explicit path or the torch
+hub cache, strictly, so a wrong or truncated file is an error rather than a silently
+random trunk (taming / latent-diffusion load with strict=False).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# torchvision's file names (the hash suffix is part of the name torch.hub looks for)
+BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+MODES = ("required", "auto", "off")
+
+
+def _hub_checkpoints() -> Path:
+    # torch.hub.get_dir() honours torch.hub.set_dir(), then $TORCH_HOME/hub, then ~/.cache
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _check_net(net: str) -> str:
+    if net not in BACKBONE_FILES:
+        raise ValueError(f"loss.lpips_net: unknown backbone {net!r}; choose one of {list(BACKBONE_FILES)}")
+    return BACKBONE_FILES[net]
+
+
+def resolve_backbone(net: str, weights_path: str | None = None) -> Path | None:
+    """Return the torchvision backbone file for `net`, or None when it is not on disk."""
+    file = _check_net(net)
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"loss.lpips_weights: {path} does not exist")
+        return path
+    path = _hub_checkpoints() / file
+    return path if path.is_file() else None
+
+
+def missing_weights_message(net: str, weights_path: str | None = None) -> str:
+    """One message that says exactly which file is missing, where it goes and where it comes from."""
+    file = _check_net(net)
+    where = f"the file {weights_path} does not exist" if weights_path else f"{file} was not found"
+    return (
+        f"LPIPS ({net}) needs the torchvision ImageNet backbone, and {where}.\n"
+        f"  Download https://download.pytorch.org/models/{file}\n"
+        f"  and put it in {_hub_checkpoints()}/\n"
+        f"  (that is torch.hub.get_dir()/checkpoints; set $TORCH_HOME to move it),\n"
+        f"  or point the config key loss.lpips_weights=/path/to/{file} at it.\n"
+        f"  To train without the perceptual loss use loss.lpips=off "
+        f"(or loss.lpips=auto to use it only when the file is present)."
+    )
+
+
+def _load_backbone(backbone: nn.Module, path: Path) -> None:
+    """Copy torchvision `features.{i}.*` tensors into lpips' `slice{k}.{i}.*`, strictly."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a torchvision state dict, got {type(state).__name__}")
+    ours = backbone.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    problems: list[str] = []
+    for key, tensor in ours.items():
+        # lpips keeps torchvision's layer index inside each slice: slice2.5.weight <- features.5.weight
+        m = re.fullmatch(r"slice\d+\.(\d+)\.(.+)", key)
+        src = f"features.{m.group(1)}.{m.group(2)}" if m else key
+        if src not in state:
+            problems.append(f"missing {src}")
+        elif state[src].shape != tensor.shape:
+            problems.append(f"{src} has shape {tuple(state[src].shape)}, expected {tuple(tensor.shape)}")
+        else:
+            mapped[key] = state[src]
+            used.add(src)
+    unused = sorted(k for k in state if k.startswith("features.") and k not in used)
+    if unused:
+        problems.append(f"unexpected backbone tensors {unused[:4]}")
+    if problems:
+        raise ValueError(f"{path} is not a matching torchvision backbone: " + "; ".join(problems[:6]))
+    backbone.load_state_dict(mapped, strict=True)
+
+
+class LPIPS(nn.Module):
+    """Frozen LPIPS distance. Inputs in [-1, 1], shape (B, 3, H, W); returns (B,) in fp32.
+
+    Gradients flow to the inputs (the perceptual loss must reach the decoder; diffusers'
+    trainer computed it under no_grad). The module is permanently in eval mode because the
+    heads contain Dropout.
+    """
+
+    def __init__(self, net: str = "vgg", weights_path: str | None = None, random_backbone: bool = False):
+        super().__init__()
+        import lpips  # heavy import (torchvision models); keep it off the module import path
+
+        _check_net(net)
+        self.net_name = net
+        self.random = random_backbone
+        path = None
+        if not random_backbone:
+            try:
+                path = resolve_backbone(net, weights_path)
+            except FileNotFoundError:
+                path = None
+            if path is None:
+                raise FileNotFoundError(missing_weights_message(net, weights_path))
+        with warnings.catch_warnings():
+            # lpips still passes torchvision's deprecated `pretrained=` argument
+            warnings.simplefilter("ignore", UserWarning)
+            # pretrained=True loads the calibrated heads from the package; pnet_rand=True keeps
+            # the backbone random so nothing is downloaded
+            self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        if path is not None:
+            _load_backbone(self.model.net, path)
+        self.weights_path = str(path) if path is not None else None
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LPIPS:
+        # the heads contain Dropout: a parent's .train() must not turn it on
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # under bf16/fp16 autocast the normalised-feature differences lose most of their bits
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            d = self.model(x.float(), y.float(), normalize=False)  # (B, 1, 1, 1)
+        return d.reshape(x.shape[0])
+
+
+def build_lpips(mode: str, net: str = "vgg", weights_path: str | None = None) -> tuple[LPIPS | None, str]:
+    """Build LPIPS according to `loss.lpips` = required | auto | off; returns (module or None, why)."""
+    if mode not in MODES:
+        raise ValueError(f"loss.lpips: unknown mode {mode!r}; choose one of {list(MODES)}")
+    _check_net(net)
+    if mode == "off":
+        return None, "disabled by config"
+    try:
+        path = resolve_backbone(net, weights_path)
+    except FileNotFoundError:
+        # an explicit path that does not exist is a typo, even under "auto"
+        raise FileNotFoundError(missing_weights_message(net, weights_path)) from None
+    if path is None:
+        if mode == "required":
+            raise FileNotFoundError(missing_weights_message(net, weights_path))
+        return None, (
+            f"{BACKBONE_FILES[net]} not found in {_hub_checkpoints()} (loss.lpips=auto): "
+            f"training without the perceptual loss"
+        )
+    return LPIPS(net, weights_path=str(path)), f"{net}: {path}"
