@@ -59,36 +59,40 @@ def test_sample_tensors_and_repeats():
     assert torch.equal(cam[0], cam[1]) and torch.equal(cam[1], cam[2])
 
 
-def test_augmentation_varies_with_seed_and_repeats_with_same_seed():
-    train, val = build_datasets(DataConfig(resolution=64, resize=128), seed=0)
+def test_augmentation_depends_on_seed_epoch_and_index_only():
+    cfg = DataConfig(resolution=64, resize=128, repeats=8)
+    train, val = build_datasets(cfg, seed=0)
+    n = len(train) // 8  # the 8 visits of image 0 are indices 0, n, 2n, ...
 
-    def draw(seed: int) -> torch.Tensor:
-        torch.manual_seed(seed)
-        return torch.stack([train[0] for _ in range(8)])
+    def draw(dataset, epoch: int) -> torch.Tensor:
+        dataset.set_epoch(epoch)
+        return torch.stack([dataset[k * n] for k in range(8)])
 
-    a, b = draw(1), draw(1)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, draw(2))
-    assert not torch.equal(a[0], a[1])  # consecutive draws get different crops/flips
+    a = draw(train, 0)
+    torch.manual_seed(123)  # the global RNG plays no part: resume and prefetching cannot shift crops
+    assert torch.equal(a, draw(train, 0))
+    assert torch.equal(a, draw(build_datasets(cfg, seed=0)[0], 0))
+    assert not torch.equal(a, draw(train, 1))  # a new epoch, new crops
+    assert not torch.equal(a, draw(build_datasets(cfg, seed=1)[0], 0))  # a new seed, new crops
+    assert not torch.equal(a[0], a[1])  # each visit of an image gets its own crop/flip
     # validation is deterministic: center crop, no flip
-    torch.manual_seed(3)
     v1 = val[0]
-    torch.manual_seed(4)
+    val.set_epoch(5)
     assert torch.equal(v1, val[0])
 
 
 def test_center_crop_without_flip_is_deterministic():
-    train, _ = build_datasets(DataConfig(resolution=32, random_crop=False, hflip=False), seed=0)
-    torch.manual_seed(0)
-    x = train[1]
-    torch.manual_seed(1)
-    assert torch.equal(x, train[1])
+    train, _ = build_datasets(DataConfig(resolution=32, random_crop=False, hflip=False, repeats=2), seed=0)
+    n = len(train) // 2
+    assert torch.equal(train[1], train[1 + n])
+    train.set_epoch(1)
+    assert torch.equal(train[1], train[1 + n])
 
 
 def test_hflip_happens():
-    train, _ = build_datasets(DataConfig(resolution=32, random_crop=False, hflip=True), seed=0)
-    torch.manual_seed(0)
-    draws = [train[0] for _ in range(16)]
+    train, _ = build_datasets(DataConfig(resolution=32, random_crop=False, hflip=True, repeats=16), seed=0)
+    n = len(train) // 16
+    draws = [train[k * n] for k in range(16)]
     flipped = [torch.equal(d, draws[0].flip(-1)) for d in draws]
     assert any(flipped) and not all(flipped)
 

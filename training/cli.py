@@ -10,13 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from training.checkpoint import NonFiniteError
 from training.config import ConfigError
 
 
 def export(run_dir: str, out: str) -> Path:
     """Write a diffusers folder from a run's latest complete checkpoint."""
     from kl_autoencoder import Autoencoder
-    from training.train import find_latest_checkpoint
+    from training.checkpoint import find_latest_checkpoint
 
     run = Path(run_dir)
     checkpoint = find_latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the run stopped, its checkpoints intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -144,6 +144,10 @@ class TrainSection:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    ema: bool = True  # keep an EMA of the autoencoder; validation, samples and export use it
+    ema_decay: float = 0.999  # the cap; the decay warms up as 1 - (1 + step)^(-2/3)
+    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    trainable: Literal["all", "decoder"] = "all"  # decoder: fine-tune the decoder only (SD ft-EMA/ft-MSE)
 
     def validate(self) -> None:
         for key in ("max_steps", "grad_accum", "log_every", "sample_every", "checkpoint_every", "eval_every"):
@@ -151,6 +155,10 @@ class TrainSection:
                 raise ConfigError(f"train.{key}: must be > 0, got {getattr(self, key)}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
+        if self.max_nonfinite < 1:
+            raise ConfigError(f"train.max_nonfinite: must be >= 1, got {self.max_nonfinite}")
 
 
 @dataclass
@@ -171,6 +179,8 @@ class TrainConfig:
         self.loss.validate()
         self.optim.validate()
         self.train.validate()
+        if self.train.trainable == "decoder" and not self.model.init_from:
+            raise ConfigError("train.trainable: decoder-only training needs model.init_from (a trained encoder)")
         factor = self.model.autoencoder_config().downsample_factor
         if self.data.resolution % factor:
             raise ConfigError(
@@ -205,6 +215,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         choices = typing.get_args(hint)
         if isinstance(value, bool):  # YAML 1.1 reads a bare `off` as false
             value = {False: "off", True: "on"}[value]
+        if value is None and "none" in choices:
+            value = "none"
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
         return value
@@ -262,6 +274,8 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # `no`, `off`, `yes` are words here, not YAML 1.1 booleans
     if isinstance(value, str) and value.lower() in ("none", "null"):
         value = None
     # a bare 1e-4 is a string to YAML 1.1; read it as a number

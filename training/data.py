@@ -122,8 +122,11 @@ def resize_shorter(img: Image.Image, size: int) -> Image.Image:
 class ImageDataset(torch.utils.data.Dataset):
     """Rows of a `datasets.Dataset` -> float32 tensors (3, resolution, resolution) in [-1, 1]."""
 
-    def __init__(self, table: datasets.Dataset, cfg: DataConfig, train: bool, column: str = "image"):
+    def __init__(self, table: datasets.Dataset, cfg: DataConfig, train: bool, column: str = "image", seed: int = 0):
         self.table, self.column, self.train = table, column, train
+        # crops and flips come from (seed, epoch, index) alone, not from the global RNG: a resumed run
+        # draws exactly the crops the uninterrupted run would have, whatever was prefetched or skipped
+        self.seed, self.epoch = seed, 0
         self.resolution = cfg.resolution
         self.resize = cfg.resize or cfg.resolution
         self.random_crop = train and cfg.random_crop
@@ -134,6 +137,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.table) * self.repeats
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def paths(self) -> list[str | None]:
         """Source path of every row (None for hub images stored as bytes)."""
@@ -163,13 +169,14 @@ class ImageDataset(torch.utils.data.Dataset):
         x = self._load_or_skip(i % len(self.table))
         _, h, w = x.shape
         r = self.resolution
+        rng = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
         if self.random_crop:
-            top = int(torch.randint(0, h - r + 1, ()))
-            left = int(torch.randint(0, w - r + 1, ()))
+            top = int(torch.randint(0, h - r + 1, (), generator=rng))
+            left = int(torch.randint(0, w - r + 1, (), generator=rng))
         else:
             top, left = (h - r) // 2, (w - r) // 2
         x = x[:, top : top + r, left : left + r]
-        if self.hflip and bool(torch.rand(()) < 0.5):
+        if self.hflip and bool(torch.rand((), generator=rng) < 0.5):
             x = x.flip(-1)
         return x.float().div_(127.5).sub_(1.0)  # (3, r, r) in [-1, 1]
 
@@ -255,4 +262,4 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset
             column = cfg.image_column
             train_idx, val_idx = _seeded_split(len(table), cfg, seed)
             train_table, val_table = table.select(train_idx), table.select(val_idx)
-    return ImageDataset(train_table, cfg, True, column), ImageDataset(val_table, cfg, False, column)
+    return ImageDataset(train_table, cfg, True, column, seed), ImageDataset(val_table, cfg, False, column, seed)
