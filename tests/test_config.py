@@ -24,7 +24,8 @@ def test_field_list_is_pinned():
     # a new key must be added here on purpose, documented in the README and read by the code
     assert all_keys(TrainConfig()) == [
         "model.preset", "model.base_channels", "model.channel_mult", "model.layers_per_block",
-        "model.latent_channels", "model.norm_num_groups", "model.init_from", "model.gradient_checkpointing",
+        "model.latent_channels", "model.norm_num_groups", "model.init_from", "model.trust_pickle",
+        "model.gradient_checkpointing",
         "data.source", "data.resolution", "data.resize", "data.random_crop", "data.hflip", "data.batch_size",
         "data.num_workers", "data.val_fraction", "data.val_max", "data.image_column", "data.hub_split",
         "data.repeats",
@@ -36,6 +37,7 @@ def test_field_list_is_pinned():
         "optim.scale_lr",
         "train.max_steps", "train.grad_accum", "train.log_every", "train.sample_every", "train.checkpoint_every",
         "train.eval_every", "train.keep_checkpoints", "train.mixed_precision", "train.seed", "train.tracker",
+        "train.ema", "train.ema_decay", "train.max_nonfinite", "train.trainable",
         "out_dir",
     ]  # fmt: skip
 
@@ -60,6 +62,15 @@ def test_every_recipe_loads(name):
     cfg = load_config(name)
     assert cfg.model.preset == name
     assert name in recipe_names()
+
+
+@pytest.mark.parametrize("name", ["ft-ema", "ft-mse"])
+def test_finetune_recipes_are_decoder_only_with_ema(name, tmp_path):
+    with pytest.raises(ConfigError, match="needs model.init_from"):
+        load_config(name)
+    cfg = load_config(name, [f"model.init_from={tmp_path}"])
+    assert cfg.train.trainable == "decoder" and cfg.train.ema and cfg.model.preset == "kl-f8"
+    assert (cfg.loss.rec_loss, cfg.loss.perceptual_weight) == {"ft-ema": ("l1", 1.0), "ft-mse": ("l2", 0.1)}[name]
 
 
 def test_overrides_and_yaml_file(tmp_path):

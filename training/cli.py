@@ -2,6 +2,9 @@
 
 kl-ae train  [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [section.key=value ...]
 kl-ae export RUN_DIR --out DIR
+kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PATH2] [--lpips MODE] ...
+kl-ae rd     [--kl-weights 1e-6,1e-4,1e-2] [--max-steps N] [--out DIR] [section.key=value ...]
+kl-ae sanity [--seed N] [--steps N]
 """
 
 from __future__ import annotations
@@ -27,6 +30,66 @@ def export(run_dir: str, out: str) -> Path:
     return Path(out)
 
 
+def add_eval_commands(sub) -> None:
+    """The evaluation subcommands: eval, rd, sanity (their packages are imported only when they run)."""
+    p = sub.add_parser("eval", help="metrics, latent statistics, VAE diagnostics and an HTML report")
+    p.add_argument("--model", required=True, help="a run folder, a checkpoint folder or a diffusers folder")
+    p.add_argument("--data", required=True, help="a folder (all its images), 'sample' or a hub dataset name")
+    p.add_argument("--out", help="where metrics.json and report.html go (default MODEL/eval)")
+    p.add_argument("--resolution", type=int, help="resize the shorter side and centre-crop to N (default: own size)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch and process (default 8)")
+    p.add_argument("--compare", help="a second model, evaluated on the same images and shown side by side")
+    p.add_argument("--lpips", choices=["required", "auto", "off"], default="auto")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--seed", type=int, default=0, help="posterior noise and the prior-comparison subsamples")
+
+    p = sub.add_parser("rd", help="rate-distortion curve: train and evaluate one model per kl_weight")
+    p.add_argument("--kl-weights", default="1e-6,1e-4,1e-2", help="comma-separated loss.kl_weight values")
+    p.add_argument("--max-steps", type=int, default=200, help="training steps per weight (default 200)")
+    p.add_argument("--out", default="runs/rd", help="runs go to OUT/kl_<weight>, the curve to OUT/rd.png")
+    p.add_argument("--config", help="a recipe name or YAML file for every run (default: the tiny CPU recipe)")
+    p.add_argument("--data", help="shorthand for data.source=SPEC")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+    p = sub.add_parser("sanity", help="a linear VAE trained with our losses must recover probabilistic PCA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1500, help="full-batch Adam steps (default 1500)")
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    if args.command == "eval":
+        from eval.evaluate import EvalConfig, evaluate
+
+        fields = ("model", "data", "out", "resolution", "batch_size", "compare", "lpips", "max_images", "seed")
+        evaluate(EvalConfig(**{k: getattr(args, k) for k in fields}))
+        return 0
+    if args.command == "rd":
+        import json
+
+        from eval.rd import parse_kl_weights, rate_distortion
+
+        if args.max_steps < 1:
+            raise ConfigError(f"--max-steps: must be >= 1, got {args.max_steps}")
+        overrides = [*args.overrides, *([f"data.source={json.dumps(args.data)}"] if args.data else [])]
+        rate_distortion(parse_kl_weights(args.kl_weights), args.out, args.max_steps, args.config, overrides)
+        return 0
+    from eval.sanity import SanityConfig, run_sanity
+
+    if args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
+    r = run_sanity(SanityConfig(seed=args.seed, steps=args.steps))
+    c = r["config"]
+    print(f"linear VAE vs closed-form pPCA (D={c['data_dim']}, d={c['latent_dim']}, N={c['num_samples']}, "
+          f"noise variance {c['noise_var']:g}, {c['steps']} Adam steps)")  # fmt: skip
+    angles = ", ".join(f"{a:.3f}" for a in r["angles_deg"])
+    print(f"principal angles decoder vs W_ML: {angles} degrees (pass: all < {c['max_angle_deg']:g})")
+    print(f"noise variance: exp(logvar) {r['sigma2_vae']:.5f}, sigma^2_ML {r['sigma2_ml']:.5f}, "
+          f"relative error {100 * r['sigma2_rel_error']:.2f}% (pass: < {100 * c['max_var_rel_error']:g}%)")  # fmt: skip
+    print(f"ELBO {r['elbo_nats']:.4f} nats vs pPCA log-likelihood {r['ppca_log_likelihood_nats']:.4f} nats per sample")
+    print("sanity check " + ("PASSED" if r["passed"] else "FAILED"))
+    return 0 if r["passed"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kl-ae", description="Train and export latent-diffusion autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p_export = sub.add_parser("export", help="write a diffusers folder from a run's latest checkpoint")
     p_export.add_argument("run_dir")
     p_export.add_argument("--out", required=True)
+    add_eval_commands(sub)
     args = parser.parse_args(argv)
 
     try:
@@ -47,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             train(config_from_args(args))
         elif args.command == "export":
             print(f"diffusers folder: {export(args.run_dir, args.out)}")
+        else:
+            return run_eval_command(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,10 @@ class ModelConfig:
     layers_per_block: int | None = None
     latent_channels: int | None = None
     norm_num_groups: int | None = None
-    init_from: str | None = None  # a diffusers AutoencoderKL folder or a run folder to start from
+    # start from: a diffusers AutoencoderKL folder, a run or checkpoint folder, or an LDM / SD VAE
+    # checkpoint file (.safetensors; a pickle .ckpt loads with weights_only unless trust_pickle)
+    init_from: str | None = None
+    trust_pickle: bool = False  # unpickle a .ckpt that needs more than tensors: only for files you trust
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
     def validate(self) -> None:
@@ -62,7 +65,8 @@ class ModelConfig:
         overrides = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("preset", "init_from", "gradient_checkpointing") and getattr(self, f.name) is not None
+            if f.name not in ("preset", "init_from", "trust_pickle", "gradient_checkpointing")
+            and getattr(self, f.name) is not None
         }
         if "channel_mult" in overrides:
             overrides["channel_mult"] = tuple(overrides["channel_mult"])

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from eval.metrics import reconstruction_metrics
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.export import save_diffusers
+from kl_autoencoder.ldm import load_ldm_checkpoint
 from training import checkpoint
 from training.checkpoint import NonFiniteError, StopSignal, find_latest_checkpoint
 from training.config import ConfigError, TrainConfig, load_config, save_config
@@ -67,6 +68,19 @@ def check_tracker(name: str) -> None:
             raise ConfigError("train.tracker: wandb is not installed (pip install wandb), or use tensorboard")
 
 
+def build_autoencoder(cfg: TrainConfig) -> Autoencoder:
+    """A new autoencoder of `model.preset`, or one loaded from `model.init_from`; a bad file is a ConfigError."""
+    path = cfg.model.init_from
+    try:
+        if path and Path(path).is_file():  # an LDM / SD VAE checkpoint: the architecture is the preset's
+            return load_ldm_checkpoint(path, cfg.model.autoencoder_config(), cfg.model.trust_pickle)
+        if path:  # a diffusers folder, run or checkpoint: its own architecture
+            return Autoencoder.from_pretrained(path).train()
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    return Autoencoder(cfg.model.autoencoder_config())
+
+
 def main(cfg: TrainConfig) -> dict:
     """Train as `cfg` says; returns the run summary (also written to `<out>/summary.json`)."""
     out = Path(cfg.out_dir)
@@ -82,19 +96,13 @@ def main(cfg: TrainConfig) -> dict:
     )
     is_main = accelerator.is_main_process
     log = accelerator.print
-    if is_main:
-        for folder in (out, out / "samples", out / "checkpoints"):
-            folder.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     log(f"kl-ae: {accelerator.num_processes} process(es), device {accelerator.device}, mixed precision {precision}")
 
     # --- models: built with the same seed on every process, so all start identical
     set_seed(cfg.train.seed)
+    autoencoder = build_autoencoder(cfg)
     if cfg.model.init_from:
-        autoencoder = Autoencoder.from_pretrained(cfg.model.init_from).train()
-        log(f"initialised from {cfg.model.init_from} (its architecture replaces model.preset)")
-    else:
-        autoencoder = Autoencoder(cfg.model.autoencoder_config())
+        log(f"initialised from {cfg.model.init_from}")
     if cfg.model.gradient_checkpointing:
         autoencoder.enable_gradient_checkpointing()
     if cfg.train.trainable == "decoder":  # SD's ft-EMA / ft-MSE recipe: the latent space stays as it is
@@ -119,7 +127,10 @@ def main(cfg: TrainConfig) -> dict:
     set_seed(cfg.train.seed, device_specific=True)  # different posterior noise per process
 
     # --- data
-    train_ds, val_ds = build_datasets(cfg.data, cfg.train.seed)
+    try:
+        train_ds, val_ds = build_datasets(cfg.data, cfg.train.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     train_dl = DataLoader(
         train_ds,
         batch_size=cfg.data.batch_size,
@@ -134,6 +145,10 @@ def main(cfg: TrainConfig) -> dict:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per process is more than the {len(train_ds)} images")
     # a fixed batch of held-out images for the reconstruction grids (main process only, unsharded)
     sample_batch = torch.stack([val_ds[i] for i in range(min(8, len(val_ds)))])
+    if is_main:  # only now, once every input has been checked, is anything written
+        for folder in (out, out / "samples", out / "checkpoints"):
+            folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
 
     # --- optimizers
     lr, disc_lr = cfg.optim.lr, cfg.optim.disc_lr or cfg.optim.lr
