@@ -1,6 +1,7 @@
-"""The KL autoencoder of latent diffusion and its diffusers export; usable without the training code."""
+"""The KL (and VQ) autoencoder of latent diffusion and its diffusers export; usable without the training code."""
 
 from .export import (
+    check_exportable,
     find_diffusers_folder,
     from_diffusers_config,
     from_diffusers_state_dict,
@@ -9,13 +10,19 @@ from .export import (
     to_diffusers_config,
     to_diffusers_state_dict,
 )
-from .model import PRESETS, Autoencoder, AutoencoderConfig, DiagonalGaussian
+from .model import PRESETS, Autoencoder, AutoencoderConfig, DiagonalGaussian, Latents
+from .quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 __all__ = [
     "PRESETS",
     "Autoencoder",
     "AutoencoderConfig",
     "DiagonalGaussian",
+    "Latents",
+    "QuantizerConfig",
+    "QuantizerOutput",
+    "VectorQuantizer",
+    "check_exportable",
     "find_diffusers_folder",
     "from_diffusers_config",
     "from_diffusers_state_dict",

@@ -1,8 +1,9 @@
-"""Conversion to and from diffusers' `AutoencoderKL`: pure dict -> dict functions plus a small writer/reader.
+"""Conversion to and from diffusers' `AutoencoderKL` and `VQModel`: pure dict -> dict functions plus a writer/reader.
 
 A diffusers folder is `config.json` + `diffusion_pytorch_model.safetensors`; it loads with
-`diffusers.AutoencoderKL.from_pretrained(folder)` and with `Autoencoder.from_pretrained(folder)`.
-Our module names already equal diffusers' keys, so the state-dict functions are the one place for renames.
+`diffusers.AutoencoderKL.from_pretrained(folder)` (or `VQModel`, as its `_class_name` says) and with
+`Autoencoder.from_pretrained(folder)`. Our module names already equal diffusers' keys, so the state-dict
+functions are the one place for renames.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .model import Autoencoder, AutoencoderConfig
@@ -21,7 +23,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # AutoencoderKL.__init__ defaults: what diffusers builds when a (older) config.json omits a key
-_DIFFUSERS_DEFAULTS = {
+_KL_DEFAULTS = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"],
@@ -41,15 +43,57 @@ _DIFFUSERS_DEFAULTS = {
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
 }
+# VQModel.__init__ defaults
+_VQ_DEFAULTS = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 3,
+    "sample_size": 32,
+    "num_vq_embeddings": 256,
+    "norm_num_groups": 32,
+    "vq_embed_dim": None,
+    "scaling_factor": 0.18215,
+    "norm_type": "group",
+    "mid_block_add_attention": True,
+    "lookup_from_codebook": False,
+    "force_upcast": False,
+}
+_DEFAULTS = {"AutoencoderKL": _KL_DEFAULTS, "VQModel": _VQ_DEFAULTS}
+_CLASS_NAMES = {"kl": "AutoencoderKL", "vq": "VQModel"}
+# our own key (diffusers ignores "_" keys): the codes were L2-normalised, so training can go on that way
+_NORMALIZE_CODES = "_normalize_codes"
+
+
+def check_exportable(cfg: AutoencoderConfig) -> None:
+    """Raise ValueError if diffusers cannot reproduce `cfg` exactly (VQModel lacks some AutoencoderKL options)."""
+    if cfg.bottleneck != "vq":
+        return
+    if not (cfg.use_quant_conv and cfg.use_post_quant_conv):
+        raise ValueError(
+            "diffusers' VQModel always has quant_conv and post_quant_conv; a VQ model with use_quant_conv or "
+            "use_post_quant_conv False cannot be exported"
+        )
+    unsupported = [k for k in ("shift_factor", "latents_mean", "latents_std") if getattr(cfg, k) is not None]
+    if unsupported:
+        raise ValueError(f"diffusers' VQModel has no {unsupported}; a VQ model with them cannot be exported")
 
 
 def to_diffusers_config(cfg: AutoencoderConfig) -> dict:
-    """The `AutoencoderKL` config for `cfg`; `AutoencoderKL(**to_diffusers_config(cfg))` builds it."""
+    """The `AutoencoderKL` or `VQModel` config for `cfg`; `VQModel(**to_diffusers_config(cfg))` builds it, say.
+
+    Raises ValueError for a configuration diffusers cannot reproduce exactly (see `check_exportable`).
+    """
+    check_exportable(cfg)
     levels = range(len(cfg.channel_mult))
     down = ["AttnDownEncoderBlock2D" if i in cfg.attn_levels else "DownEncoderBlock2D" for i in levels]
     up = ["AttnUpDecoderBlock2D" if i in cfg.attn_levels else "UpDecoderBlock2D" for i in reversed(levels)]
-    return {
-        "_class_name": "AutoencoderKL",
+    common = {
+        "_class_name": _CLASS_NAMES[cfg.bottleneck],
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
         "down_block_types": down,
@@ -61,24 +105,37 @@ def to_diffusers_config(cfg: AutoencoderConfig) -> dict:
         "norm_num_groups": cfg.norm_num_groups,
         "sample_size": cfg.sample_size,
         "scaling_factor": cfg.scaling_factor,
+        "force_upcast": cfg.force_upcast,
+        "mid_block_add_attention": cfg.mid_attention,
+    }
+    if cfg.bottleneck == "vq":
+        vq = {
+            "num_vq_embeddings": cfg.num_codes,
+            "vq_embed_dim": cfg.code_dim,
+            "norm_type": "group",
+            "lookup_from_codebook": False,
+        }
+        return common | vq | ({_NORMALIZE_CODES: True} if cfg.normalize_codes else {})
+    return common | {
         "shift_factor": cfg.shift_factor,
         "latents_mean": cfg.latents_mean,
         "latents_std": cfg.latents_std,
-        "force_upcast": cfg.force_upcast,
         "use_quant_conv": cfg.use_quant_conv,
         "use_post_quant_conv": cfg.use_post_quant_conv,
-        "mid_block_add_attention": cfg.mid_attention,
     }
 
 
 def from_diffusers_config(d: dict) -> AutoencoderConfig:
-    """Inverse of `to_diffusers_config`; raises ValueError for anything our model cannot represent."""
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
-    if unknown:  # e.g. a VQModel config: refuse rather than silently build something else
-        raise ValueError(f"not an AutoencoderKL config we can represent: unknown keys {unknown}")
-    if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ValueError(f"expected _class_name 'AutoencoderKL', got {d['_class_name']!r}")
-    d = {**_DIFFUSERS_DEFAULTS, **d}
+    """Inverse of `to_diffusers_config` (dispatching on `_class_name`); ValueError for what we cannot represent."""
+    class_name = d.get("_class_name", "AutoencoderKL")
+    if class_name not in _DEFAULTS:
+        raise ValueError(f"expected _class_name 'AutoencoderKL' or 'VQModel', got {class_name!r}")
+    defaults = _DEFAULTS[class_name]
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in defaults)
+    if unknown:  # refuse rather than silently build something else
+        hint = " (AutoencoderKL arguments: is _class_name wrong?)" if set(unknown) <= set(_KL_DEFAULTS) else ""
+        raise ValueError(f"not a {class_name} config we can represent: unknown keys {unknown}{hint}")
+    d = {**defaults, **d}
     if d["act_fn"] != "silu":
         raise ValueError(f"only act_fn 'silu' is supported, got {d['act_fn']!r}")
 
@@ -106,6 +163,24 @@ def from_diffusers_config(d: dict) -> AutoencoderConfig:
             raise ValueError(f"only square sample_size is supported, got {sample_size}")
         sample_size = sample_size[0]
 
+    if class_name == "VQModel":
+        if d["norm_type"] != "group":
+            raise ValueError(f"only norm_type 'group' is supported, got {d['norm_type']!r}")
+        # lookup_from_codebook only changes how diffusers' decode reads indices; it is not part of the model
+        bottleneck = {
+            "bottleneck": "vq",
+            "num_codes": int(d["num_vq_embeddings"]),
+            "code_dim": int(d["vq_embed_dim"] or d["latent_channels"]),
+            "normalize_codes": bool(d.get(_NORMALIZE_CODES, False)),
+        }
+    else:
+        bottleneck = {
+            "use_quant_conv": d["use_quant_conv"],
+            "use_post_quant_conv": d["use_post_quant_conv"],
+            "shift_factor": d["shift_factor"],
+            "latents_mean": d["latents_mean"],
+            "latents_std": d["latents_std"],
+        }
     return AutoencoderConfig(
         in_channels=d["in_channels"],
         out_channels=d["out_channels"],
@@ -116,20 +191,29 @@ def from_diffusers_config(d: dict) -> AutoencoderConfig:
         norm_num_groups=d["norm_num_groups"],
         attn_levels=tuple(enc_attn),
         mid_attention=d["mid_block_add_attention"],
-        use_quant_conv=d["use_quant_conv"],
-        use_post_quant_conv=d["use_post_quant_conv"],
         sample_size=int(sample_size),
         scaling_factor=float(d["scaling_factor"]),
-        shift_factor=d["shift_factor"],
-        latents_mean=d["latents_mean"],
-        latents_std=d["latents_std"],
         force_upcast=d["force_upcast"],
+        **bottleneck,
     )
 
 
-def to_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our keys are diffusers' keys; contiguous because safetensors refuses strided views."""
-    return {k: v.contiguous() for k, v in sd.items()}
+CODEBOOK_KEY = "quantize.embedding.weight"
+
+
+def to_diffusers_state_dict(
+    sd: dict[str, torch.Tensor], config: AutoencoderConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """Our keys are diffusers' keys; contiguous because safetensors refuses strided views.
+
+    With a config that has normalize_codes, the codebook is written L2-normalised, as our lookup uses it
+    (after optimizer steps in "loss" mode the stored rows drift off the unit sphere): diffusers' Euclidean
+    argmin over unit codes is our cosine argmax, so it picks the same codes.
+    """
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if config is not None and config.bottleneck == "vq" and config.normalize_codes:
+        sd[CODEBOOK_KEY] = F.normalize(sd[CODEBOOK_KEY].float(), dim=1).to(sd[CODEBOOK_KEY].dtype)
+    return sd
 
 
 # diffusers < 0.14 named the attention projections like LDM; some hub VAEs (sd-vae-ft-*) still do
@@ -154,9 +238,10 @@ def save_diffusers(
 ) -> Path:
     """Write `model` (or a `(config, state_dict)` pair, e.g. EMA weights) as a diffusers folder.
 
-    extra_config is merged over the config (e.g. a measured scaling_factor); its keys must be AutoencoderKL
-    arguments or start with "_", so that the folder still loads here and in diffusers. dtype (e.g.
-    torch.float16) casts the floating-point weights of the written file only.
+    extra_config is merged over the config (e.g. a measured scaling_factor); its keys must be AutoencoderKL (or
+    VQModel) arguments or start with "_", so that the folder still loads here and in diffusers. dtype (e.g.
+    torch.float16) casts the floating-point weights of the written file only. A VQ model's training statistics
+    are not written (they are not in its state_dict; see `Autoencoder.quantizer_state`).
     """
     if isinstance(model, Autoencoder):
         cfg, sd = model.config, model.state_dict()
@@ -164,13 +249,14 @@ def save_diffusers(
         cfg, sd = model
     config = to_diffusers_config(cfg)
     extra_config = dict(extra_config or {})
-    unknown = sorted(k for k in extra_config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+    class_name = config["_class_name"]
+    unknown = sorted(k for k in extra_config if not k.startswith("_") and k not in _DEFAULTS[class_name])
     if unknown:
-        raise ValueError(f"extra_config keys {unknown} are not AutoencoderKL arguments; prefix them with '_'")
+        raise ValueError(f"extra_config keys {unknown} are not {class_name} arguments; prefix them with '_'")
     config.update(extra_config)
     from_diffusers_config(config)  # fail here, not at load time, if the merged config is not representable
 
-    tensors = to_diffusers_state_dict(sd)
+    tensors = to_diffusers_state_dict(sd, cfg)
     tensors = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in tensors.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,12 +277,12 @@ def _describe(keys: set[str], limit: int = 20) -> str:
 
 
 def load_diffusers(path: str | Path) -> tuple[AutoencoderConfig, dict[str, torch.Tensor]]:
-    """Read a diffusers AutoencoderKL folder; strict: missing, unexpected or mis-shaped keys raise."""
+    """Read a diffusers AutoencoderKL or VQModel folder; strict: missing, unexpected or mis-shaped keys raise."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(
-            f"{path} is not a diffusers AutoencoderKL folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+            f"{path} is not a diffusers AutoencoderKL/VQModel folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(only unsharded safetensors weights are supported)"
         )
     cfg = from_diffusers_config(json.loads(config_file.read_text()))

@@ -1,9 +1,10 @@
-"""The first-stage KL autoencoder of latent diffusion: config, presets, blocks, posterior, model.
+"""The first-stage autoencoder of latent diffusion (KL or VQ): config, presets, blocks, posterior, model.
 
-Architecture of CompVis/latent-diffusion `ldm/modules/diffusionmodules/model.py` (the SD VAE). Module
-names follow diffusers' `AutoencoderKL` exactly, so `state_dict()` loads strictly into it; the numerics
-(GroupNorm eps 1e-6, (0, 1, 0, 1) padding before the stride-2 conv, single-head attention with scale
-C**-0.5) are diffusers' too. Export lives in `export.py`; this file does not import diffusers.
+Architecture of CompVis/latent-diffusion `ldm/modules/diffusionmodules/model.py` (the SD VAE and LDM's VQ
+models). Module names follow diffusers' `AutoencoderKL` / `VQModel` exactly, so `state_dict()` loads strictly
+into them; the numerics (GroupNorm eps 1e-6, (0, 1, 0, 1) padding before the stride-2 conv, single-head
+attention with scale C**-0.5) are diffusers' too. The VQ bottleneck lives in `quantize.py`, export in
+`export.py`; this file does not import diffusers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 
 @dataclass
@@ -36,7 +39,12 @@ class AutoencoderConfig:
     # 1x1 convs on the moments after the encoder and on z before the decoder (SD 1/2: on; Flux/SD3: off)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
-    bottleneck: str = "kl"  # "kl" (diagonal Gaussian posterior); "vq" later
+    bottleneck: str = "kl"  # "kl": diagonal Gaussian posterior (AutoencoderKL); "vq": codebook (VQModel)
+    # vq only: codebook size; code width, the quant_conv mapping latent_channels -> code_dim (low-dimensional
+    # codes are used more evenly); L2-normalised codes and lookups (cosine similarity)
+    num_codes: int = 16384
+    code_dim: int = 4
+    normalize_codes: bool = False
     sample_size: int = 256  # training resolution, recorded in the diffusers config (sets its tile size)
     # latent normalization for the diffusion model, latents = (z - shift_factor) * scaling_factor;
     # measured on data after training (LDM's scale_by_std), stored in the exported config only
@@ -59,8 +67,16 @@ class AutoencoderConfig:
                         f"{name} has {len(value)} entries, expected latent_channels={self.latent_channels}"
                     )
                 setattr(self, name, value)
-        if self.bottleneck != "kl":
-            raise ValueError(f"bottleneck must be 'kl', got {self.bottleneck!r}")
+        if self.bottleneck not in ("kl", "vq"):
+            raise ValueError(f"bottleneck must be 'kl' or 'vq', got {self.bottleneck!r}")
+        if self.num_codes < 1 or self.code_dim < 1:
+            raise ValueError(f"num_codes and code_dim must be >= 1, got {self.num_codes} and {self.code_dim}")
+        no_projection = not (self.use_quant_conv and self.use_post_quant_conv)
+        if self.bottleneck == "vq" and no_projection and self.code_dim != self.latent_channels:
+            raise ValueError(
+                f"code_dim={self.code_dim} != latent_channels={self.latent_channels} needs use_quant_conv and "
+                "use_post_quant_conv (the 1x1 projections to and from the codes)"
+            )
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
         for name in ("in_channels", "out_channels", "base_channels", "layers_per_block", "latent_channels"):
@@ -87,11 +103,13 @@ class AutoencoderConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
+# f4 rather than f8: at the few thousand CPU steps of a default run, an f8 latent (4x8x8 at 64px) cannot
+# learn the bundled photos (about 14 dB held-out PSNR); f4 reaches a useful reconstruction in minutes
+_TINY = dict(base_channels=32, channel_mult=(1, 2, 2), layers_per_block=1, norm_num_groups=8, sample_size=64)
+
 PRESETS: dict[str, AutoencoderConfig] = {
-    # trains in minutes on 2 CPU cores at 64px (latents 4x8x8); for smoke tests and recipe debugging
-    "tiny": AutoencoderConfig(
-        base_channels=32, channel_mult=(1, 2, 2, 2), layers_per_block=1, norm_num_groups=8, sample_size=64
-    ),
+    # trains in minutes on 2 CPU cores at 64px (latents 4x16x16); for the default run, smoke tests, recipe debugging
+    "tiny": AutoencoderConfig(**_TINY),
     # the SD 1.x / 2.x VAE (LDM kl-f8)
     "kl-f8": AutoencoderConfig(),
     # 16 latent channels without the 1x1 quant convs, as the SD3 and Flux VAEs
@@ -100,6 +118,12 @@ PRESETS: dict[str, AutoencoderConfig] = {
     "kl-f4": AutoencoderConfig(channel_mult=(1, 2, 4), latent_channels=3),
     # LDM kl-f16: attention at level 4, i.e. at resolution 16 for 256px images
     "kl-f16": AutoencoderConfig(channel_mult=(1, 1, 2, 2, 4), latent_channels=16, attn_levels=(4,)),
+    # `tiny` with a 256-code VQ bottleneck (256 code positions per 64px image at f4)
+    "tiny-vq": AutoencoderConfig(**_TINY, bottleneck="vq", num_codes=256, code_dim=4),
+    # LDM vq-f4 (models/first_stage_models/vq-f4): no attention outside the mid block
+    "vq-f4": AutoencoderConfig(channel_mult=(1, 2, 4), latent_channels=3, bottleneck="vq", num_codes=8192, code_dim=3),
+    # LDM vq-f8 (the first stage of its cin/vq-f8 LDMs): attn_resolutions [32] at 256px, i.e. the lowest level
+    "vq-f8": AutoencoderConfig(channel_mult=(1, 2, 2, 4), attn_levels=(3,), bottleneck="vq", num_codes=16384),
 }
 
 
@@ -128,6 +152,23 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) in closed form, summed over (C, H, W): shape (B,)."""
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+class Latents:
+    """A VQ encoder's output before quantization, (B, code_dim, h, w), as diffusers' `VQModel.encode(x).latents`.
+
+    `mode()` and `sample()` return the latents, so code written for the KL posterior (latent statistics, a
+    scaling_factor for the diffusion model) runs unchanged; LDM diffuses VQ latents before quantization too.
+    """
+
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+    def mode(self) -> torch.Tensor:
+        return self.latents
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents
 
 
 class Checkpointable(nn.Module):
@@ -268,14 +309,16 @@ class Encoder(nn.Module):
             )
         self.mid_block = MidBlock(widths[-1], groups, cfg.mid_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+        # KL: mean and log-variance; VQ: the latents themselves (LDM's double_z)
+        out_channels = 2 * cfg.latent_channels if cfg.bottleneck == "kl" else cfg.latent_channels
+        self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C0, H, W)
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)  # (B, C_last, H/f, W/f)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2L, H/f, W/f)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2L or L, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -308,25 +351,39 @@ class Decoder(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    """x in [-1, 1] -> posterior over latents -> reconstruction; state dict = diffusers' AutoencoderKL."""
+    """x in [-1, 1] -> latents -> reconstruction; state dict = diffusers' AutoencoderKL (kl) or VQModel (vq).
 
-    def __init__(self, config: AutoencoderConfig):
+    vq: `vq` says how the codebook trains (EMA or loss, restarts); it changes no parameter shape or name.
+    """
+
+    def __init__(self, config: AutoencoderConfig, vq: QuantizerConfig | None = None):
         super().__init__()
         self.config = config
         L = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(L, L, 1) if config.use_post_quant_conv else None
+        if config.bottleneck == "kl":  # the 1x1 convs act on the moments (2L) and on z (L)
+            self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if config.use_quant_conv else None
+            self.post_quant_conv = nn.Conv2d(L, L, 1) if config.use_post_quant_conv else None
+        else:  # they project to and from the codes (L -> code_dim -> L)
+            D = config.code_dim
+            self.quant_conv = nn.Conv2d(L, D, 1) if config.use_quant_conv else None
+            self.quantize = VectorQuantizer(config.num_codes, D, config.normalize_codes, vq)
+            self.post_quant_conv = nn.Conv2d(D, L, 1) if config.use_post_quant_conv else None
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        moments = self.encoder(x)  # (B, 2L, H/f, W/f)
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian | Latents:
+        """kl: the posterior over (B, L, h, w). vq: the latents before quantization, (B, code_dim, h, w)."""
+        h = self.encoder(x)  # (B, 2L or L, H/f, W/f)
         if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+            h = self.quant_conv(h)
+        return DiagonalGaussian(h) if self.config.bottleneck == "kl" else Latents(h)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B, L, h, w) -> images (B, out_channels, h*f, w*f); scaling_factor is not applied."""
+        """Unscaled latents (B, L, h, w) -> images (B, out_channels, h*f, w*f); scaling_factor is not applied.
+
+        vq: z are quantized latents (B, code_dim, h, w), `quantize(h).z_q`; unlike diffusers' `VQModel.decode`,
+        this does not quantize, so `decode(encode(x).mode())` skips the codebook. `forward` quantizes.
+        """
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
@@ -337,12 +394,28 @@ class Autoencoder(nn.Module):
         sample_posterior: bool = False,
         generator: torch.Generator | None = None,
         return_posterior: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, DiagonalGaussian]:
+    ) -> torch.Tensor | tuple[torch.Tensor, DiagonalGaussian | QuantizerOutput]:
+        """Reconstruction, and with return_posterior the posterior (kl) or the quantizer's output (vq: .loss,
+        .logs, .indices). vq ignores sample_posterior and generator; in training mode it updates the codebook."""
         # training goes through here (not encode/decode) so that DDP sees the forward and syncs gradients
-        posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if self.config.bottleneck == "vq":
+            posterior = self.quantize(self.encode(x).latents)
+            z = posterior.z_q
+        else:
+            posterior = self.encode(x)
+            z = posterior.sample(generator) if sample_posterior else posterior.mode()
         reconstruction = self.decode(z)
         return (reconstruction, posterior) if return_posterior else reconstruction
+
+    def quantizer_state(self) -> dict[str, torch.Tensor]:
+        """vq: the codebook's training statistics (EMA, usage, restart candidates), which state_dict leaves out
+        so that it stays diffusers'; save them with every checkpoint. kl: empty."""
+        return self.quantize.statistics() if self.config.bottleneck == "vq" else {}
+
+    def load_quantizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `quantizer_state()`, after the weights: loading weights restarts the EMA from the codebook."""
+        if self.config.bottleneck == "vq":
+            self.quantize.load_statistics(state)
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -356,22 +429,23 @@ class Autoencoder(nn.Module):
                 module.gradient_checkpointing = flag
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Autoencoder:
+    def from_pretrained(cls, path: str | Path, vq: QuantizerConfig | None = None) -> Autoencoder:
         """Load from a diffusers folder, a run folder, or a checkpoint folder (see export.find_diffusers_folder).
 
         Weights stored in fp16/bf16 are upcast into this fp32 model. Returned in eval mode, as diffusers does.
+        vq: how a VQ codebook trains from here (fine-tuning); the EMA state starts from the loaded codebook.
         """
         from .export import find_diffusers_folder, load_diffusers  # export imports this module
 
         config, state_dict = load_diffusers(find_diffusers_folder(path))
-        model = cls(config)
+        model = cls(config, vq)
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
 
     def save_pretrained(
         self, path: str | Path, extra_config: dict | None = None, dtype: torch.dtype | None = None
     ) -> Path:
-        """Write a diffusers `AutoencoderKL` folder (config.json + diffusion_pytorch_model.safetensors)."""
+        """Write a diffusers `AutoencoderKL` or `VQModel` folder (config.json + diffusion_pytorch_model.safetensors)."""
         from .export import save_diffusers
 
         return save_diffusers(self, path, extra_config=extra_config, dtype=dtype)

@@ -23,3 +23,13 @@ def tiny(preset: str, **overrides) -> AutoencoderConfig:
 @pytest.fixture
 def tiny_config() -> AutoencoderConfig:
     return tiny("tiny", sample_size=32)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps a process-wide singleton; in-process runs with other precisions need it cleared."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -24,26 +24,28 @@ def test_field_list_is_pinned():
     # a new key must be added here on purpose, documented in the README and read by the code
     assert all_keys(TrainConfig()) == [
         "model.preset", "model.base_channels", "model.channel_mult", "model.layers_per_block",
-        "model.latent_channels", "model.norm_num_groups", "model.init_from", "model.trust_pickle",
-        "model.gradient_checkpointing",
+        "model.latent_channels", "model.norm_num_groups", "model.num_codes", "model.code_dim",
+        "model.normalize_codes", "model.init_from", "model.trust_pickle", "model.gradient_checkpointing",
         "data.source", "data.resolution", "data.resize", "data.random_crop", "data.hflip", "data.batch_size",
         "data.num_workers", "data.val_fraction", "data.val_max", "data.image_column", "data.hub_split",
-        "data.repeats",
+        "data.repeats", "data.small_images", "data.max_pixels",
         "loss.rec_loss", "loss.perceptual_weight", "loss.lpips", "loss.lpips_net", "loss.lpips_weights",
         "loss.learn_logvar", "loss.logvar_init", "loss.kl_weight", "loss.reduction", "loss.kl_anneal_steps",
         "loss.free_bits", "loss.gan_loss", "loss.disc_weight", "loss.disc_start", "loss.disc_ramp",
-        "loss.disc_norm", "loss.disc_channels", "loss.disc_layers",
+        "loss.disc_norm", "loss.disc_channels", "loss.disc_layers", "loss.codebook_weight",
         "optim.lr", "optim.disc_lr", "optim.betas", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
         "optim.scale_lr",
         "train.max_steps", "train.grad_accum", "train.log_every", "train.sample_every", "train.checkpoint_every",
         "train.eval_every", "train.keep_checkpoints", "train.mixed_precision", "train.seed", "train.tracker",
         "train.ema", "train.ema_decay", "train.max_nonfinite", "train.trainable",
+        "vq.beta", "vq.legacy_loss", "vq.codebook", "vq.decay", "vq.dead_after", "vq.window", "vq.buffer_size",
         "out_dir",
     ]  # fmt: skip
 
 
 def test_every_field_is_read_and_documented():
-    code = "\n".join(p.read_text() for p in (ROOT / "training").glob("*.py") if p.name != "config.py")
+    sources = [*(ROOT / "training").glob("*.py"), ROOT / "kl_autoencoder" / "quantize.py"]  # vq.* is read there
+    code = "\n".join(p.read_text() for p in sources if p.name != "config.py")
     code += (ROOT / "training" / "config.py").read_text().split("# ---")[0]  # validate() / autoencoder_config()
     readme = (ROOT / "README.md").read_text()
     for key in all_keys(TrainConfig()):
@@ -105,7 +107,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["train.max_steps=0"], r"^train\.max_steps: must be > 0"),
         (["loss.gan_loss=wgan"], r"^loss\.gan_loss: must be one of"),
         (["model.preset=kl-f9"], r"^model\.preset: unknown preset"),
-        (["data.resolution=60"], r"^data\.resolution: 60 is not a multiple"),
+        (["data.resolution=62"], r"^data\.resolution: 62 is not a multiple"),
         (["data.resize=32"], r"^data\.resize: must be >= resolution"),
         (["optim.betas=[0.5]"], r"^optim\.betas: must be two numbers"),
         (["loss.lpips_weights=/nonexistent/vgg.pth"], r"^loss\.lpips_weights: .* is not a file"),

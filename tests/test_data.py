@@ -148,13 +148,14 @@ def test_empty_missing_and_bad_sources(tmp_path):
         build_datasets(DataConfig(source=str(one)), seed=0)
 
 
-def test_unreadable_file_is_skipped(folder):
+def test_unreadable_file_is_skipped(folder, caplog):
     (folder / "broken.png").write_bytes(b"not a png")
     train, val = build_datasets(DataConfig(source=str(folder), resolution=16, val_fraction=0.0), seed=0)
     ds = train if any(p.endswith("broken.png") for p in train.paths()) else val
-    with pytest.warns(UserWarning, match="broken.png"):
+    with caplog.at_level("WARNING", logger="training.data"):
         xs = [ds[i] for i in range(len(ds))]
     assert all(x.shape == (3, 16, 16) for x in xs)
+    assert "broken.png" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -171,6 +172,8 @@ def test_unreadable_file_is_skipped(folder):
         ("repeats", 0),
         ("image_column", ""),
         ("hub_split", ""),
+        ("small_images", "crop"),
+        ("max_pixels", 0),
     ],
 )
 def test_validate_rejects(key, value):

@@ -1,15 +1,16 @@
-"""Export to and import from diffusers' AutoencoderKL: strict loads, equal outputs, pinned keys, folders."""
+"""Export to and import from diffusers' AutoencoderKL and VQModel: strict loads, equal outputs, pinned keys, folders."""
 
 import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import load_file, save_file
 
 from kl_autoencoder import (
     PRESETS,
     Autoencoder,
+    QuantizerConfig,
     find_diffusers_folder,
     from_diffusers_config,
     load_diffusers,
@@ -20,6 +21,8 @@ from kl_autoencoder import (
 from .conftest import tiny
 
 ATOL = 1e-5
+KL_PRESETS = sorted(name for name, cfg in PRESETS.items() if cfg.bottleneck == "kl")
+VQ_PRESETS = sorted(name for name, cfg in PRESETS.items() if cfg.bottleneck == "vq")
 
 
 def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -45,7 +48,7 @@ def assert_same_outputs(ours: Autoencoder, theirs: AutoencoderKL, size: int = 32
         torch.testing.assert_close(sampled, expected, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", KL_PRESETS)
 def test_state_dict_loads_strictly_into_diffusers(name):
     ours = perturbed(Autoencoder(tiny(name)))
     theirs = AutoencoderKL(**to_diffusers_config(ours.config))
@@ -53,7 +56,7 @@ def test_state_dict_loads_strictly_into_diffusers(name):
     assert_same_outputs(ours, theirs.eval())
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", KL_PRESETS)
 def test_saved_folder_loads_in_diffusers(name, tmp_path):
     ours = perturbed(Autoencoder(tiny(name)))
     save_diffusers(ours, tmp_path, extra_config={"scaling_factor": 0.5, "shift_factor": 0.1})
@@ -81,9 +84,10 @@ def test_training_mode_gradients_match_diffusers():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_full_size_keys_and_shapes_equal_diffusers(name):
+    diffusers_class = VQModel if name in VQ_PRESETS else AutoencoderKL
     with torch.device("meta"):
         ours = Autoencoder(PRESETS[name]).state_dict()
-        theirs = AutoencoderKL(**to_diffusers_config(PRESETS[name])).state_dict()
+        theirs = diffusers_class(**to_diffusers_config(PRESETS[name])).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
@@ -245,3 +249,108 @@ def test_from_pretrained_resolves_run_and_checkpoint_folders(tmp_path):
     assert find_diffusers_folder(run / "diffusers") == run / "diffusers"
     with pytest.raises(FileNotFoundError, match="config.json.*empty"):
         Autoencoder.from_pretrained(tmp_path / "empty")
+
+
+# --- VQ: diffusers' VQModel
+
+
+def assert_same_vq_outputs(ours: Autoencoder, theirs: VQModel, size: int = 32) -> None:
+    """Same pre-quantization latents, the same code indices, the same reconstructions (both in eval mode)."""
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        h = ours.encode(x).latents
+        torch.testing.assert_close(h, theirs.encode(x).latents, rtol=0, atol=ATOL)
+        ours_quantized = ours.quantize(h)
+        their_indices = theirs.quantize(h)[2][2]  # (z_q, loss, (perplexity, encodings, indices))
+        assert torch.equal(ours_quantized.indices.flatten(), their_indices)
+        assert len(their_indices.unique()) > 1  # a real test of the lookup, not one code for everything
+        torch.testing.assert_close(ours(x), theirs(x).sample, rtol=0, atol=ATOL)
+        torch.testing.assert_close(ours.decode(ours_quantized.z_q), theirs.decode(h).sample, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", VQ_PRESETS)
+def test_vq_state_dict_loads_strictly_into_diffusers(name):
+    ours = perturbed(Autoencoder(tiny(name)))
+    theirs = VQModel(**to_diffusers_config(ours.config))
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert_same_vq_outputs(ours, theirs.eval())
+
+
+@pytest.mark.parametrize("normalize_codes", [False, True])
+def test_vq_saved_folder_loads_in_diffusers(normalize_codes, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny("tiny-vq", num_codes=64, code_dim=3, normalize_codes=normalize_codes)
+    ours = Autoencoder(cfg, vq=QuantizerConfig(dead_after=2, window=4)).train()
+    for _ in range(3):  # EMA steps and restarts fill the training statistics, which must not be exported
+        ours(torch.rand(2, 3, 32, 32) * 2 - 1)
+    ours = perturbed(ours)  # codes off the unit sphere: the export must normalise them
+    save_diffusers(ours, tmp_path, extra_config={"scaling_factor": 0.5})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "VQModel" and config["num_vq_embeddings"] == 64 and config["vq_embed_dim"] == 3
+    assert config.get("_normalize_codes", False) == normalize_codes
+    stored = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    if normalize_codes:
+        torch.testing.assert_close(stored["quantize.embedding.weight"].norm(dim=1), torch.ones(64))
+
+    theirs, info = VQModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    VQModel(**to_diffusers_config(cfg)).load_state_dict(stored, strict=True)  # exactly their key set
+    assert theirs.config.scaling_factor == 0.5
+    assert_same_vq_outputs(ours, theirs)
+    again = Autoencoder.from_pretrained(tmp_path)
+    assert again.config.normalize_codes == normalize_codes and again.config.scaling_factor == 0.5
+    assert_same_vq_outputs(again, theirs)
+
+
+def test_vq_import_from_diffusers(tmp_path):
+    # written independently of to_diffusers_config, with diffusers' own defaults for everything else
+    theirs = VQModel(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=5,
+        num_vq_embeddings=32,
+        vq_embed_dim=2,
+        norm_num_groups=4,
+    )
+    perturbed(theirs, seed=1).save_pretrained(tmp_path, safe_serialization=True)
+    ours = Autoencoder.from_pretrained(tmp_path)
+    cfg = ours.config
+    assert (cfg.bottleneck, cfg.num_codes, cfg.code_dim, cfg.latent_channels, cfg.attn_levels) == ("vq", 32, 2, 5, (1,))
+    assert cfg.scaling_factor == 0.18215 and not cfg.force_upcast and not cfg.normalize_codes
+    assert_same_vq_outputs(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"use_quant_conv": False}, "quant_conv"),
+        ({"use_post_quant_conv": False}, "quant_conv"),
+        ({"shift_factor": 0.1}, "shift_factor"),
+        ({"latents_mean": [0.0] * 4}, "latents_mean"),
+    ],
+)
+def test_unexportable_vq_configs_refuse(overrides, message, tmp_path):
+    model = Autoencoder(tiny("tiny-vq", **overrides))  # a valid model ...
+    with pytest.raises(ValueError, match=message):  # ... that diffusers' VQModel cannot reproduce
+        save_diffusers(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"norm_type": "spatial"}, "norm_type"),
+        ({"use_quant_conv": True}, "unknown keys"),
+        ({"_class_name": "VQGAN"}, "_class_name"),
+    ],
+)
+def test_unrepresentable_vq_configs_raise(change, message):
+    config = {**to_diffusers_config(PRESETS["vq-f8"]), **change}
+    with pytest.raises(ValueError, match=message):
+        from_diffusers_config(config)
+
+
+def test_vq_extra_config_keys_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="not VQModel arguments"):
+        save_diffusers(Autoencoder(tiny("tiny-vq")), tmp_path, extra_config={"shift_factor": 0.1})

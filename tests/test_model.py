@@ -1,19 +1,21 @@
-"""The model on its own: shapes per preset, the posterior's math, config validation, checkpointing."""
+"""The model on its own: shapes per preset, the posterior's math, config validation, checkpointing, VQ paths."""
 
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
 import kl_autoencoder.model as model_module
-from kl_autoencoder import PRESETS, Autoencoder, AutoencoderConfig, DiagonalGaussian
+from kl_autoencoder import PRESETS, Autoencoder, AutoencoderConfig, DiagonalGaussian, Latents, QuantizerConfig
 
 from .conftest import tiny
 
-FACTORS = {"tiny": 8, "kl-f8": 8, "kl-f8-c16": 8, "kl-f4": 4, "kl-f16": 16}
+FACTORS = {"tiny": 4, "kl-f8": 8, "kl-f8-c16": 8, "kl-f4": 4, "kl-f16": 16}
+VQ_FACTORS = {"tiny-vq": 4, "vq-f4": 4, "vq-f8": 8}
 
 
 def test_preset_names():
-    assert set(PRESETS) == set(FACTORS)
+    assert set(PRESETS) == set(FACTORS) | set(VQ_FACTORS)
+    assert {name for name, cfg in PRESETS.items() if cfg.bottleneck == "vq"} == set(VQ_FACTORS)
 
 
 @pytest.mark.parametrize("name", sorted(FACTORS))
@@ -154,7 +156,9 @@ def test_config_lists_become_tuples():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"bottleneck": "vq"}, "bottleneck"),
+        ({"bottleneck": "fsq"}, "bottleneck"),
+        ({"bottleneck": "vq", "num_codes": 0}, "num_codes"),
+        ({"bottleneck": "vq", "code_dim": 3, "use_quant_conv": False}, "code_dim=3 != latent_channels=4"),
         ({"base_channels": 48, "norm_num_groups": 32}, "divisible by norm_num_groups"),
         ({"attn_levels": (4,)}, "attn_levels"),
         ({"channel_mult": ()}, "channel_mult"),
@@ -165,3 +169,78 @@ def test_config_lists_become_tuples():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AutoencoderConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(VQ_FACTORS))
+def test_vq_shapes(name):
+    cfg = tiny(name)
+    f, D = VQ_FACTORS[name], cfg.code_dim
+    assert cfg.downsample_factor == PRESETS[name].downsample_factor == f
+    model = Autoencoder(cfg).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        encoded = model.encode(x)
+        assert isinstance(encoded, Latents)
+        assert encoded.latents.shape == encoded.mode().shape == (2, D, 32 // f, 32 // f)
+        reconstruction, quantized = model(x, return_posterior=True)
+        assert reconstruction.shape == x.shape
+        assert quantized.z_q.shape == (2, D, 32 // f, 32 // f) and quantized.indices.shape == (2, 32 // f, 32 // f)
+        assert quantized.loss.shape == () and quantized.indices.max() < cfg.num_codes
+        # forward = decode(quantize(encode)); decode does not quantize
+        z_q, indices, _, _ = model.quantize(encoded.latents)
+        torch.testing.assert_close(model.decode(z_q), reconstruction, rtol=0, atol=0)
+        assert torch.equal(indices, quantized.indices)
+        assert model(x).shape == x.shape
+
+
+def test_vq_presets_are_ldms():
+    def summary(cfg: AutoencoderConfig) -> tuple:
+        return cfg.channel_mult, cfg.latent_channels, cfg.num_codes, cfg.code_dim, cfg.attn_levels, cfg.mid_attention
+
+    assert summary(PRESETS["vq-f4"]) == ((1, 2, 4), 3, 8192, 3, (), True)
+    assert summary(PRESETS["vq-f8"]) == ((1, 2, 2, 4), 4, 16384, 4, (3,), True)  # attn_resolutions [32] at 256px
+    f8 = PRESETS["vq-f8"]
+    with torch.device("meta"):
+        sd = Autoencoder(f8).state_dict()
+    assert tuple(sd["quantize.embedding.weight"].shape) == (16384, 4)
+    assert tuple(sd["encoder.conv_out.weight"].shape) == (4, 512, 3, 3)  # double_z False
+    assert tuple(sd["quant_conv.weight"].shape) == (4, 4, 1, 1)
+    # training statistics are buffers outside the state dict
+    assert not any(k.startswith("quantize.") and k != "quantize.embedding.weight" for k in sd)
+
+
+def test_vq_straight_through_gradient_reaches_the_encoder():
+    torch.manual_seed(0)
+    model = Autoencoder(tiny("tiny-vq", code_dim=2)).train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    reconstruction, quantized = model(x, return_posterior=True)
+    # the reconstruction alone (no VQ loss) must train the encoder through the straight-through estimator
+    (reconstruction - x).abs().mean().backward()
+    for p in (model.encoder.conv_in.weight, model.quant_conv.weight, model.post_quant_conv.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert model.quantize.embedding.weight.grad is None  # EMA codebook: no gradient
+    assert quantized.logs["train/vq_loss"].requires_grad is False
+
+
+def test_vq_loss_mode_trains_the_codebook_by_gradient():
+    model = Autoencoder(tiny("tiny-vq"), vq=QuantizerConfig(codebook="loss")).train()
+    _, quantized = model(torch.rand(2, 3, 32, 32), return_posterior=True)
+    quantized.loss.backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0
+    assert model.quant_conv.weight.grad.abs().sum() > 0  # the commitment term reaches the encoder side
+
+
+def test_quantizer_state_round_trip():
+    torch.manual_seed(0)
+    model = Autoencoder(tiny("tiny-vq"), vq=QuantizerConfig(dead_after=2, window=4, buffer_size=32)).train()
+    for _ in range(4):
+        model(torch.rand(2, 3, 32, 32))
+    state = model.quantizer_state()
+    assert int(state["steps"]) == 4 and int(state["restarts"]) > 0
+    fresh = Autoencoder(tiny("tiny-vq"), vq=QuantizerConfig(dead_after=2, window=4, buffer_size=32))
+    fresh.load_state_dict(model.state_dict())  # a weight load restarts the EMA from the loaded codebook ...
+    torch.testing.assert_close(fresh.quantize.embed_sum, model.quantize.embedding.weight, rtol=0, atol=0)
+    fresh.load_quantizer_state(state)  # ... and the statistics bring back the exact training state
+    for k, v in model.quantizer_state().items():
+        assert torch.equal(fresh.quantizer_state()[k], v), k
+    assert Autoencoder(tiny("tiny")).quantizer_state() == {}

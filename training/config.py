@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kl_autoencoder.quantize import QuantizerConfig
 from training.data import DataConfig
 
 
@@ -34,6 +35,9 @@ class ModelConfig:
     layers_per_block: int | None = None
     latent_channels: int | None = None
     norm_num_groups: int | None = None
+    num_codes: int | None = None  # vq presets: codebook size
+    code_dim: int | None = None  # vq presets: code width (< latent_channels: low-dimensional codes)
+    normalize_codes: bool | None = None  # vq presets: L2-normalised codes and lookups (cosine similarity)
     # start from: a diffusers AutoencoderKL folder, a run or checkpoint folder, or an LDM / SD VAE
     # checkpoint file (.safetensors; a pickle .ckpt loads with weights_only unless trust_pickle)
     init_from: str | None = None
@@ -45,7 +49,7 @@ class ModelConfig:
 
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        for key in ("base_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
+        for key in ("base_channels", "layers_per_block", "latent_channels", "norm_num_groups", "num_codes", "code_dim"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{key}: must be > 0, got {value}")
@@ -95,9 +99,10 @@ class LossConfig:
     disc_norm: Literal["batch", "group"] = "batch"
     disc_channels: int = 64
     disc_layers: int = 3
+    codebook_weight: float = 1.0  # vq models: weight of the VQ loss, which takes the KL term's place
 
     def validate(self) -> None:
-        for key in ("perceptual_weight", "kl_weight", "disc_weight", "free_bits"):
+        for key in ("perceptual_weight", "kl_weight", "disc_weight", "free_bits", "codebook_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(self, key)}")
         for key in ("kl_anneal_steps", "disc_start", "disc_ramp"):
@@ -172,6 +177,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=lambda: LossConfig(disc_start=600, disc_norm="group"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    vq: QuantizerConfig = field(default_factory=QuantizerConfig)  # how a vq model's codebook trains
     out_dir: str = "runs/default"
 
     def validate(self) -> TrainConfig:
@@ -185,7 +191,19 @@ class TrainConfig:
         self.train.validate()
         if self.train.trainable == "decoder" and not self.model.init_from:
             raise ConfigError("train.trainable: decoder-only training needs model.init_from (a trained encoder)")
-        factor = self.model.autoencoder_config().downsample_factor
+        try:
+            QuantizerConfig(**asdict(self.vq))  # its own checks
+        except ValueError as e:
+            raise ConfigError(f"vq: {e}") from None
+        ae = self.model.autoencoder_config()
+        if ae.bottleneck != "vq":
+            vq_keys = [
+                f"model.{k}" for k in ("num_codes", "code_dim", "normalize_codes") if getattr(self.model, k) is not None
+            ]
+            vq_keys += [f"vq.{f.name}" for f in fields(self.vq) if getattr(self.vq, f.name) != f.default]
+            if vq_keys:
+                raise ConfigError(f"{vq_keys[0]}: a VQ option, but model.preset {self.model.preset} is a KL model")
+        factor = ae.downsample_factor
         if self.data.resolution % factor:
             raise ConfigError(
                 f"data.resolution: {self.data.resolution} is not a multiple of the model's downsampling factor {factor}"

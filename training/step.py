@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from kl_autoencoder import Autoencoder
+from kl_autoencoder import Autoencoder, QuantizerOutput
 from training.config import LossConfig
 from training.losses import (
     adaptive_weight,
@@ -54,7 +54,7 @@ def generator_objective(
     step: int,
     no_sync=contextlib.nullcontext,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-    """The autoencoder's loss: NLL(rec + perceptual) + beta * KL (+ adaptive-weighted adversarial term).
+    """The autoencoder's loss: NLL(rec + perceptual) + beta * KL or the VQ loss (+ adaptive-weighted adversarial).
 
     The discriminator runs only once `disc_start` is reached, frozen, and outside DDP's gradient
     bookkeeping (`no_sync`), so its parameters get no gradient while the reconstruction does.
@@ -67,9 +67,14 @@ def generator_objective(
         error = error + cfg.perceptual_weight * p_loss.view(-1, 1, 1, 1)
         logs["train/lpips"] = p_loss.detach().mean()
     nll, nll_logs = nll_loss(error, logvar, cfg.rec_loss, cfg.reduction)
-    kl, kl_logs = kl_loss(posterior.mean, posterior.logvar, cfg.reduction, cfg.free_bits, x[0].numel())
-    loss = nll + cfg.kl_weight * kl_anneal(step, cfg.kl_anneal_steps) * kl
-    logs |= nll_logs | kl_logs
+    logs |= nll_logs
+    if isinstance(posterior, QuantizerOutput):  # vq: the codebook + commitment loss takes the KL's place
+        loss = nll + cfg.codebook_weight * posterior.loss
+        logs |= posterior.logs
+    else:
+        kl, kl_logs = kl_loss(posterior.mean, posterior.logvar, cfg.reduction, cfg.free_bits, x[0].numel())
+        loss = nll + cfg.kl_weight * kl_anneal(step, cfg.kl_anneal_steps) * kl
+        logs |= kl_logs
     factor = disc_factor(step, cfg.disc_start, cfg.disc_ramp)
     if factor > 0:
         discriminator.requires_grad_(False)

@@ -36,10 +36,12 @@ from kl_autoencoder.ldm import load_ldm_checkpoint
 from training import checkpoint
 from training.checkpoint import NonFiniteError, StopSignal, find_latest_checkpoint
 from training.config import ConfigError, TrainConfig, load_config, save_config
-from training.data import build_datasets
+from training.data import build_datasets, read_skipped
 from training.discriminator import PatchDiscriminator
 from training.lpips import build_lpips
 from training.step import Generator, discriminator_objective, generator_objective, guarded_step, replicas_identical
+
+QUANTIZER_FILE = "quantizer.pt"
 
 
 def resolve_mixed_precision(mode: str) -> str:
@@ -75,10 +77,10 @@ def build_autoencoder(cfg: TrainConfig) -> Autoencoder:
         if path and Path(path).is_file():  # an LDM / SD VAE checkpoint: the architecture is the preset's
             return load_ldm_checkpoint(path, cfg.model.autoencoder_config(), cfg.model.trust_pickle)
         if path:  # a diffusers folder, run or checkpoint: its own architecture
-            return Autoencoder.from_pretrained(path).train()
+            return Autoencoder.from_pretrained(path, vq=cfg.vq).train()
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
-    return Autoencoder(cfg.model.autoencoder_config())
+    return Autoencoder(cfg.model.autoencoder_config(), vq=cfg.vq)
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -149,6 +151,8 @@ def main(cfg: TrainConfig) -> dict:
         for folder in (out, out / "samples", out / "checkpoints"):
             folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    train_ds.skip_log = val_ds.skip_log = out / "skipped.txt"  # every process lists the files it had to skip
 
     # --- optimizers
     lr, disc_lr = cfg.optim.lr, cfg.optim.disc_lr or cfg.optim.lr
@@ -176,6 +180,9 @@ def main(cfg: TrainConfig) -> dict:
         accelerator.load_state(str(latest))
         state = json.loads((latest / checkpoint.STATE_FILE).read_text())
         step, batches_seen, history = state["step"], state["batches_seen"], state["history"]
+        if (latest / QUANTIZER_FILE).is_file():  # after load_state: loading weights resets these statistics
+            stats = torch.load(latest / QUANTIZER_FILE, map_location=accelerator.device, weights_only=True)
+            gen_module.autoencoder.load_quantizer_state(stats)
         log(f"resumed from {latest} at step {step}")
     if is_main and cfg.train.tracker != "none":
         accelerator.init_trackers("kl-ae", config=_flat(cfg.to_dict()))
@@ -221,6 +228,8 @@ def main(cfg: TrainConfig) -> dict:
         accelerator.save_state(str(tmp))
         if is_main:
             save_diffusers(weights_for_use(), tmp / "autoencoder")
+            if gen_module.autoencoder.config.bottleneck == "vq":  # codebook statistics, outside the state dict
+                torch.save(gen_module.autoencoder.quantizer_state(), tmp / QUANTIZER_FILE)
             state = {"step": step, "batches_seen": batches_seen, "history": history}
             (tmp / checkpoint.STATE_FILE).write_text(json.dumps(state, indent=1))
             checkpoint.commit(root, tmp, step, cfg.train.keep_checkpoints)
@@ -348,6 +357,7 @@ def main(cfg: TrainConfig) -> dict:
         "mixed_precision": precision,
         "ema": cfg.train.ema,
         "nonfinite_steps": history["nonfinite_steps"],
+        "skipped_images": len(read_skipped(out / "skipped.txt")),
         "replicas_identical": in_sync,
         "lpips": lpips_status if lpips is not None else f"OFF: {lpips_status}",
         "first_eval": history["first_eval"],

@@ -1,0 +1,81 @@
+"""The VQ variant through the same trainer: VQ logs, a VQModel export, exact resume, identical codebooks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kl_autoencoder import Autoencoder
+from training.cli import main as kl_ae
+from training.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VQ = [
+    "--config", "tiny-vq", "model.base_channels=16", "model.num_codes=32", "data.resolution=32", "data.resize=48",
+    "data.batch_size=2", "data.repeats=2", "train.log_every=1", "train.eval_every=2", "train.sample_every=100",
+    "train.checkpoint_every=2", "train.tracker=none", "train.mixed_precision=no", "loss.disc_start=2",
+    "loss.disc_channels=8", "loss.lpips=off", "vq.dead_after=2",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_vq_trains_and_exports_a_vqmodel(tmp_path):
+    from diffusers import VQModel
+
+    out = tmp_path / "vq"
+    assert kl_ae(["train", "--out", str(out), "--max-steps", "4", *TINY_VQ]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train/vq_loss", "train/commitment", "vq/usage", "vq/perplexity", "vq/dead_codes", "vq/restarts"):
+        assert key in rows[-1], key
+    assert "train/kl" not in rows[-1]
+    config = json.loads((out / "diffusers" / "config.json").read_text())
+    assert config["_class_name"] == "VQModel" and config["num_vq_embeddings"] == 32
+    theirs = VQModel.from_pretrained(out / "diffusers").eval()
+    ours = Autoencoder.from_pretrained(out).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).sample).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_vq_resume_is_exact(tmp_path):
+    from tests.test_operations import checkpoint_tensors
+
+    args = [*TINY_VQ, "train.checkpoint_every=2"]
+    kl_ae(["train", "--out", str(tmp_path / "a"), "--max-steps", "4", *args])
+    kl_ae(["train", "--out", str(tmp_path / "b"), "--max-steps", "2", *args])
+    kl_ae(["train", "--out", str(tmp_path / "b"), "--max-steps", "4", *args])
+    a = checkpoint_tensors(tmp_path / "a" / "checkpoints" / "step_0000004")
+    b = checkpoint_tensors(tmp_path / "b" / "checkpoints" / "step_0000004")
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+    qa = torch.load(tmp_path / "a" / "checkpoints" / "step_0000004" / "quantizer.pt", weights_only=True)
+    qb = torch.load(tmp_path / "b" / "checkpoints" / "step_0000004" / "quantizer.pt", weights_only=True)
+    assert qa.keys() == qb.keys() and all(torch.equal(qa[k], qb[k]) for k in qa)
+
+
+@pytest.mark.slow
+def test_two_processes_keep_one_codebook(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
+        "-m", "training.train", "--out", str(out), "--max-steps", "4", *TINY_VQ,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["replicas_identical"] is True  # codebook included
+
+
+def test_vq_options_on_a_kl_model_are_an_error():
+    with pytest.raises(ConfigError, match=r"^model\.num_codes: a VQ option, but model.preset tiny is a KL model"):
+        load_config(None, ["model.num_codes=64"])
+    with pytest.raises(ConfigError, match=r"^vq\.dead_after: a VQ option"):
+        load_config(None, ["vq.dead_after=5"])
+    with pytest.raises(ConfigError, match=r"^vq: codebook must be"):
+        load_config("tiny-vq", ["vq.codebook=kmeans"])
