@@ -285,8 +285,14 @@ def load_diffusers(path: str | Path) -> tuple[AutoencoderConfig, dict[str, torch
             f"{path} is not a diffusers AutoencoderKL/VQModel folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(only unsharded safetensors weights are supported)"
         )
-    cfg = from_diffusers_config(json.loads(config_file.read_text()))
-    sd = from_diffusers_state_dict(load_file(str(weights_file)))
+    try:
+        cfg = from_diffusers_config(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+    try:
+        sd = from_diffusers_state_dict(load_file(str(weights_file)))
+    except Exception as e:  # safetensors raises its own error type for a truncated or corrupt file
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
     with torch.device("meta"):  # shapes only, no memory or init time
         expected = {k: v.shape for k, v in Autoencoder(cfg).state_dict().items()}

@@ -21,6 +21,10 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row: the run stops, its last good checkpoint intact."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, permissions): the previous one and `latest` are intact."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 

@@ -3,7 +3,7 @@
 kl-ae train  [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [section.key=value ...]
 kl-ae export RUN_DIR --out DIR
 kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PATH2] [--lpips MODE] ...
-kl-ae rd     [--kl-weights 1e-6,1e-4,1e-2] [--max-steps N] [--out DIR] [section.key=value ...]
+kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
 """
 
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.checkpoint import NonFiniteError
+from training.checkpoint import CheckpointWriteError, NonFiniteError
 from training.config import ConfigError
 
 
@@ -44,8 +44,8 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="posterior noise and the prior-comparison subsamples")
 
     p = sub.add_parser("rd", help="rate-distortion curve: train and evaluate one model per kl_weight")
-    p.add_argument("--kl-weights", default="1e-6,1e-4,1e-2", help="comma-separated loss.kl_weight values")
-    p.add_argument("--max-steps", type=int, default=200, help="training steps per weight (default 200)")
+    p.add_argument("--kl-weights", default="1e-6,1e-2,1", help="comma-separated loss.kl_weight values")
+    p.add_argument("--max-steps", type=int, default=300, help="training steps per weight (default 300)")
     p.add_argument("--out", default="runs/rd", help="runs go to OUT/kl_<weight>, the curve to OUT/rd.png")
     p.add_argument("--config", help="a recipe name or YAML file for every run (default: the tiny CPU recipe)")
     p.add_argument("--data", help="shorthand for data.source=SPEC")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:  # the run stopped, its checkpoints intact
+    except (NonFiniteError, CheckpointWriteError) as e:  # the run stopped, its checkpoints intact
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

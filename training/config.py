@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -191,6 +192,7 @@ class TrainConfig:
         self.train.validate()
         if self.train.trainable == "decoder" and not self.model.init_from:
             raise ConfigError("train.trainable: decoder-only training needs model.init_from (a trained encoder)")
+        check_writable("out_dir", Path(self.out_dir))
         try:
             QuantizerConfig(**asdict(self.vq))  # its own checks
         except ValueError as e:
@@ -212,6 +214,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_writable(key: str, path: Path) -> None:
+    """The folder can be created and written, judged without writing anything."""
+    path = path.expanduser().absolute()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{key}: {path} cannot be created, {parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}: {parent} is not writable")
+            return
 
 
 # ----------------------------------------------------------------------------- merging

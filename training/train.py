@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from kl_autoencoder import Autoencoder
 from kl_autoencoder.export import save_diffusers
 from kl_autoencoder.ldm import load_ldm_checkpoint
 from training import checkpoint
-from training.checkpoint import NonFiniteError, StopSignal, find_latest_checkpoint
+from training.checkpoint import CheckpointWriteError, NonFiniteError, StopSignal, find_latest_checkpoint
 from training.config import ConfigError, TrainConfig, load_config, save_config
 from training.data import build_datasets, read_skipped
 from training.discriminator import PatchDiscriminator
@@ -177,7 +178,13 @@ def main(cfg: TrainConfig) -> dict:
     history = {"first_eval": None, "last_eval": None, "wall_s": 0.0, "nonfinite_steps": 0}
     latest = find_latest_checkpoint(out)
     if latest is not None:
-        accelerator.load_state(str(latest))
+        try:
+            accelerator.load_state(str(latest))
+        except Exception as e:  # truncated or corrupt files, or a checkpoint of another architecture
+            raise ConfigError(
+                f"resume: {latest} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                "use another --out, or delete this checkpoint to resume from an older one"
+            ) from None
         state = json.loads((latest / checkpoint.STATE_FILE).read_text())
         step, batches_seen, history = state["step"], state["batches_seen"], state["history"]
         if (latest / QUANTIZER_FILE).is_file():  # after load_state: loading weights resets these statistics
@@ -225,14 +232,23 @@ def main(cfg: TrainConfig) -> dict:
         root = out / "checkpoints"
         tmp = checkpoint.temporary_folder(root, step, clear=is_main)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if is_main:
-            save_diffusers(weights_for_use(), tmp / "autoencoder")
-            if gen_module.autoencoder.config.bottleneck == "vq":  # codebook statistics, outside the state dict
-                torch.save(gen_module.autoencoder.quantizer_state(), tmp / QUANTIZER_FILE)
-            state = {"step": step, "batches_seen": batches_seen, "history": history}
-            (tmp / checkpoint.STATE_FILE).write_text(json.dumps(state, indent=1))
-            checkpoint.commit(root, tmp, step, cfg.train.keep_checkpoints)
+        try:
+            accelerator.save_state(str(tmp))
+            if is_main:
+                save_diffusers(weights_for_use(), tmp / "autoencoder")
+                if gen_module.autoencoder.config.bottleneck == "vq":  # codebook statistics, outside the state dict
+                    torch.save(gen_module.autoencoder.quantizer_state(), tmp / QUANTIZER_FILE)
+                state = {"step": step, "batches_seen": batches_seen, "history": history}
+                (tmp / checkpoint.STATE_FILE).write_text(json.dumps(state, indent=1))
+                checkpoint.commit(root, tmp, step, cfg.train.keep_checkpoints)
+        except OSError as e:  # a full disk or a permission error: keep what is already saved, and stop
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = find_latest_checkpoint(out)
+            raise CheckpointWriteError(
+                f"could not write the checkpoint of step {step} ({e}); the previous checkpoint "
+                f"({last.name if last else 'none'}) and checkpoints/latest are intact. Free space or fix "
+                "permissions, then re-run the same command to resume"
+            ) from None
         accelerator.wait_for_everyone()
 
     def record_eval() -> None:
@@ -254,9 +270,10 @@ def main(cfg: TrainConfig) -> dict:
     running: dict[str, torch.Tensor] = {}
     n_running, nonfinite_in_a_row, interrupted = 0, 0, False
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    # the bar is a context too: an error message then starts on a line of its own
     t_start = t_log = time.perf_counter()
     steps_at_log = step
-    with StopSignal() as stop:
+    with StopSignal() as stop, bar:
         while step < cfg.train.max_steps and not interrupted:
             epoch = batches_seen // per_epoch
             train_dl.set_epoch(epoch)
@@ -341,7 +358,6 @@ def main(cfg: TrainConfig) -> dict:
                     save_checkpoint()
                 if step >= cfg.train.max_steps or interrupted:
                     break
-    bar.close()
 
     in_sync = replicas_identical(
         accelerator, accelerator.unwrap_model(generator), accelerator.unwrap_model(discriminator)
@@ -428,7 +444,7 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
