@@ -2,13 +2,27 @@
 
 Thin wrappers over torchmetrics' functional API so that training-time validation and `kl-ae eval`
 compute the same numbers; per-image values let callers gather them across processes exactly.
+The optional metrics (MS-SSIM, LPIPS, rFID) come with a reason when they cannot be computed:
+a metric is reported unavailable rather than computed at the wrong size or with random weights.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    multiscale_structural_similarity_index_measure,
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+# the file torch-fidelity's FeatureExtractorInceptionV3 fetches with torch.hub.load_state_dict_from_url,
+# which saves it under the URL's file name in torch.hub.get_dir()/checkpoints
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
 def to_unit(x: Tensor) -> Tensor:
@@ -26,6 +40,23 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     return structural_similarity_index_measure(x.float(), y.float(), data_range=1.0, reduction="none")
 
 
+def mse(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image mean squared error of images in [0, 1]. (B,)"""
+    return (x.float() - y.float()).square().mean(dim=(1, 2, 3))
+
+
+def ms_ssim(x: Tensor, y: Tensor) -> tuple[Tensor | None, str]:
+    """Per-image MS-SSIM (5 scales, window 11) of images in [0, 1], or (None, why) when they are too small.
+
+    torchmetrics needs each side // 16 > 10, i.e. at least 176 px; its own message is the reason.
+    """
+    try:
+        value = multiscale_structural_similarity_index_measure(x.float(), y.float(), data_range=1.0, reduction="none")
+    except ValueError as e:
+        return None, f"MS-SSIM needs larger images than {x.shape[-2]}x{x.shape[-1]}: {e}"
+    return value, ""
+
+
 @torch.no_grad()
 def reconstruction_metrics(x: Tensor, x_hat: Tensor, lpips=None) -> dict[str, Tensor]:
     """PSNR, SSIM (and LPIPS when a perceptual model is given) per image, for images in [-1, 1]."""
@@ -34,3 +65,48 @@ def reconstruction_metrics(x: Tensor, x_hat: Tensor, lpips=None) -> dict[str, Te
     if lpips is not None:
         out["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
     return out
+
+
+# ----------------------------------------------------------------------------- rFID
+
+
+def inception_weights() -> Path:
+    """Where torch-fidelity would download its Inception weights (torch.hub.get_dir()/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def build_inception() -> tuple[torch.nn.Module | None, str]:
+    """The FID Inception network (2048-d pool features), or (None, why) — never downloading anything.
+
+    torchmetrics' FrechetInceptionDistance needs torch-fidelity, which fetches its weights over the
+    network when no path is given; we pass the path ourselves, only when the file is already there.
+    """
+    problems = []
+    if importlib.util.find_spec("torch_fidelity") is None:
+        problems.append("torch-fidelity is not installed (pip install torch-fidelity)")
+    path = inception_weights()
+    if not path.is_file():
+        problems.append(f"{INCEPTION_FILE} is not in {path.parent} (download {INCEPTION_URL} there)")
+    if problems:
+        return None, "; ".join(problems)
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    net = NoTrainInceptionV3("inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
+    return net.eval(), str(path)
+
+
+def inception_features(net: torch.nn.Module, x: Tensor) -> Tensor:
+    """2048-d features of images in [0, 1] (quantized to uint8 as a saved image would be). (B, 2048)"""
+    return net((x * 255).round().to(torch.uint8)).reshape(x.shape[0], -1).double()
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D), as torchmetrics' FID computes it.
+
+    ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)), the last term from the eigenvalues of S_a S_b.
+    """
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (D, D)
+    covmean_trace = torch.linalg.eigvals(s_a @ s_b).sqrt().real.sum()
+    return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * covmean_trace)

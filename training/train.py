@@ -412,6 +412,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="a folder of images, a hub dataset name, or 'sample'")
     parser.add_argument("--out", help="the run folder (default runs/default)")
     parser.add_argument("--max-steps", type=int, help="shorthand for train.max_steps=N")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="let model.init_from unpickle a .ckpt file (only files you trust)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
@@ -423,6 +426,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides.append(f"out_dir={args.out}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if args.trust_pickle:
+        overrides.append("model.trust_pickle=true")
     # keep strings as strings: `--data 123` is a folder name, not a number
     return load_config(args.config, [_quote(o) for o in overrides])
 

@@ -1,0 +1,332 @@
+"""`kl-ae eval`: reconstruction metrics, latent statistics and VAE diagnostics of a trained autoencoder.
+
+One pass over the whole image set per model, batched, under plain python or `accelerate launch` (the
+dataloader is sharded and every per-image value goes through `gather_for_metrics`, which drops the
+samples accelerate repeats to even out the last batch). Writes `metrics.json` and `report.html` with
+its PNGs. Images are evaluated at their own size cropped to a multiple of the downsampling factor, or
+resized and centre-cropped to `resolution`; images of different sizes are evaluated one at a time.
+
+    kl-ae eval --model RUN|CHECKPOINT|DIFFUSERS_DIR --data FOLDER|sample|HUB_NAME [--compare PATH2] ...
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from eval import diagnostics as diag
+from eval import report
+from eval.metrics import build_inception, frechet_distance, inception_features, ms_ssim, mse, psnr, ssim, to_unit
+from kl_autoencoder import Autoencoder
+from training.config import ConfigError
+from training.data import DataConfig, build_datasets, list_images, resize_shorter, to_rgb
+from training.lpips import BACKBONE_FILES, build_lpips
+
+
+@dataclass
+class EvalConfig:
+    model: str  # a run folder, a checkpoint folder or a diffusers AutoencoderKL folder
+    data: str = "sample"  # a folder (all its images), "sample" or a hub name (their held-out split)
+    out: str | None = None  # default <model>/eval
+    resolution: int | None = None  # None: each image at its own size (cropped to a multiple of the factor)
+    batch_size: int = 8  # per process; 1 when the images differ in size
+    compare: str | None = None  # a second model evaluated on the same images
+    lpips: str = "auto"  # required | auto | off
+    max_images: int | None = None  # the first N images only
+    seed: int = 0  # posterior noise (per process) and the subsamples of the prior comparison
+    kl_threshold: float = 0.01  # nats per latent element for an active channel / unit
+    vectors_per_image: int = 64  # latent vectors kept per image for the MMD and the histograms
+    grid_images: int = 8
+
+
+class EvalImages(Dataset):
+    """Rows of an image table -> (3, H, W) in [-1, 1], at own size or resized and centre-cropped."""
+
+    def __init__(self, table: datasets.Dataset, column: str, factor: int, resolution: int | None):
+        self.table, self.column, self.factor, self.resolution = table, column, factor, resolution
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = to_rgb(datasets.Image().decode_example(_row(self.table[i][self.column])))
+        if self.resolution is not None:
+            img = resize_shorter(img, self.resolution)
+        w, h = img.size
+        th, tw = self.target_size(h, w)
+        if th == 0 or tw == 0:
+            raise ConfigError(f"--data: image {i} ({w}x{h}) is smaller than the downsampling factor {self.factor}")
+        top, left = (h - th) // 2, (w - tw) // 2
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, h, w)
+        return x[:, top : top + th, left : left + tw].float().div(127.5).sub(1.0)  # (3, th, tw) in [-1, 1]
+
+    def target_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.resolution is not None:
+            return self.resolution, self.resolution
+        return h // self.factor * self.factor, w // self.factor * self.factor
+
+    def sizes(self) -> set[tuple[int, int]]:
+        """The evaluated sizes, from the file headers only (EXIF rotation included)."""
+        if self.resolution is not None:
+            return {(self.resolution, self.resolution)}
+        column = self.table.select_columns([self.column])[self.column]
+        return {self.target_size(*_stored_size(_row(value))) for value in column}
+
+
+def _row(value) -> dict:
+    """An undecoded image cell as datasets' {"path", "bytes"} dict (hub columns may hold plain paths)."""
+    return {"path": value, "bytes": None} if isinstance(value, str) else value
+
+
+def _stored_size(value: dict) -> tuple[int, int]:
+    """(H, W) of an undecoded image row, upright; PIL reads the header only."""
+    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+    with Image.open(source) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF 5-8 are transposed
+
+
+def load_images(cfg: EvalConfig, factor: int) -> EvalImages:
+    """The evaluation images: every image of a folder; the held-out split of `sample` or a hub dataset."""
+    folder = Path(cfg.data).expanduser()
+    try:
+        if cfg.data != "sample" and folder.is_dir():
+            files = list_images(folder)
+            if not files:
+                raise ConfigError(f"--data: no images found in {folder}")
+            table = datasets.Dataset.from_dict({"image": [str(p) for p in files]})
+            table, column = table.cast_column("image", datasets.Image(decode=False)), "image"
+        else:
+            _, val = build_datasets(DataConfig(source=cfg.data), cfg.seed)
+            table, column = val.table, val.column
+    except (ValueError, FileNotFoundError) as e:  # build_datasets' messages name data.source; here it is --data
+        raise ConfigError(str(e).replace("data.source", "--data")) from None
+    if cfg.max_images is not None:
+        table = table.select(range(min(cfg.max_images, len(table))))
+    return EvalImages(table, column, factor, cfg.resolution)
+
+
+@torch.no_grad()
+def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, inception, cfg: EvalConfig, name: str):
+    """Per-image metrics and latent summaries over the whole set, gathered from every process. (N, ...) each."""
+    gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    values: dict[str, list[torch.Tensor]] = {}
+    ms_ssim_reason = ""
+    for x in tqdm(loader, desc=f"eval {name}", disable=not accelerator.is_main_process, dynamic_ncols=True):
+        posterior = model.encode(x)
+        x_hat = model.decode(posterior.mode())  # reconstructions from the posterior mode
+        z = posterior.sample(gen)  # statistics and rate describe what the diffusion model is trained on
+        a, b = to_unit(x), to_unit(x_hat)
+        count, mean, m2 = diag.channel_moments(z)
+        _, mu_mean, mu_m2 = diag.channel_moments(posterior.mean)
+        ms, reason = ms_ssim(a, b)
+        ms_ssim_reason = ms_ssim_reason or reason
+        n = len(x)
+        row = {
+            "psnr": psnr(a, b),
+            "ssim": ssim(a, b),
+            "mse": mse(a, b),
+            "ms_ssim": ms if ms is not None else torch.full((n,), math.nan, device=x.device),
+            "count": count,
+            "z_mean": mean,
+            "z_m2": m2,
+            "mu_mean": mu_mean,
+            "mu_m2": mu_m2,
+            "kl": diag.kl_per_channel(posterior.mean, posterior.logvar),
+            "pixels": torch.full((n,), float(x.shape[2] * x.shape[3]), dtype=torch.float64, device=x.device),
+            "vectors": diag.subsample_positions(z, cfg.vectors_per_image, gen),
+        }
+        if lpips is not None:
+            row["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
+        if inception is not None:
+            row["inception_real"] = inception_features(inception, a)
+            row["inception_fake"] = inception_features(inception, b)
+        for key, v in accelerator.gather_for_metrics(row).items():
+            values.setdefault(key, []).append(v.cpu())
+    return {k: torch.cat(v) for k, v in values.items()}, ms_ssim_reason
+
+
+def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: str, cfg: EvalConfig, reason: str):
+    """The metrics.json entry of one model from its gathered per-image values."""
+    n = len(values["psnr"])
+    ms = values["ms_ssim"][~values["ms_ssim"].isnan()]
+    rec = {
+        "psnr": values["psnr"].double().mean().item(),  # mean of per-image PSNR
+        "ssim": values["ssim"].double().mean().item(),
+        "mse": values["mse"].double().mean().item(),
+        "ms_ssim": {"available": True, "value": ms.double().mean().item(), "num_images": len(ms)}
+        if len(ms)
+        else {"available": False, "reason": reason or "images too small for 5 scales"},
+    }
+    if "lpips" in values:
+        rec["lpips"] = {"available": True, "value": values["lpips"].double().mean().item(), "net": lpips_status}
+    else:
+        rec["lpips"] = {"available": False, "reason": lpips_status}
+    if "inception_real" in values and n >= 2:
+        rfid = frechet_distance(values["inception_real"], values["inception_fake"])
+        rec["rfid"] = {"available": True, "value": rfid, "num_images": n, "weights": fid_status}
+    else:
+        why = fid_status if "inception_real" not in values else "needs at least 2 images"
+        rec["rfid"] = {"available": False, "reason": why}
+    stats = diag.latent_statistics(values["count"], values["z_mean"], values["z_m2"])
+    positions = values["count"]
+    rate = diag.rate_summary(values["kl"], positions, values["pixels"], cfg.kl_threshold)
+    burda = diag.burda_active_units(positions, values["mu_mean"], values["mu_m2"], cfg.kl_threshold)
+    warning = diag.collapse_warning(rate, burda)
+    return {
+        "reconstruction": rec,
+        "latents": stats,
+        "rate": rate,
+        "active_units": burda,
+        "prior_distance": diag.prior_distance(values["vectors"].flatten(0, 1), stats, seed=cfg.seed),
+        "warnings": [warning] if warning else [],
+    }
+
+
+@torch.no_grad()
+def figures(model: Autoencoder, images: EvalImages, stats: dict, tag: str, out: Path, cfg: EvalConfig, device):
+    """Reconstruction grid and prior-sample grid of one model (main process); returns {caption: file}."""
+    n = min(cfg.grid_images, len(images))
+    x = [images[i].to(device) for i in range(n)]
+    x_hat = [model(xi[None])[0] for xi in x]
+    x, x_hat = [to_unit(t).cpu() for t in x], [to_unit(t).cpu() for t in x_hat]
+    factor = model.config.downsample_factor
+    size = report.display_size([tuple(t.shape[1:]) for t in x], factor)
+    report.save_reconstruction_grid(x, x_hat, out / f"recon_{tag}.png", size)
+    # prior samples at the tile size, next to the same images' reconstructions at that size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    recon = torch.stack([to_unit(model(report.thumbnail(t, size)[None].to(device) * 2 - 1)[0]).cpu() for t in x])
+    shape = (n, model.config.latent_channels, size // factor, size // factor)
+    eps = torch.randn(shape, generator=gen).to(device)
+    mean = torch.tensor(stats["latents_mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(stats["latents_std"], device=device).view(1, -1, 1, 1)
+    prior = to_unit(model.decode(eps)).cpu()
+    aggregate = to_unit(model.decode(eps * std + mean)).cpu()
+    report.save_prior_grid(recon, prior, aggregate, out / f"prior_{tag}.png")
+    return {"recon": f"recon_{tag}.png", "prior": f"prior_{tag}.png"}
+
+
+def lpips_for_eval(mode: str) -> tuple[torch.nn.Module | None, str]:
+    """LPIPS (VGG) per `--lpips`, or (None, why); `required` with the weights missing raises FileNotFoundError."""
+    if mode == "off":
+        return None, "disabled (--lpips off)"
+    lpips, status = build_lpips(mode, "vgg")
+    if lpips is not None:
+        return lpips, status  # "vgg: <weights file>"
+    file = BACKBONE_FILES["vgg"]
+    return None, (
+        f"{file} (torchvision VGG16, the LPIPS backbone) is not in {Path(torch.hub.get_dir()) / 'checkpoints'} "
+        f"(download https://download.pytorch.org/models/{file} there)"
+    )
+
+
+def _json_safe(value):
+    """inf / nan -> None so metrics.json stays strict JSON (identical images have infinite PSNR)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _load_model(path: str) -> Autoencoder:
+    try:
+        model = Autoencoder.from_pretrained(path)
+    except ValueError as e:
+        raise ConfigError(f"--model: {path}: {e}") from None
+    if model.config.bottleneck != "kl":
+        # the place for VQ: reconstruction metrics as for KL, then codebook usage, perplexity and dead codes
+        # instead of the rate / active-unit / prior diagnostics, which need a Gaussian posterior
+        raise ConfigError(f"--model: {path} has a {model.config.bottleneck!r} bottleneck; eval supports 'kl' only")
+    return model
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate `cfg.model` (and `cfg.compare`) on `cfg.data`; writes metrics.json + report.html; returns the dict."""
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {cfg.batch_size}")
+    if cfg.max_images is not None and cfg.max_images < 1:
+        raise ConfigError(f"--max-images: must be >= 1, got {cfg.max_images}")
+    accelerator = Accelerator()  # no mixed precision argument: evaluation runs the model in fp32
+    models = {"model": _load_model(cfg.model)}
+    if cfg.compare:
+        models["compare"] = _load_model(cfg.compare)
+    factor = models["model"].config.downsample_factor
+    if any(m.config.downsample_factor != factor for m in models.values()):
+        raise ConfigError("--compare: the two models have different downsampling factors")
+    if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % factor):
+        raise ConfigError(f"--resolution: {cfg.resolution} is not a positive multiple of the factor {factor}")
+    images = load_images(cfg, factor)
+    sizes = images.sizes()
+    batch_size = cfg.batch_size if len(sizes) == 1 else 1  # different sizes cannot share a batch
+    loader = accelerator.prepare(DataLoader(images, batch_size=batch_size, shuffle=False))
+    lpips, lpips_status = lpips_for_eval(cfg.lpips)
+    inception, fid_status = build_inception()
+    device = accelerator.device
+    for module in (lpips, inception, *models.values()):
+        if module is not None:
+            module.to(device).eval()
+
+    results, vectors = {}, {}
+    for name, model in models.items():
+        values, reason = collect(model, loader, accelerator, lpips, inception, cfg, name)
+        results[name] = {"path": cfg.model if name == "model" else cfg.compare}
+        results[name] |= summarize(values, lpips_status, fid_status, cfg, reason)
+        vectors[name] = values["vectors"].flatten(0, 1)  # (N * k, C), for the histograms
+    summary = {
+        "data": cfg.data,
+        "num_images": len(images),
+        "image_sizes": sorted(f"{h}x{w}" for h, w in sizes),
+        "batch_size": batch_size,
+        "num_processes": accelerator.num_processes,
+        "settings": asdict(cfg),
+    }
+    # metrics.json: the main model's results at the top level, the second model's under "compare"
+    metrics = _json_safe({**summary, **results["model"], **({"compare": results["compare"]} if cfg.compare else {})})
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        figs: dict[str, dict[str, str]] = {"Reconstructions": {}, "Prior samples (holes)": {}}
+        for name, model in models.items():
+            files = figures(model, images, results[name]["latents"], name, out, cfg, device)
+            figs["Reconstructions"][f"{name}: images, reconstructions, |x - x_hat| x 5"] = files["recon"]
+            figs["Prior samples (holes)"][f"{name}: reconstructions, N(0, I), N(mean, std^2)"] = files["prior"]
+        report.save_kl_bars({n: r["rate"]["kl_per_channel"] for n, r in results.items()}, cfg.kl_threshold,
+                            out / "kl_per_channel.png")  # fmt: skip
+        report.save_latent_histograms(vectors, out / "latent_hist.png")
+        figs["Rate per channel"] = {"KL per channel": "kl_per_channel.png"}
+        figs["Latent histograms"] = {"posterior samples against N(0, 1)": "latent_hist.png"}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+        header = {"model": cfg.model, "compare": cfg.compare or "-", "data": cfg.data, "images": len(images),
+                  "sizes": ", ".join(summary["image_sizes"]), "processes": accelerator.num_processes}  # fmt: skip
+        report.write_html(out / "report.html", header, results, figs)
+        print_summary(results, out)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def print_summary(results: dict, out: Path) -> None:
+    for name, r in results.items():
+        rec, rate = r["reconstruction"], r["rate"]
+        print(
+            f"{name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}, rate {rate['bits_per_pixel']:.4g} bits/pixel, "
+            f"{rate['active_channels']}/{len(rate['kl_per_channel'])} active channels, "
+            f"MMD^2 to N(0, I) {r['prior_distance']['mmd2']:.4f}, scaling_factor {r['latents']['scaling_factor']:.5g}"
+        )
+        for w in r["warnings"]:
+            print(f"WARNING ({name}): {w}")
+    print(f"report: {out / 'report.html'}")

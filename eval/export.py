@@ -1,0 +1,237 @@
+"""`kl-ae export`: a run's EMA weights as a complete diffusers folder, with latent statistics measured on held-out data.
+
+What a diffusion model trained on our latents needs besides the weights is in the config: `scaling_factor`
+(and, KL only, `shift_factor`, per-channel `latents_mean` / `latents_std`), measured on posterior samples
+of the run's own validation split (or `--data`), as LDM's scale_by_std; `force_upcast`, decided by running
+the autoencoder in fp16 where this machine can; a model card `README.md`; optionally an fp16 variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from eval import diagnostics as diag
+from kl_autoencoder import Autoencoder
+from kl_autoencoder.export import WEIGHTS_NAME, find_diffusers_folder, save_diffusers
+from training.config import ConfigError
+
+FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' variant naming: variant="fp16"
+# fp16 agrees with fp32 when the largest pixel difference (images in [-1, 1]) stays under this
+FP16_TOLERANCE = 0.05
+
+
+def find_run(path: str | Path) -> Path | None:
+    """The run folder (with config.yaml) that a run, checkpoint, `autoencoder/` or `diffusers/` folder is in."""
+    path = Path(path).resolve()
+    for candidate in [path, *list(path.parents)[:3]]:
+        if (candidate / "config.yaml").is_file() and (candidate / "checkpoints").is_dir():
+            return candidate
+    return None
+
+
+def held_out_images(run: Path | None, data: str | None, resolution: int, max_images: int | None) -> tuple[Dataset, str]:
+    """(images in [-1, 1], a description): `data` (a folder: all its images) or else the run's validation split."""
+    from eval.evaluate import EvalConfig, load_images
+    from training.config import load_config
+    from training.data import build_datasets
+
+    if data is not None:
+        images = load_images(EvalConfig(model="", data=data, resolution=resolution, max_images=max_images), 1)
+        return images, f"{data} ({len(images)} images at {resolution}px)"
+    if run is None:
+        raise ConfigError("export: not inside a training run (no config.yaml found); pass --data SPEC")
+    cfg = load_config(str(run / "config.yaml"))
+    try:
+        val = build_datasets(cfg.data, cfg.train.seed)[1]
+    except ValueError as e:
+        raise ConfigError(f"export: the run's data ({cfg.data.source}) cannot be read: {e}") from None
+    if max_images is not None and len(val) > max_images:
+        val = torch.utils.data.Subset(val, range(max_images))
+    return val, f"validation split of {cfg.data.source} ({len(val)} images at {cfg.data.resolution}px)"
+
+
+@torch.no_grad()
+def measure_latents(
+    model: Autoencoder, images: Dataset, batch_size: int = 8, seed: int = 0
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Latent statistics (see `diagnostics.latent_statistics`) of posterior samples over `images`.
+
+    Returns (statistics, the first batch of images, its latents) for the fp16 check. Noise from one
+    generator seeded with `seed`, drawn batch by batch in order. VQ: the latents before quantization.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    moments, first = [], None
+    for x in DataLoader(images, batch_size=batch_size, shuffle=False):
+        x = x.to(device)
+        z = model.encode(x).sample(gen)
+        moments.append(diag.channel_moments(z))
+        if first is None:
+            first = (x, z)
+    count, mean, m2 = (torch.cat(t) for t in zip(*moments))
+    return diag.latent_statistics(count, mean, m2), *first
+
+
+def fp16_device() -> torch.device | None:
+    """Where fp16 convolutions run: CUDA, else the CPU if this torch has fp16 conv kernels there; else None."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    try:
+        torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.half), torch.ones(1, 1, 3, 3, dtype=torch.half))
+    except RuntimeError:
+        return None
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def check_fp16(model: Autoencoder, x: torch.Tensor, z: torch.Tensor) -> tuple[bool, str]:
+    """(force_upcast, why): encode x and decode z in fp16 and compare with fp32; True when it cannot be checked."""
+    device = fp16_device()
+    if device is None:
+        return True, "not checked: this machine runs no fp16 convolutions; left True"
+    ref = copy.deepcopy(model).float().to(device)
+    half = copy.deepcopy(model).half().to(device)
+    x, z = x.to(device), z.to(device)
+    mean32, mean16 = ref.encode(x).mode(), half.encode(x.half()).mode().float()
+    img32, img16 = ref.decode(z), half.decode(z.half()).float()
+    if not (torch.isfinite(mean16).all() and torch.isfinite(img16).all()):
+        return True, f"fp16 on {device.type} overflows (inf/NaN) on {len(x)} held-out images"
+    latent_err = float((mean16 - mean32).abs().max() / mean32.abs().max().clamp_min(1e-12))
+    image_err = float((img16 - img32).abs().max())
+    summary = f"fp16 vs fp32 on {device.type}, {len(x)} held-out images: max image error {image_err:.2g}, " + (
+        f"max relative latent error {latent_err:.2g}"
+    )
+    if image_err > FP16_TOLERANCE or latent_err > FP16_TOLERANCE:
+        return True, summary + f" (> {FP16_TOLERANCE})"
+    return False, summary
+
+
+def _model_card(config: dict, info: dict, run: Path | None, fp16_variant: bool) -> str:
+    cls = config["_class_name"]
+    lines = [
+        f"# {cls} trained with kl-autoencoder",
+        "",
+        f"A first-stage autoencoder for latent diffusion ({cls}, diffusers format, safetensors).",
+        "",
+        "## Latent normalization (measured)",
+        "",
+        f"Measured on {info['data']}, posterior samples (seed {info['seed']}):",
+        "",
+        f"- `scaling_factor` = {config['scaling_factor']:.6g} (1 / std of the latents)",
+    ]
+    if cls == "AutoencoderKL":
+        lines += [
+            f"- `shift_factor` = {config['shift_factor']:.6g} (mean of the latents)",
+            f"- `latents_mean` = {[round(v, 5) for v in config['latents_mean']]}",
+            f"- `latents_std` = {[round(v, 5) for v in config['latents_std']]}",
+        ]
+    lines += [
+        f"- `force_upcast` = {config['force_upcast']}: {info['fp16_check']}",
+        "",
+        "A diffusion model is trained on `latents = (z - shift_factor) * scaling_factor` (SD 1.x-style pipelines "
+        "use `z * scaling_factor` only) and its samples are decoded with `decode(latents / scaling_factor + "
+        "shift_factor)`.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        f"from diffusers import {cls}",
+        "",
+        f'vae = {cls}.from_pretrained("PATH"' + (', variant="fp16", torch_dtype=torch.float16' if fp16_variant else "")
+        + ")",
+        "z = vae.encode(images).latent_dist.sample()  # images (B, 3, H, W) in [-1, 1]"
+        if cls == "AutoencoderKL"
+        else "z = vae.encode(images).latents  # images (B, 3, H, W) in [-1, 1]",
+        "latents = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor"
+        if cls == "AutoencoderKL"
+        else "latents = z * vae.config.scaling_factor",
+        "images = vae.decode(latents / vae.config.scaling_factor"
+        + (" + (vae.config.shift_factor or 0.0)" if cls == "AutoencoderKL" else "")
+        + ").sample",
+        "```",
+    ]
+    if fp16_variant:
+        lines += ["", f"`{FP16_WEIGHTS_NAME}` holds fp16 weights (`variant=\"fp16\"`)."]
+    if run is not None:
+        lines += ["", "## Training", "", f"Run folder: `{run}`", ""]
+        config_file = run / "config.yaml"
+        lines += ["```yaml", config_file.read_text().rstrip(), "```"]
+        summary_file = run / "summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            lines += ["", "## Validation metrics (summary.json)", "", "```json"]
+            keep = {k: summary[k] for k in ("steps", "ema", "lpips", "first_eval", "last_eval") if k in summary}
+            lines += [json.dumps(keep, indent=1), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def export_run(
+    source: str | Path,
+    out_dir: str | Path,
+    data: str | None = None,
+    fp16_variant: bool = False,
+    max_images: int | None = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write `source`'s weights (a run: its EMA weights, as `Autoencoder.from_pretrained`) as a diffusers folder.
+
+    Latent statistics come from held-out images: `data` (a folder: all its images; "sample" or a hub name:
+    its held-out split) or, by default, the run's validation split; at most `max_images` of them.
+    """
+    try:
+        model = Autoencoder.from_pretrained(source)
+    except ValueError as e:
+        raise ConfigError(f"export: {source}: {e}") from None
+    weights = find_diffusers_folder(source)
+    run = find_run(source)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    resolution = model.config.sample_size
+    if run is not None and data is not None:
+        from training.config import load_config
+
+        resolution = load_config(str(run / "config.yaml")).data.resolution
+    images, description = held_out_images(run, data, resolution, max_images)
+    stats, x, z = measure_latents(model, images, batch_size, seed)
+    if not math.isfinite(stats["scaling_factor"]):
+        raise ValueError(f"export: the latents have zero variance on {description}; no scaling_factor")
+    force_upcast, fp16_note = check_fp16(model.cpu(), x.cpu(), z.cpu())
+
+    extra = {"scaling_factor": stats["scaling_factor"], "force_upcast": force_upcast}
+    if model.config.bottleneck == "kl":  # diffusers' VQModel has no shift or per-channel statistics
+        extra |= {k: stats[k] for k in ("shift_factor", "latents_mean", "latents_std")}
+    info = {"data": description, "seed": seed, "num_values": stats["num_values"], "fp16_check": fp16_note}
+    extra["_kl_ae_export"] = {**info, "weights": str(weights), "posterior": "sample"}
+
+    out = Path(out_dir)
+    save_diffusers(model, out, extra_config=extra)
+    if fp16_variant:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            save_diffusers(model, tmp, extra_config=extra, dtype=torch.float16)
+            os.replace(Path(tmp) / WEIGHTS_NAME, out / FP16_WEIGHTS_NAME)
+    elif (out / FP16_WEIGHTS_NAME).exists():  # a stale variant from an earlier export must not mismatch
+        (out / FP16_WEIGHTS_NAME).unlink()
+    config = json.loads((out / "config.json").read_text())
+    (out / "README.md").write_text(_model_card(config, info, run, fp16_variant))
+    return out
+
+
+def export_after_training(run: str | Path, fp16_variant: bool = False) -> Path:
+    """What `training/train.py` calls at the end of a run: `<run>/diffusers` rewritten with measured factors."""
+    run = Path(run)
+    tmp = run / ".diffusers_export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_run(run / "diffusers", tmp, fp16_variant=fp16_variant)
+    shutil.rmtree(run / "diffusers", ignore_errors=True)
+    os.replace(tmp, run / "diffusers")
+    return run / "diffusers"

@@ -1,0 +1,231 @@
+"""The evaluation report: image grids, plots and one self-contained `report.html` next to its PNGs.
+
+Grids are written with torchvision, plots with matplotlib's Agg backend (no display needed). Every
+function takes plain tensors and numbers and writes one file, so `evaluate.py` decides what goes in.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.utils import save_image
+
+ERROR_GAIN = 5.0  # |x - x_hat| is multiplied by this in the error maps, so small errors are visible
+MIN_TILE = 128  # smaller grid tiles are enlarged (nearest neighbour) to at least this many pixels
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def thumbnail(x: Tensor, size: int) -> Tensor:
+    """Centre square of an image (3, H, W), resized to (3, size, size) with antialiasing."""
+    _, h, w = x.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    square = x[:, top : top + s, left : left + s][None].float()
+    if s != size:
+        square = F.interpolate(square, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return square[0].clamp(0, 1)
+
+
+def display_size(shapes: list[tuple[int, int]], factor: int, cap: int = 256) -> int:
+    """Side of the grid tiles: the smallest image side, at most `cap`, a multiple of the downsampling factor."""
+    side = min(cap, *(min(h, w) for h, w in shapes))
+    return max(factor, side // factor * factor)
+
+
+def save_reconstruction_grid(x: list[Tensor], x_hat: list[Tensor], path: Path, size: int) -> None:
+    """Rows: images, reconstructions, |x - x_hat| x ERROR_GAIN; inputs in [0, 1], any sizes."""
+    rows = [
+        [thumbnail(a, size) for a in x],
+        [thumbnail(b, size) for b in x_hat],
+        [thumbnail(((a - b).abs() * ERROR_GAIN).clamp(0, 1), size) for a, b in zip(x, x_hat)],
+    ]
+    _save_grid(torch.stack([t for row in rows for t in row]), len(x), path)
+
+
+def save_prior_grid(reconstructions: Tensor, prior: Tensor, aggregate: Tensor, path: Path) -> None:
+    """Rows: reconstructions, decoded z ~ N(0, I), decoded z ~ N(aggregate mean, aggregate std^2); (n, 3, s, s)."""
+    _save_grid(torch.cat([reconstructions, prior, aggregate]).clamp(0, 1), len(prior), path)
+
+
+def _save_grid(tiles: Tensor, nrow: int, path: Path) -> None:
+    scale = max(1, MIN_TILE // tiles.shape[-1])  # integer nearest-neighbour enlargement keeps pixels exact
+    if scale > 1:
+        tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
+    save_image(tiles, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def save_kl_bars(kl: dict[str, list[float]], threshold: float, path: Path) -> None:
+    """Per-channel KL (nats per latent element) as bars, one colour per model, with the active-unit threshold."""
+    plt = _pyplot()
+    channels = max(len(v) for v in kl.values())
+    width = 0.8 / len(kl)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * channels * len(kl) + 2), 3.2))
+    for i, (name, values) in enumerate(kl.items()):
+        heights = [max(v, 1e-6) for v in values]  # log axis: a collapsed channel (KL 0) shows as a stub
+        ax.bar([c + (i - (len(kl) - 1) / 2) * width for c in range(len(values))], heights, width, label=name)
+    ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"active threshold {threshold:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("latent channel")
+    ax.set_ylabel("KL (nats / element)")
+    ax.set_xticks(range(channels))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_latent_histograms(samples: dict[str, Tensor], path: Path, max_channels: int = 16) -> None:
+    """Histogram of each channel's posterior samples (N, C), per model, against the N(0, 1) density."""
+    plt = _pyplot()
+    channels = min(max_channels, max(v.shape[1] for v in samples.values()))
+    cols = min(4, channels)
+    rows = math.ceil(channels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for c in range(rows * cols):
+        ax = axes[c // cols][c % cols]
+        if c >= channels:
+            ax.axis("off")
+            continue
+        values = {name: v[:, c].double() for name, v in samples.items() if c < v.shape[1]}
+        lo = min(-4.0, *(float(v.min()) for v in values.values()))
+        hi = max(4.0, *(float(v.max()) for v in values.values()))
+        for name, v in values.items():
+            ax.hist(v.numpy(), bins=40, range=(lo, hi), density=True, alpha=0.5, label=name)
+        grid = torch.linspace(lo, hi, 200, dtype=torch.float64)
+        ax.plot(grid.numpy(), (torch.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi)).numpy(), "k-", lw=1, label="N(0,1)")
+        ax.set_title(f"channel {c}", fontsize=9)
+        if c == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_rd_plot(points: list[dict], path: Path) -> None:
+    """Distortion (MSE, and PSNR on a second panel) against rate in bits per pixel, one point per kl_weight."""
+    plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
+    points = sorted(points, key=lambda p: p["bits_per_pixel"])
+    rate = [max(p["bits_per_pixel"], 1e-6) for p in points]  # log axis: a collapsed model has rate ~0
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in ((axes[0], "mse", "distortion: MSE"), (axes[1], "psnr", "PSNR (dB)")):
+        ax.plot(rate, [p[key] for p in points], "o-")
+        for r, p in zip(rate, points):
+            ax.annotate(f"kl_weight {p['kl_weight']:g}", (r, p[key]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on a short log range
+        ax.set_xlabel("rate (bits per pixel)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("rate-distortion: one trained model per kl_weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- HTML
+
+# (label, path into a model's results); optional metrics are {"available": ..., "value" | "reason": ...}
+TABLE_ROWS = [
+    ("PSNR (dB)", ("reconstruction", "psnr")),
+    ("SSIM", ("reconstruction", "ssim")),
+    ("MS-SSIM", ("reconstruction", "ms_ssim")),
+    ("LPIPS", ("reconstruction", "lpips")),
+    ("rFID", ("reconstruction", "rfid")),
+    ("MSE", ("reconstruction", "mse")),
+    ("KL (nats / image)", ("rate", "kl_nats_per_image")),
+    ("rate (bits / latent element)", ("rate", "bits_per_latent_element")),
+    ("rate (bits / pixel)", ("rate", "bits_per_pixel")),
+    ("active channels (KL > threshold)", ("rate", "active_channels")),
+    ("active units (Burda)", ("active_units", "active_units")),
+    ("latent mean (shift_factor)", ("latents", "shift_factor")),
+    ("latent std", ("latents", "global_std")),
+    ("scaling_factor (1 / std)", ("latents", "scaling_factor")),
+    ("aggregate vs prior: sum_c KL(N(m_c, s_c^2) || N(0,1))", ("prior_distance", "gaussian_kl_per_vector")),
+    ("aggregate vs prior: MMD^2", ("prior_distance", "mmd2")),
+    ("standardised aggregate vs prior: MMD^2", ("prior_distance", "mmd2_standardized")),
+]
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        if not value.get("available", True):
+            return f'<span class="na">unavailable: {html.escape(str(value.get("reason", "")))}</span>'
+        value = value.get("value")
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.5g}"
+    return html.escape(str(value))
+
+
+def _lookup(result: dict, keys: tuple[str, ...]):
+    for key in keys:
+        result = result.get(key, {}) if isinstance(result, dict) else {}
+    return result if result != {} else "-"
+
+
+def _images(files: dict[str, str]) -> str:
+    cells = "".join(
+        f'<figure><img src="{html.escape(f)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption>'
+        "</figure>"
+        for name, f in files.items()
+    )
+    return f'<div class="row">{cells}</div>'
+
+
+def write_html(path: Path, header: dict, results: dict[str, dict], figures: dict[str, dict[str, str]]) -> None:
+    """report.html: the settings, the metrics table (one column per model), warnings and the figures.
+
+    figures: {section title: {caption: png file name relative to the report}}.
+    """
+    head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in header.items())
+    names = list(results)
+    table = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
+    for label, keys in TABLE_ROWS:
+        cells = "".join(f"<td>{_cell(_lookup(results[n], keys))}</td>" for n in names)
+        table += f"<tr><th>{html.escape(label)}</th>{cells}</tr>"
+    warnings = "".join(
+        f'<p class="warn">{html.escape(n)}: {html.escape(w)}</p>' for n in names for w in results[n].get("warnings", [])
+    )
+    sections = "".join(f"<h2>{html.escape(title)}</h2>{_images(files)}" for title, files in figures.items())
+    estimator = html.escape(results[names[0]]["prior_distance"]["estimator"])
+    Path(path).write_text(
+        f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>kl-ae eval</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; font-size: 14px; }}
+.na {{ color: #888; font-size: 12px; }} .warn {{ color: #b00; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 16px; }} figure {{ margin: 0; }}
+img {{ max-width: 100%; image-rendering: pixelated; }} figcaption {{ font-size: 13px; color: #444; }}
+</style></head><body>
+<h1>Autoencoder evaluation</h1>
+<table>{head}</table>
+<h2>Metrics</h2>
+<table>{table}</table>
+{warnings}
+<p>Reconstructions use the posterior mode; latent statistics, rate and the prior comparison use posterior
+samples. Rates pool the whole set. MMD: {estimator}. The standardised MMD first maps each channel to zero
+mean and unit variance with the aggregate's own moments, so it measures shape rather than scale.</p>
+{sections}
+<p>Reconstruction grids: images, reconstructions and |x - x_hat| x {ERROR_GAIN:g} (centre crops). Prior grids:
+reconstructions; decoded z ~ N(0, I); decoded z ~ N(aggregate mean, aggregate std^2) per channel. Where the
+middle row is garbage and the last is not, the prior puts mass on holes of the aggregate posterior.</p>
+</body></html>
+"""
+    )
