@@ -146,7 +146,8 @@ def _model_card(config: dict, info: dict, run: Path | None, fp16_variant: bool) 
         "```python",
         f"from diffusers import {cls}",
         "",
-        f'vae = {cls}.from_pretrained("PATH"' + (', variant="fp16", torch_dtype=torch.float16' if fp16_variant else "")
+        f'vae = {cls}.from_pretrained("PATH"'
+        + (', variant="fp16", torch_dtype=torch.float16' if fp16_variant else "")
         + ")",
         "z = vae.encode(images).latent_dist.sample()  # images (B, 3, H, W) in [-1, 1]"
         if cls == "AutoencoderKL"
@@ -160,7 +161,7 @@ def _model_card(config: dict, info: dict, run: Path | None, fp16_variant: bool) 
         "```",
     ]
     if fp16_variant:
-        lines += ["", f"`{FP16_WEIGHTS_NAME}` holds fp16 weights (`variant=\"fp16\"`)."]
+        lines += ["", f'`{FP16_WEIGHTS_NAME}` holds fp16 weights (`variant="fp16"`).']
     if run is not None:
         lines += ["", "## Training", "", f"Run folder: `{run}`", ""]
         config_file = run / "config.yaml"

@@ -33,3 +33,28 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the model and data part of every end-to-end training test: a 16-channel f4 model on 32 px crops
+TINY_RUN = ["model.base_channels=16", "model.norm_num_groups=8", "data.resolution=32", "data.resize=48",
+            "data.batch_size=2", "data.repeats=2"]  # fmt: skip
+
+
+def launch_two_processes(args: list[str], port: int, timeout: int = 600):
+    """`accelerate launch` of `python -m training.train ARGS` as two real CPU processes.
+
+    `--cpu --num_processes 2` (or a MULTI_CPU config file) silently starts one process; this form starts two.
+    """
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "training.train", *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

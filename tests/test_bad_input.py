@@ -9,8 +9,9 @@ import torch
 from kl_autoencoder import PRESETS, Autoencoder
 from training.cli import main as kl_ae
 
-TINY = ["model.base_channels=16", "model.norm_num_groups=8", "data.resolution=32", "data.resize=48",
-        "data.batch_size=2", "data.repeats=2", "train.log_every=1", "train.eval_every=100", "train.sample_every=100",
+from .conftest import TINY_RUN
+
+TINY = [*TINY_RUN, "train.log_every=1", "train.eval_every=100", "train.sample_every=100",
         "train.checkpoint_every=2", "train.tracker=none", "loss.lpips=off", "loss.disc_start=100"]  # fmt: skip
 
 
@@ -103,3 +104,12 @@ def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: resume:") and "step_0000002 cannot be loaded" in err
     assert json.loads((out / "summary.json").read_text())["steps"] == 2  # the finished run is untouched
+
+
+@pytest.mark.slow
+def test_resume_with_another_architecture_names_the_parameters(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert kl_ae(["train", "--out", str(out), "--max-steps", "2", *TINY]) == 0
+    assert kl_ae(["train", "--out", str(out), "--max-steps", "4", *TINY, "model.base_channels=32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: resume:") and "size mismatch for autoencoder.encoder.conv_in.weight" in err

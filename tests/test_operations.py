@@ -19,14 +19,11 @@ from training.config import load_config
 from training.step import guarded_step
 from training.train import main as train_main
 
+from .conftest import TINY_RUN, launch_two_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.base_channels=16",
-    "model.norm_num_groups=8",
-    "data.resolution=32",
-    "data.resize=48",
-    "data.batch_size=2",
-    "data.repeats=2",
+    *TINY_RUN,
     "train.log_every=1",
     "train.eval_every=3",
     "train.sample_every=100",
@@ -232,14 +229,7 @@ def test_two_processes_gather_validation_from_both(tmp_path):
     """Validation over 2 held-out images on 2 processes equals the 1-process figure: both halves gathered."""
     single = run(tmp_path / "one", 1)["first_eval"]
     out = tmp_path / "two"
-    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-        "-m", "training.train", "--out", str(out), "--max-steps", "1", *TINY,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_two_processes(["--out", str(out), "--max-steps", "1", *TINY], port=29519)
     double = json.loads((out / "summary.json").read_text())
     assert double["num_processes"] == 2 and double["first_eval"]["val/images"] == single["val/images"] == 2
     assert double["first_eval"]["val/psnr"] == pytest.approx(single["val/psnr"], rel=1e-5)

@@ -1,9 +1,6 @@
 """A few steps through the real entry points: the run folder, the diffusers export, resume, precision, DDP."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +9,12 @@ import torch
 from kl_autoencoder import Autoencoder
 from training.cli import main as kl_ae
 
+from .conftest import TINY_RUN, launch_two_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 # a 16-channel f8 model on 32 px crops: a step takes well under a second on 2 cores
 TINY = [
-    "model.base_channels=16",
-    "model.norm_num_groups=8",
-    "data.resolution=32",
-    "data.resize=48",
-    "data.batch_size=2",
-    "data.repeats=2",
+    *TINY_RUN,
     "train.log_every=1",
     "train.eval_every=2",
     "train.sample_every=2",
@@ -145,14 +139,7 @@ def test_fp16_on_cpu_is_a_config_error(tmp_path, monkeypatch, capsys):
 def test_two_process_cpu_run_keeps_replicas_identical(tmp_path):
     """Two real processes (accelerate's CPU multi-process launch), discriminator on after 2 steps."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        "-m", "training.train", "--out", str(out), "--max-steps", "4", *TINY, "loss.disc_norm=batch",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch_two_processes(["--out", str(out), "--max-steps", "4", *TINY, "loss.disc_norm=batch"], port=29517)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2
     assert summary["replicas_identical"] is True

@@ -1,9 +1,6 @@
 """The VQ variant through the same trainer: VQ logs, a VQModel export, exact resume, identical codebooks."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +9,8 @@ import torch
 from kl_autoencoder import Autoencoder
 from training.cli import main as kl_ae
 from training.config import ConfigError, load_config
+
+from .conftest import launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VQ = [
@@ -60,14 +59,7 @@ def test_vq_resume_is_exact(tmp_path):
 @pytest.mark.slow
 def test_two_processes_keep_one_codebook(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
-        "-m", "training.train", "--out", str(out), "--max-steps", "4", *TINY_VQ,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_two_processes(["--out", str(out), "--max-steps", "4", *TINY_VQ], port=29523)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["replicas_identical"] is True  # codebook included
 

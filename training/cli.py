@@ -1,7 +1,10 @@
 """The `kl-ae` command line: the one place that knows the model, training and evaluation packages.
 
 kl-ae train  [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [section.key=value ...]
-kl-ae export RUN_DIR --out DIR
+kl-ae export RUN_DIR --out DIR [--data SPEC] [--fp16-variant] [--max-images N]
+kl-ae reconstruct IMAGE --model PATH --out FILE [--tile N]
+kl-ae encode --model PATH --data SPEC --out DIR [--resolution N] [--batch-size N] [--sample]
+kl-ae decode --model PATH --latents DIR --out FOLDER
 kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PATH2] [--lpips MODE] ...
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
@@ -17,17 +20,84 @@ from training.checkpoint import CheckpointWriteError, NonFiniteError
 from training.config import ConfigError
 
 
-def export(run_dir: str, out: str) -> Path:
-    """Write a diffusers folder from a run's latest complete checkpoint."""
-    from kl_autoencoder import Autoencoder
+def export(run_dir: str, out: str, data: str | None = None, fp16_variant: bool = False, max_images: int = 256) -> Path:
+    """A complete diffusers folder (measured latent factors, force_upcast, model card) from a run's latest
+    checkpoint (its EMA weights), or from a checkpoint or diffusers folder."""
+    from eval.export import export_run
     from training.checkpoint import find_latest_checkpoint
 
-    run = Path(run_dir)
-    checkpoint = find_latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-    source = checkpoint / "autoencoder" if checkpoint is not None else run
-    model = Autoencoder.from_pretrained(source)
-    model.save_pretrained(out)
+    latest = find_latest_checkpoint(run_dir) if (Path(run_dir) / "checkpoints").is_dir() else None
+    source = latest / "autoencoder" if latest is not None else run_dir
+    return export_run(source, out, data=data, fp16_variant=fp16_variant, max_images=max_images)
+
+
+def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) -> Path:
+    """Encode and decode one image (posterior mean), tiled when `tile` is given; writes a PNG."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kl_autoencoder import Autoencoder
+    from kl_autoencoder.tiling import decode_tiled, encode_tiled
+    from training.data import to_rgb
+
+    model = Autoencoder.from_pretrained(model_path)
+    f = model.config.downsample_factor
+    with Image.open(image) as img:
+        img = to_rgb(img)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    h, w = x.shape[1] // f * f, x.shape[2] // f * f
+    if h == 0 or w == 0:
+        raise ConfigError(f"{image}: smaller than the downsampling factor {f}")
+    x = x[None, :, :h, :w].float() / 127.5 - 1.0
+    with torch.no_grad():
+        if tile:
+            y = decode_tiled(model, encode_tiled(model, x, tile).mode(), tile)
+        else:
+            y = model.decode(model.encode(x).mode())
+    pixels = ((y[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(out, format="PNG")
     return Path(out)
+
+
+def add_latent_commands(sub) -> None:
+    """reconstruct, encode and decode: using a trained model."""
+    p = sub.add_parser("reconstruct", help="encode and decode one image (tiled with --tile) and write a PNG")
+    p.add_argument("image")
+    p.add_argument("--model", required=True, help="a run folder, a checkpoint folder or a diffusers folder")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--tile", type=int, help="tile size in pixels (a multiple of the downsampling factor)")
+
+    p = sub.add_parser("encode", help="write scaled latents of a data set as a datasets folder (load_from_disk)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="a folder (all its images), 'sample' or a hub dataset name")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", type=int, help="resize the shorter side and centre-crop to N (default: own size)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true", help="posterior samples instead of the posterior mean")
+    p.add_argument("--seed", type=int, default=0, help="posterior noise with --sample")
+
+    p = sub.add_parser("decode", help="decode a latent folder written by `kl-ae encode` back to PNG images")
+    p.add_argument("--model", required=True)
+    p.add_argument("--latents", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def run_latent_command(args: argparse.Namespace) -> int:
+    if args.command == "reconstruct":
+        print(f"reconstruction: {reconstruct(args.image, args.model, args.out, args.tile)}")
+    elif args.command == "encode":
+        from eval.latents import encode_dataset
+
+        out = encode_dataset(args.model, args.data, args.out, args.resolution, args.batch_size, args.sample, args.seed)
+        print(f"latents: {out}")
+    else:
+        from eval.latents import decode_dataset
+
+        print(f"images: {decode_dataset(args.model, args.latents, args.out, args.batch_size)}")
+    return 0
 
 
 def add_eval_commands(sub) -> None:
@@ -97,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import add_train_arguments
 
     add_train_arguments(sub.add_parser("train", help="train an autoencoder (re-run the same command to resume)"))
-    p_export = sub.add_parser("export", help="write a diffusers folder from a run's latest checkpoint")
+    p_export = sub.add_parser("export", help="a diffusers folder with measured latent factors and a model card")
     p_export.add_argument("run_dir")
     p_export.add_argument("--out", required=True)
+    p_export.add_argument("--data", help="measure the latent factors on SPEC (default: the run's validation split)")
+    p_export.add_argument("--fp16-variant", action="store_true", help="also write diffusion_pytorch_model.fp16")
+    p_export.add_argument("--max-images", type=int, default=256, help="held-out images to measure (default 256)")
     add_eval_commands(sub)
+    add_latent_commands(sub)
     args = parser.parse_args(argv)
 
     try:
@@ -110,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
             train(config_from_args(args))
         elif args.command == "export":
-            print(f"diffusers folder: {export(args.run_dir, args.out)}")
+            out = export(args.run_dir, args.out, args.data, args.fp16_variant, args.max_images)
+            print(f"diffusers folder: {out}")
+        elif args.command in ("reconstruct", "encode", "decode"):
+            return run_latent_command(args)
         else:
             return run_eval_command(args)
     except (ConfigError, FileNotFoundError) as e:

@@ -175,8 +175,8 @@ class TrainSection:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, resize=128, batch_size=8, repeats=64))
-    loss: LossConfig = field(default_factory=lambda: LossConfig(disc_start=600, disc_norm="group"))
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=lambda: LossConfig(disc_start=900, disc_ramp=300, disc_norm="group"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     train: TrainSection = field(default_factory=TrainSection)
     vq: QuantizerConfig = field(default_factory=QuantizerConfig)  # how a vq model's codebook trains
     out_dir: str = "runs/default"

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from eval.export import export_after_training
 from eval.metrics import reconstruction_metrics
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.export import save_diffusers
@@ -181,8 +182,9 @@ def main(cfg: TrainConfig) -> dict:
         try:
             accelerator.load_state(str(latest))
         except Exception as e:  # truncated or corrupt files, or a checkpoint of another architecture
+            details = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # names the tensors
             raise ConfigError(
-                f"resume: {latest} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                f"resume: {latest} cannot be loaded ({type(e).__name__}: {details[:600]}); "
                 "use another --out, or delete this checkpoint to resume from an older one"
             ) from None
         state = json.loads((latest / checkpoint.STATE_FILE).read_text())
@@ -386,6 +388,7 @@ def main(cfg: TrainConfig) -> dict:
             log(f"stopped at step {step}; checkpoint saved. Re-run the same command to resume.")
         else:
             save_diffusers(weights_for_use(), out / "diffusers")
+            export_after_training(out)  # measured scaling/shift factors, force_upcast, model card
             first, last = history["first_eval"], history["last_eval"]
             log(
                 f"validation PSNR: {first['val/psnr']:.2f} dB at step {first['step']} -> "
