@@ -169,6 +169,8 @@ def _model_card(config: dict, info: dict, run: Path | None, fp16_variant: bool) 
         summary_file = run / "summary.json"
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text())
+            if str(summary.get("lpips", "")).startswith("OFF"):  # say it where a user of the weights reads
+                lines += ["", f"**Trained WITHOUT the LPIPS perceptual loss** ({summary['lpips'][5:]})."]
             lines += ["", "## Validation metrics (summary.json)", "", "```json"]
             keep = {k: summary[k] for k in ("steps", "ema", "lpips", "first_eval", "last_eval") if k in summary}
             lines += [json.dumps(keep, indent=1), "```"]

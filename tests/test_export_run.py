@@ -51,6 +51,7 @@ def test_export_run_measures_factors_and_loads_in_diffusers(run, tmp_path):
         torch.testing.assert_close(vae.decode(model.encode(x).mode()).sample, model.decode(model.encode(x).mode()))
     card = (out / "README.md").read_text()
     assert "scaling_factor" in card and f"{config['scaling_factor']:.6g}" in card and "data:" in card
+    assert "Trained WITHOUT the LPIPS perceptual loss" in card  # the run had loss.lpips=off
     assert not list(out.glob("*.bin"))  # safetensors only
 
     fp16 = AutoencoderKL.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
