@@ -1,4 +1,4 @@
-"""VAE diagnostics as pure functions over latents: moments, rate, active units, distance to the prior.
+"""VAE diagnostics as pure functions over latents: moments, rate, active units, distance to the prior, codebook use.
 
 Per-image quantities (moments, KL per channel, a few latent vectors) are computed batch by batch, so a
 caller can gather them across processes with accelerate's `gather_for_metrics`, and are combined once at
@@ -189,3 +189,51 @@ def prior_distance(vectors: Tensor, stats: dict, max_vectors: int = 1024, seed: 
             f"positions) against {len(vectors)} N(0, I) draws"
         ),
     }
+
+
+def code_histogram(indices: Tensor, num_codes: int) -> Tensor:
+    """Per-image code counts from VQ indices (B, h, w): (B, num_codes) int64, so it can be gathered per image."""
+    b = indices.shape[0]
+    flat = indices.reshape(b, -1).long()
+    counts = torch.zeros(b, num_codes, dtype=torch.long, device=indices.device)
+    return counts.scatter_add_(1, flat, torch.ones_like(flat))
+
+
+def codebook_statistics(counts: Tensor, pixels: float | None = None) -> dict:
+    """Codebook use from the code histogram (K,) over every latent position of a set (all images, all processes).
+
+    usage: fraction of the K codes used at least once; perplexity: exp of the entropy (nats) of the empirical
+    code distribution, between 1 (one code) and K (uniform); dead_codes: codes never used. With `pixels` (the
+    set's total H*W), the code rate in bits per pixel: log2(K) per position (fixed-length indices) and the
+    entropy in bits per position (what an ideal entropy coder of the unigram code distribution would spend).
+    """
+    counts = counts.detach().long().cpu().flatten()
+    k, total = len(counts), int(counts.sum())
+    used = int((counts > 0).sum())
+    p = counts.double() / max(total, 1)
+    entropy = float(torch.special.entr(p).sum())  # nats; 0 log 0 = 0
+    stats = {
+        "num_codes": k,
+        "num_positions": total,
+        "used_codes": used,
+        "usage": used / k,
+        "perplexity": math.exp(entropy),
+        "entropy_bits": entropy / math.log(2),
+        "dead_codes": k - used,
+    }
+    if pixels:
+        stats["bits_per_pixel"] = total * math.log2(k) / pixels
+        stats["entropy_bits_per_pixel"] = total * entropy / math.log(2) / pixels
+    stats["histogram"] = counts.tolist()
+    return stats
+
+
+def codebook_warning(stats: dict, fraction: float = 0.1) -> str | None:
+    """A warning when fewer than `fraction` of the codes the set could have used (min(K, positions)) were used."""
+    possible = min(stats["num_codes"], stats["num_positions"])
+    if stats["used_codes"] >= fraction * possible:
+        return None
+    return (
+        f"codebook collapse: {stats['used_codes']} of {stats['num_codes']} codes used over {stats['num_positions']} "
+        f"latent positions (perplexity {stats['perplexity']:.3g}); most codes are dead"
+    )

@@ -120,17 +120,27 @@ def load_images(cfg: EvalConfig, factor: int) -> EvalImages:
 
 @torch.no_grad()
 def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, inception, cfg: EvalConfig, name: str):
-    """Per-image metrics and latent summaries over the whole set, gathered from every process. (N, ...) each."""
+    """Per-image metrics and latent summaries over the whole set, gathered from every process. (N, ...) each.
+
+    VQ: the per-image code histograms are summed as they are gathered ("code_counts", (1, K)), not kept.
+    """
     gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    vq = model.config.bottleneck == "vq"
     values: dict[str, list[torch.Tensor]] = {}
     ms_ssim_reason = ""
     for x in tqdm(loader, desc=f"eval {name}", disable=not accelerator.is_main_process, dynamic_ncols=True):
         posterior = model.encode(x)
-        x_hat = model.decode(posterior.mode())  # reconstructions from the posterior mode
-        z = posterior.sample(gen)  # statistics and rate describe what the diffusion model is trained on
+        if vq:
+            # reconstructions through the codebook, as model(x); statistics on the latents before quantization,
+            # which LDM diffuses (its VQ decode quantizes, as diffusers' VQModel.decode does)
+            quantized = model.quantize(posterior.latents)
+            x_hat = model.decode(quantized.z_q)
+            z = posterior.latents
+        else:
+            x_hat = model.decode(posterior.mode())  # reconstructions from the posterior mode
+            z = posterior.sample(gen)  # statistics and rate describe what the diffusion model is trained on
         a, b = to_unit(x), to_unit(x_hat)
         count, mean, m2 = diag.channel_moments(z)
-        _, mu_mean, mu_m2 = diag.channel_moments(posterior.mean)
         ms, reason = ms_ssim(a, b)
         ms_ssim_reason = ms_ssim_reason or reason
         n = len(x)
@@ -142,19 +152,25 @@ def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, incepti
             "count": count,
             "z_mean": mean,
             "z_m2": m2,
-            "mu_mean": mu_mean,
-            "mu_m2": mu_m2,
-            "kl": diag.kl_per_channel(posterior.mean, posterior.logvar),
             "pixels": torch.full((n,), float(x.shape[2] * x.shape[3]), dtype=torch.float64, device=x.device),
             "vectors": diag.subsample_positions(z, cfg.vectors_per_image, gen),
         }
+        if vq:
+            row["code_counts"] = diag.code_histogram(quantized.indices, model.config.num_codes)
+        else:
+            _, mu_mean, mu_m2 = diag.channel_moments(posterior.mean)
+            row |= {"mu_mean": mu_mean, "mu_m2": mu_m2, "kl": diag.kl_per_channel(posterior.mean, posterior.logvar)}
         if lpips is not None:
             row["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
         if inception is not None:
             row["inception_real"] = inception_features(inception, a)
             row["inception_fake"] = inception_features(inception, b)
         for key, v in accelerator.gather_for_metrics(row).items():
-            values.setdefault(key, []).append(v.cpu())
+            if key == "code_counts":  # (N, K) per batch would not fit for large codebooks: keep the sum
+                v = v.sum(0, keepdim=True).cpu()
+                values[key] = [values[key][0] + v] if key in values else [v]
+            else:
+                values.setdefault(key, []).append(v.cpu())
     return {k: torch.cat(v) for k, v in values.items()}, ms_ssim_reason
 
 
@@ -181,6 +197,16 @@ def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: st
         why = fid_status if "inception_real" not in values else "needs at least 2 images"
         rec["rfid"] = {"available": False, "reason": why}
     stats = diag.latent_statistics(values["count"], values["z_mean"], values["z_m2"])
+    if "code_counts" in values:  # VQ: codebook use instead of the Gaussian posterior's diagnostics
+        codebook = diag.codebook_statistics(values["code_counts"][0], float(values["pixels"].sum()))
+        warning = diag.codebook_warning(codebook)
+        return {
+            "bottleneck": "vq",
+            "reconstruction": rec,
+            "latents": stats,  # of the latents before quantization: what a diffusion model is trained on
+            "codebook": codebook,
+            "warnings": [warning] if warning else [],
+        }
     positions = values["count"]
     rate = diag.rate_summary(values["kl"], positions, values["pixels"], cfg.kl_threshold)
     burda = diag.burda_active_units(positions, values["mu_mean"], values["mu_m2"], cfg.kl_threshold)
@@ -196,8 +222,11 @@ def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: st
 
 
 @torch.no_grad()
-def figures(model: Autoencoder, images: EvalImages, stats: dict, tag: str, out: Path, cfg: EvalConfig, device):
-    """Reconstruction grid and prior-sample grid of one model (main process); returns {caption: file}."""
+def figures(model: Autoencoder, images: EvalImages, result: dict, tag: str, out: Path, cfg: EvalConfig, device):
+    """Reconstruction grid and prior-sample grid (VQ: random-code grid) of one model (main process).
+
+    Returns {caption key: file}: "recon", and "prior" (KL) or "codes" (VQ).
+    """
     n = min(cfg.grid_images, len(images))
     x = [images[i].to(device) for i in range(n)]
     x_hat = [model(xi[None])[0] for xi in x]
@@ -208,6 +237,20 @@ def figures(model: Autoencoder, images: EvalImages, stats: dict, tag: str, out: 
     # prior samples at the tile size, next to the same images' reconstructions at that size
     gen = torch.Generator().manual_seed(cfg.seed)
     recon = torch.stack([to_unit(model(report.thumbnail(t, size)[None].to(device) * 2 - 1)[0]).cpu() for t in x])
+    if model.config.bottleneck == "vq":
+        # codes drawn independently per position, uniformly over the used codes and from the code histogram
+        counts = torch.tensor(result["codebook"]["histogram"], dtype=torch.float64)
+        if counts.sum() == 0:
+            counts = torch.ones_like(counts)
+        shape = (n, size // factor, size // factor)
+        uniform = torch.multinomial((counts > 0).double(), math.prod(shape), replacement=True, generator=gen)
+        unigram = torch.multinomial(counts, math.prod(shape), replacement=True, generator=gen)
+        rows = [recon]
+        for idx in (uniform, unigram):
+            rows.append(to_unit(model.decode(codes_to_latents(model, idx.view(shape).to(device)))).cpu())
+        report.save_code_grid(*rows, out / f"codes_{tag}.png")
+        return {"recon": f"recon_{tag}.png", "codes": f"codes_{tag}.png"}
+    stats = result["latents"]
     shape = (n, model.config.latent_channels, size // factor, size // factor)
     eps = torch.randn(shape, generator=gen).to(device)
     mean = torch.tensor(stats["latents_mean"], device=device).view(1, -1, 1, 1)
@@ -216,6 +259,14 @@ def figures(model: Autoencoder, images: EvalImages, stats: dict, tag: str, out: 
     aggregate = to_unit(model.decode(eps * std + mean)).cpu()
     report.save_prior_grid(recon, prior, aggregate, out / f"prior_{tag}.png")
     return {"recon": f"recon_{tag}.png", "prior": f"prior_{tag}.png"}
+
+
+def codes_to_latents(model: Autoencoder, indices: torch.Tensor) -> torch.Tensor:
+    """Code indices (B, h, w) -> the quantized latents (B, code_dim, h, w) that `model.decode` takes."""
+    codebook = model.quantize.embedding.weight
+    if model.config.normalize_codes:  # the quantizer looks up (and outputs) unit-norm codes
+        codebook = torch.nn.functional.normalize(codebook, dim=1)
+    return codebook[indices].permute(0, 3, 1, 2).contiguous()
 
 
 def lpips_for_eval(mode: str) -> tuple[torch.nn.Module | None, str]:
@@ -248,11 +299,7 @@ def _load_model(path: str) -> Autoencoder:
         model = Autoencoder.from_pretrained(path)
     except ValueError as e:
         raise ConfigError(f"--model: {path}: {e}") from None
-    if model.config.bottleneck != "kl":
-        # the place for VQ: reconstruction metrics as for KL, then codebook usage, perplexity and dead codes
-        # instead of the rate / active-unit / prior diagnostics, which need a Gaussian posterior
-        raise ConfigError(f"--model: {path} has a {model.config.bottleneck!r} bottleneck; eval supports 'kl' only")
-    return model
+    return model  # KL or VQ: see `collect` and `summarize` for what differs
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -300,16 +347,30 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        figs: dict[str, dict[str, str]] = {"Reconstructions": {}, "Prior samples (holes)": {}}
+        figs: dict[str, dict[str, str]] = {"Reconstructions": {}, "Prior samples (holes)": {}, "Random codes": {}}
         for name, model in models.items():
-            files = figures(model, images, results[name]["latents"], name, out, cfg, device)
+            files = figures(model, images, results[name], name, out, cfg, device)
             figs["Reconstructions"][f"{name}: images, reconstructions, |x - x_hat| x 5"] = files["recon"]
-            figs["Prior samples (holes)"][f"{name}: reconstructions, N(0, I), N(mean, std^2)"] = files["prior"]
-        report.save_kl_bars({n: r["rate"]["kl_per_channel"] for n, r in results.items()}, cfg.kl_threshold,
-                            out / "kl_per_channel.png")  # fmt: skip
+            if "prior" in files:
+                figs["Prior samples (holes)"][f"{name}: reconstructions, N(0, I), N(mean, std^2)"] = files["prior"]
+            else:
+                caption = f"{name}: reconstructions, codes uniform over the used codes, codes from the histogram"
+                figs["Random codes"][caption] = files["codes"]
+        kl_results = {n: r for n, r in results.items() if "rate" in r}
+        vq_results = {n: r for n, r in results.items() if "codebook" in r}
+        if kl_results:
+            report.save_kl_bars({n: r["rate"]["kl_per_channel"] for n, r in kl_results.items()}, cfg.kl_threshold,
+                                out / "kl_per_channel.png")  # fmt: skip
+            figs["Rate per channel"] = {"KL per channel": "kl_per_channel.png"}
+        if vq_results:
+            histograms = {n: r["codebook"]["histogram"] for n, r in vq_results.items()}
+            report.save_code_usage(histograms, out / "code_usage.png")
+            figs["Code usage"] = {"code histogram, and code frequencies ranked": "code_usage.png"}
         report.save_latent_histograms(vectors, out / "latent_hist.png")
-        figs["Rate per channel"] = {"KL per channel": "kl_per_channel.png"}
-        figs["Latent histograms"] = {"posterior samples against N(0, 1)": "latent_hist.png"}
+        what = "posterior samples" if not vq_results else "VQ: latents before quantization" if not kl_results else (
+            "posterior samples (KL), latents before quantization (VQ)")  # fmt: skip
+        figs["Latent histograms"] = {f"{what} against N(0, 1)": "latent_hist.png"}
+        figs = {title: files for title, files in figs.items() if files}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
         header = {"model": cfg.model, "compare": cfg.compare or "-", "data": cfg.data, "images": len(images),
                   "sizes": ", ".join(summary["image_sizes"]), "processes": accelerator.num_processes}  # fmt: skip
@@ -321,12 +382,22 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def print_summary(results: dict, out: Path) -> None:
     for name, r in results.items():
-        rec, rate = r["reconstruction"], r["rate"]
-        print(
-            f"{name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}, rate {rate['bits_per_pixel']:.4g} bits/pixel, "
-            f"{rate['active_channels']}/{len(rate['kl_per_channel'])} active channels, "
-            f"MMD^2 to N(0, I) {r['prior_distance']['mmd2']:.4f}, scaling_factor {r['latents']['scaling_factor']:.5g}"
-        )
+        rec = r["reconstruction"]
+        if "codebook" in r:
+            cb = r["codebook"]
+            print(
+                f"{name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}, codebook usage {cb['usage']:.4g} "
+                f"({cb['used_codes']}/{cb['num_codes']}), perplexity {cb['perplexity']:.4g}, {cb['dead_codes']} dead "
+                f"codes, scaling_factor {r['latents']['scaling_factor']:.5g} (latents before quantization)"
+            )
+        else:
+            rate = r["rate"]
+            print(
+                f"{name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}, rate {rate['bits_per_pixel']:.4g} "
+                f"bits/pixel, {rate['active_channels']}/{len(rate['kl_per_channel'])} active channels, "
+                f"MMD^2 to N(0, I) {r['prior_distance']['mmd2']:.4f}, "
+                f"scaling_factor {r['latents']['scaling_factor']:.5g}"
+            )
         for w in r["warnings"]:
             print(f"WARNING ({name}): {w}")
     print(f"report: {out / 'report.html'}")

@@ -60,6 +60,12 @@ def save_prior_grid(reconstructions: Tensor, prior: Tensor, aggregate: Tensor, p
     _save_grid(torch.cat([reconstructions, prior, aggregate]).clamp(0, 1), len(prior), path)
 
 
+def save_code_grid(reconstructions: Tensor, uniform: Tensor, unigram: Tensor, path: Path) -> None:
+    """VQ's prior grid. Rows: reconstructions; decoded codes uniform over the used codes; decoded codes drawn from
+    the code histogram (each position independently); (n, 3, s, s) in [0, 1]."""
+    _save_grid(torch.cat([reconstructions, uniform, unigram]).clamp(0, 1), len(uniform), path)
+
+
 def _save_grid(tiles: Tensor, nrow: int, path: Path) -> None:
     scale = max(1, MIN_TILE // tiles.shape[-1])  # integer nearest-neighbour enlargement keeps pixels exact
     if scale > 1:
@@ -82,6 +88,35 @@ def save_kl_bars(kl: dict[str, list[float]], threshold: float, path: Path) -> No
     ax.set_ylabel("KL (nats / element)")
     ax.set_xticks(range(channels))
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_code_usage(histograms: dict[str, list[int]], path: Path) -> None:
+    """Code usage of VQ models: counts per code index (left) and code frequencies ranked, log scale (right)."""
+    plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, counts in histograms.items():
+        c = torch.tensor(counts, dtype=torch.float64)
+        k, total = len(c), float(c.sum())
+        axes[0].plot(range(k), c.numpy(), drawstyle="steps-mid", lw=1, alpha=0.8, label=f"{name} ({k} codes)")
+        ranked = c.sort(descending=True).values / max(total, 1.0)
+        used = int((c > 0).sum())
+        axes[1].plot(range(1, used + 1), ranked[:used].numpy(), lw=1.2, label=f"{name}: {used} used")
+        axes[1].axhline(1 / k, lw=0.8, ls="--", color=axes[1].lines[-1].get_color(), label=f"uniform over {k}")
+    axes[0].set_xlabel("code index")
+    axes[0].set_ylabel("count (all latent positions)")
+    axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on a short log range
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("code rank")
+    axes[1].set_ylabel("frequency")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -159,6 +194,14 @@ TABLE_ROWS = [
     ("aggregate vs prior: sum_c KL(N(m_c, s_c^2) || N(0,1))", ("prior_distance", "gaussian_kl_per_vector")),
     ("aggregate vs prior: MMD^2", ("prior_distance", "mmd2")),
     ("standardised aggregate vs prior: MMD^2", ("prior_distance", "mmd2_standardized")),
+    ("VQ: codebook size", ("codebook", "num_codes")),
+    ("VQ: used codes", ("codebook", "used_codes")),
+    ("VQ: codebook usage (fraction used)", ("codebook", "usage")),
+    ("VQ: perplexity (exp entropy of the code histogram)", ("codebook", "perplexity")),
+    ("VQ: dead codes (never used)", ("codebook", "dead_codes")),
+    ("VQ: code entropy (bits / position)", ("codebook", "entropy_bits")),
+    ("VQ: index rate (bits / pixel, log2 K per position)", ("codebook", "bits_per_pixel")),
+    ("VQ: entropy rate (bits / pixel)", ("codebook", "entropy_bits_per_pixel")),
 ]
 
 
@@ -196,13 +239,42 @@ def write_html(path: Path, header: dict, results: dict[str, dict], figures: dict
     names = list(results)
     table = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
     for label, keys in TABLE_ROWS:
+        if all(_lookup(results[n], keys) == "-" for n in names):
+            continue  # a row no model has: the VQ rows for KL models, the rate and prior rows for VQ models
         cells = "".join(f"<td>{_cell(_lookup(results[n], keys))}</td>" for n in names)
         table += f"<tr><th>{html.escape(label)}</th>{cells}</tr>"
     warnings = "".join(
         f'<p class="warn">{html.escape(n)}: {html.escape(w)}</p>' for n in names for w in results[n].get("warnings", [])
     )
     sections = "".join(f"<h2>{html.escape(title)}</h2>{_images(files)}" for title, files in figures.items())
-    estimator = html.escape(results[names[0]]["prior_distance"]["estimator"])
+    kl = [n for n in names if "prior_distance" in results[n]]
+    vq = [n for n in names if "codebook" in results[n]]
+    notes = ""
+    if kl:
+        estimator = html.escape(results[kl[0]]["prior_distance"]["estimator"])
+        start = "KL models: r" if vq else "R"
+        notes += f"<p>{start}econstructions use the posterior mode; latent statistics, rate and the prior comparison "
+        notes += f"""use posterior
+samples. Rates pool the whole set. MMD: {estimator}. The standardised MMD first maps each channel to zero
+mean and unit variance with the aggregate's own moments, so it measures shape rather than scale.</p>
+"""
+    if vq:
+        notes += """<p>VQ models: reconstructions go through the codebook (encode, nearest code, decode). Codebook
+statistics count the code of every latent position of every image (all processes): usage is the fraction of codes
+used at least once, perplexity the exp of the entropy of that histogram (1: one code, K: all codes equally often),
+dead codes the codes never used. Latent statistics (scaling_factor) are of the latents before quantization,
+encode(x).latents, which a latent diffusion model is trained on; diffusers' VQModel.decode quantizes them.
+The rate, active-unit and prior rows need a Gaussian posterior (-: not applicable).</p>
+"""
+    grids = ""
+    if kl:
+        grids += """ Prior grids:
+reconstructions; decoded z ~ N(0, I); decoded z ~ N(aggregate mean, aggregate std^2) per channel. Where the
+middle row is garbage and the last is not, the prior puts mass on holes of the aggregate posterior."""
+    if vq:
+        grids += """ Random-code grids (VQ): reconstructions; codes drawn independently per position,
+uniformly over the codes used on this set; codes drawn from the code histogram. With no spatial prior over the
+codes these are textures, not images: they show what the used codes decode to."""
     Path(path).write_text(
         f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>kl-ae eval</title>
@@ -219,13 +291,8 @@ img {{ max-width: 100%; image-rendering: pixelated; }} figcaption {{ font-size: 
 <h2>Metrics</h2>
 <table>{table}</table>
 {warnings}
-<p>Reconstructions use the posterior mode; latent statistics, rate and the prior comparison use posterior
-samples. Rates pool the whole set. MMD: {estimator}. The standardised MMD first maps each channel to zero
-mean and unit variance with the aggregate's own moments, so it measures shape rather than scale.</p>
-{sections}
-<p>Reconstruction grids: images, reconstructions and |x - x_hat| x {ERROR_GAIN:g} (centre crops). Prior grids:
-reconstructions; decoded z ~ N(0, I); decoded z ~ N(aggregate mean, aggregate std^2) per channel. Where the
-middle row is garbage and the last is not, the prior puts mass on holes of the aggregate posterior.</p>
+{notes}{sections}
+<p>Reconstruction grids: images, reconstructions and |x - x_hat| x {ERROR_GAIN:g} (centre crops).{grids}</p>
 </body></html>
 """
     )

@@ -8,6 +8,8 @@ kl-ae decode --model PATH --latents DIR --out FOLDER
 kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PATH2] [--lpips MODE] ...
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
+kl-ae bench  [--preset kl-f8] [--resolution 128] [--batch-size 2] [--steps N] [--precision fp32|bf16|both]
+             [--what train,codec,data,peak] [--json FILE]
 """
 
 from __future__ import annotations
@@ -160,6 +162,44 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0 if r["passed"] else 1
 
 
+def add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="training-step, codec and data throughput against baselines in the same run")
+    p.add_argument("--preset", default="kl-f8")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians are reported")
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--what", default="train,codec,data,peak", help="comma-separated sections")
+    p.add_argument("--json", help="also write the results to this file")
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import json
+
+    from eval.bench import BenchConfig, format_table, run_bench
+    from kl_autoencoder import PRESETS
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    for name in ("resolution", "batch_size", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    fields = dict(preset=args.preset, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps)
+    try:
+        result = run_bench(BenchConfig(**fields, repeats=args.repeats, precision=args.precision, what=what))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(format_table(result))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kl-ae", description="Train and export latent-diffusion autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--max-images", type=int, default=256, help="held-out images to measure (default 256)")
     add_eval_commands(sub)
     add_latent_commands(sub)
+    add_bench_command(sub)
     args = parser.parse_args(argv)
 
     try:
@@ -188,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"diffusers folder: {out}")
         elif args.command in ("reconstruct", "encode", "decode"):
             return run_latent_command(args)
+        elif args.command == "bench":
+            return run_bench_command(args)
         else:
             return run_eval_command(args)
     except (ConfigError, FileNotFoundError) as e:

@@ -169,6 +169,9 @@ def main(cfg: TrainConfig) -> dict:
     generator, discriminator, opt_g, opt_d, sched_g, sched_d, train_dl, val_dl = accelerator.prepare(
         generator, discriminator, opt_g, opt_d, sched_g, sched_d, train_dl, val_dl
     )
+    if ema is not None:  # the EMA lives where the weights now are
+        ema.to(accelerator.device)
+        ema_model.to(accelerator.device)
     gen_module = accelerator.unwrap_model(generator)  # to reach logvar and the last layer's weight
     last_layer = gen_module.autoencoder.last_layer
     trainable_g = [p for p in generator.parameters() if p.requires_grad]
@@ -187,6 +190,8 @@ def main(cfg: TrainConfig) -> dict:
                 f"resume: {latest} cannot be loaded ({type(e).__name__}: {details[:600]}); "
                 "use another --out, or delete this checkpoint to resume from an older one"
             ) from None
+        if ema is not None:  # accelerate restores custom objects on the CPU
+            ema.to(accelerator.device)
         state = json.loads((latest / checkpoint.STATE_FILE).read_text())
         step, batches_seen, history = state["step"], state["batches_seen"], state["history"]
         if (latest / QUANTIZER_FILE).is_file():  # after load_state: loading weights resets these statistics
