@@ -1,5 +1,10 @@
 """`kl-ae eval`: reconstruction metrics, latent statistics and VAE diagnostics of a trained autoencoder.
 
+KL models: rate, active units and the distance of the aggregate posterior to the prior. VQ models: the same
+reconstruction metrics (through the codebook), then codebook usage, perplexity, dead codes and the code
+histogram over every latent position of the set, and latent statistics of the latents before quantization
+(`encode(x).latents`), which LDM diffuses and diffusers' `VQModel.decode` quantizes.
+
 One pass over the whole image set per model, batched, under plain python or `accelerate launch` (the
 dataloader is sharded and every per-image value goes through `gather_for_metrics`, which drops the
 samples accelerate repeats to even out the last batch). Writes `metrics.json` and `report.html` with
@@ -36,7 +41,7 @@ from training.lpips import BACKBONE_FILES, build_lpips
 
 @dataclass
 class EvalConfig:
-    model: str  # a run folder, a checkpoint folder or a diffusers AutoencoderKL folder
+    model: str  # a run folder, a checkpoint folder or a diffusers AutoencoderKL / VQModel folder
     data: str = "sample"  # a folder (all its images), "sample" or a hub name (their held-out split)
     out: str | None = None  # default <model>/eval
     resolution: int | None = None  # None: each image at its own size (cropped to a multiple of the factor)

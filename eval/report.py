@@ -263,7 +263,8 @@ mean and unit variance with the aggregate's own moments, so it measures shape ra
 statistics count the code of every latent position of every image (all processes): usage is the fraction of codes
 used at least once, perplexity the exp of the entropy of that histogram (1: one code, K: all codes equally often),
 dead codes the codes never used. Latent statistics (scaling_factor) are of the latents before quantization,
-encode(x).latents, which a latent diffusion model is trained on; diffusers' VQModel.decode quantizes them.
+encode(x).latents, which a latent diffusion model is trained on; diffusers' VQModel.decode quantizes them. Its
+config has scaling_factor only: the latent mean is shown for information and is not exported as a shift.
 The rate, active-unit and prior rows need a Gaussian posterior (-: not applicable).</p>
 """
     grids = ""
