@@ -41,20 +41,20 @@ TINY_RUN = ["model.base_channels=16", "model.norm_num_groups=8", "data.resolutio
             "data.batch_size=2", "data.repeats=2"]  # fmt: skip
 
 
-def launch_two_processes(args: list[str], port: int, timeout: int = 600):
-    """`accelerate launch` of `python -m training.train ARGS` as two real CPU processes.
+def launch_two_processes(args: list[str], port: int, module: str = "training.train", env: dict | None = None):
+    """`accelerate launch` of `python -m MODULE ARGS` as two real CPU processes.
 
     `--cpu --num_processes 2` (or a MULTI_CPU config file) silently starts one process; this form starts two.
     """
     import subprocess
     import sys
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", "training.train", *args,
+        "-m", module, *args,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

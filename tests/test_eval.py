@@ -2,10 +2,7 @@
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from eval.metrics import INCEPTION_FILE, build_inception, frechet_distance, ms_s
 from kl_autoencoder import Autoencoder
 from training.cli import main as kl_ae
 
-from .conftest import tiny
+from .conftest import launch_two_processes, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(32, 48), (64, 64), (37, 50)]  # (H, W); 37x50 is not a multiple of 4 or 8 and is centre-cropped
@@ -209,15 +206,8 @@ def test_eval_mistakes_exit_2(tmp_path, models, image_folder, monkeypatch, capsy
 @pytest.mark.slow
 def test_eval_two_processes_gathers_every_image_once(tmp_path, models, image_folder):
     """Three images on two processes: accelerate pads one process's shard; gather_for_metrics drops the copy."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "t")}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-        "-m", "training.cli", "eval", "--model", str(models[0]), "--data", str(image_folder),
-        "--out", str(tmp_path / "two"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["eval", "--model", str(models[0]), "--data", str(image_folder), "--out", str(tmp_path / "two")]
+    launch_two_processes(args, port=29531, module="training.cli", env={"TORCH_HOME": str(tmp_path / "t")})
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_images"] == 3
     assert metrics["reconstruction"]["psnr"] == pytest.approx(reference_psnr(models[0], image_folder), abs=1e-3)

@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ from eval.diagnostics import code_histogram, codebook_statistics, codebook_warni
 from kl_autoencoder import Autoencoder
 from training.cli import main as kl_ae
 
-from .conftest import tiny
+from .conftest import launch_two_processes, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CODES = 16
@@ -145,15 +142,18 @@ def test_eval_vq_model_with_a_kl_compare(tmp_path, vq_model, kl_model, images, m
 @pytest.mark.slow
 def test_eval_vq_two_processes_counts_every_position_once(tmp_path, vq_model, images):
     """Three images on two processes: the padded copy is dropped from the code histogram too."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "t")}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-        "-m", "training.cli", "eval", "--model", str(vq_model), "--data", str(images), "--out", str(tmp_path / "two"),
-        "--batch-size", "1",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = [
+        "eval",
+        "--model",
+        str(vq_model),
+        "--data",
+        str(images),
+        "--out",
+        str(tmp_path / "two"),
+        "--batch-size",
+        "1",
+    ]
+    launch_two_processes(args, port=29533, module="training.cli", env={"TORCH_HOME": str(tmp_path / "t")})
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_images"] == 3
     counts, psnr, _ = reference(vq_model, images)
