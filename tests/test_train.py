@@ -145,3 +145,19 @@ def test_two_process_cpu_run_keeps_replicas_identical(tmp_path):
     assert summary["replicas_identical"] is True
     assert "train/d_loss" in read_jsonl(out / "metrics.jsonl")[-1]
     assert "2 process(es)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_covers_both_models(tmp_path):
+    """grad_accum=2: one optimizer step per two batches, for the autoencoder and the discriminator alike."""
+    from training.config import load_config
+    from training.train import main
+
+    out = tmp_path / "accum"
+    cfg = load_config(None, [*TINY, f"out_dir={out}", "train.max_steps=3", "train.grad_accum=2", "loss.disc_start=1"])
+    summary = main(cfg)
+    assert summary["steps"] == 3
+    state = json.loads((out / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
+    assert state["batches_seen"] == 6
+    d_state = torch.load(out / "checkpoints" / "step_0000003" / "optimizer_1.bin", weights_only=True)["state"]
+    assert all(int(s["step"]) == 2 for s in d_state.values())  # D stepped at steps 2 and 3 (disc_start=1)
