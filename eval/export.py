@@ -229,12 +229,21 @@ def export_run(
     return out
 
 
+def latest_weights(path: str | Path) -> Path:
+    """A run folder -> its latest complete checkpoint's `autoencoder/` (the EMA weights); anything else as is."""
+    from training.checkpoint import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(path) if (Path(path) / "checkpoints").is_dir() else None
+    return latest / "autoencoder" if latest is not None else Path(path)
+
+
 def export_after_training(run: str | Path, fp16_variant: bool = False) -> Path:
-    """What `training/train.py` calls at the end of a run: `<run>/diffusers` rewritten with measured factors."""
+    """What `training/train.py` calls at the end of a run: `<run>/diffusers` from the final checkpoint's
+    weights, with measured factors, force_upcast and a model card."""
     run = Path(run)
     tmp = run / ".diffusers_export"
     shutil.rmtree(tmp, ignore_errors=True)
-    export_run(run / "diffusers", tmp, fp16_variant=fp16_variant)
+    export_run(latest_weights(run), tmp, fp16_variant=fp16_variant)
     shutil.rmtree(run / "diffusers", ignore_errors=True)
     os.replace(tmp, run / "diffusers")
     return run / "diffusers"

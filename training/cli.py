@@ -25,12 +25,9 @@ from training.config import ConfigError
 def export(run_dir: str, out: str, data: str | None = None, fp16_variant: bool = False, max_images: int = 256) -> Path:
     """A complete diffusers folder (measured latent factors, force_upcast, model card) from a run's latest
     checkpoint (its EMA weights), or from a checkpoint or diffusers folder."""
-    from eval.export import export_run
-    from training.checkpoint import find_latest_checkpoint
+    from eval.export import export_run, latest_weights
 
-    latest = find_latest_checkpoint(run_dir) if (Path(run_dir) / "checkpoints").is_dir() else None
-    source = latest / "autoencoder" if latest is not None else run_dir
-    return export_run(source, out, data=data, fp16_variant=fp16_variant, max_images=max_images)
+    return export_run(latest_weights(run_dir), out, data=data, fp16_variant=fp16_variant, max_images=max_images)
 
 
 def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) -> Path:

@@ -392,7 +392,7 @@ def main(cfg: TrainConfig) -> dict:
         if interrupted:
             log(f"stopped at step {step}; checkpoint saved. Re-run the same command to resume.")
         else:
-            save_diffusers(weights_for_use(), out / "diffusers")
+            # the checkpoint of the last step holds these weights: exported from there, written once
             export_after_training(out)  # measured scaling/shift factors, force_upcast, model card
             first, last = history["first_eval"], history["last_eval"]
             log(
