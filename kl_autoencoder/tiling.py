@@ -157,9 +157,9 @@ def _tiled(
         for top in rows:
             for left in cols:
                 y = fn(x[:, :, top : top + tile, left : left + tile])  # (B, C_out, th * num / den, tw * num / den)
-                if out is None:
-                    out = y.new_zeros(*y.shape[:2], H * num // den, W * num // den)
-                    weight = y.new_zeros(1, 1, *out.shape[2:])
+                if out is None:  # blended in fp32 whatever the tiles' precision
+                    out = y.new_zeros(*y.shape[:2], H * num // den, W * num // den, dtype=torch.float32)
+                    weight = y.new_zeros(1, 1, *out.shape[2:], dtype=torch.float32)
                 th, tw = y.shape[2:]
                 wy = _ramp(th, ramp, top > 0, top + tile < H, y.device, y.dtype)
                 wx = _ramp(tw, ramp, left > 0, left + tile < W, y.device, y.dtype)
@@ -167,7 +167,7 @@ def _tiled(
                 oy, ox = top * num // den, left * num // den
                 out[:, :, oy : oy + th, ox : ox + tw] += y * w
                 weight[:, :, oy : oy + th, ox : ox + tw] += w
-    return out / weight
+    return (out / weight).to(y.dtype)
 
 
 def _check(name: str, tile: int, overlap: int, factor: int) -> None:

@@ -18,11 +18,16 @@ def _numbers(d: dict, prefix: str = ""):
 def test_bench_tiny(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "--preset", "tiny", "--resolution", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1"]
-    assert main([*argv, "--precision", "bf16", "--json", str(out)]) == 0
+    tiled = ["--tiled-sizes", "64,96", "--tile", "32", "--overlap", "8"]
+    what = ["--what", "train,peak,codec,data,tiled"]
+    assert main([*argv, *what, *tiled, "--precision", "bf16", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    for section in ("train", "peak", "codec", "data"):
+    for section in ("train", "peak", "codec", "data", "tiled"):
         assert section in result, section
-    assert {"speedup_gan", "speedup_nogan", "ours_gan_img_s", "baseline_gan_img_s"} <= set(result["train"]["bf16"])
+    keys = {"ours_gan_img_s", "reference_gan_img_s", "fixed_gan_img_s", "speedup_gan_vs_reference",
+            "speedup_gan_vs_fixed", "speedup_nogan_vs_fixed"}  # fmt: skip
+    assert keys <= set(result["train"]["bf16"])
+    assert set(result["tiled"]) == {"tiled_64", "tiled_96", "untiled_64", "settings"}
     assert 0 < result["peak"]["bf16"]["fraction_of_gemm_peak"]
     assert result["codec"]["max_abs_diff_fp32"] <= 1e-4
     for name, value in _numbers({k: v for k, v in result.items() if k != "config"}):

@@ -95,19 +95,21 @@ def test_schedules():
     assert [kl_anneal(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
 
 
-def test_adaptive_weight_equals_hand_computation():
+def test_adaptive_weight_equals_ldm_computation():
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(3, 3, 3, padding=1)
     x = torch.randn(2, 3, 8, 8)
     out = layer(x)
     nll = (out - x).abs().sum()
     g = -(out**2).mean()
-    w = adaptive_weight(nll, g, layer.weight)
+    grad_nll, grad_g = (torch.autograd.grad(t, out, retain_graph=True)[0] for t in (nll, g))
+    w = adaptive_weight(out, grad_nll, grad_g, layer.weight)
+    # LDM: each loss backpropagated to the last layer's weight
     g1 = torch.autograd.grad(nll, layer.weight, retain_graph=True)[0]
     g2 = torch.autograd.grad(g, layer.weight, retain_graph=True)[0]
     assert torch.allclose(w, g1.norm() / (g2.norm() + 1e-4))
     assert not w.requires_grad
-    assert adaptive_weight(nll, 1e-12 * g, layer.weight).item() == pytest.approx(1e4)  # clamped
+    assert adaptive_weight(out, grad_nll, 1e-12 * grad_g, layer.weight).item() == pytest.approx(1e4)  # clamped
 
 
 # ----------------------------------------------------------------------------- gradient flow through the step
@@ -204,3 +206,41 @@ def test_no_discriminator_before_disc_start(parts):
     assert factor == 0.0 and not calls and "train/g_adv" not in logs
     generator_objective(x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, cfg, 5)
     assert calls
+
+
+@pytest.mark.parametrize("vq", [False, True], ids=["kl", "vq"])
+def test_adversarial_objective_has_the_gradients_of_ldm_loss(parts, vq):
+    """The objective hands d loss / d recon to the decoder instead of backpropagating through LPIPS and D twice:
+    every parameter gradient (encoder, decoder, learned logvar) must equal that of LDM's loss, written out."""
+    gen, disc, lpips, x, loss_cfg = parts
+    if vq:
+        torch.manual_seed(0)
+        gen = Generator(Autoencoder(dataclasses.replace(PRESETS["tiny-vq"], base_channels=8, norm_num_groups=4)),
+                        learn_logvar=True, logvar_init=0.0)  # fmt: skip
+        gen.autoencoder.quantize.embedding.weight.requires_grad_(True)
+    cfg = dataclasses.replace(loss_cfg, disc_ramp=4, disc_weight=0.7, codebook_weight=1.0)
+    gen.train()
+    torch.manual_seed(1)
+    recon, post = gen(x)
+    last = gen.autoencoder.last_layer
+    loss, logs, factor = generator_objective(x, recon, post, gen.logvar, lpips, disc, last, cfg, 1)
+    assert 0 < factor < 1
+    params = [p for p in gen.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    # LDM's way, on the same forward
+    error = (x - recon).abs() + lpips(x, recon).view(-1, 1, 1, 1)
+    nll = nll_loss(error, gen.logvar, "l1", "sum")[0]
+    rest = post.loss if vq else 1e-6 * kl_loss(post.mean, post.logvar, "sum")[0]
+    g_adv = generator_adv_loss(disc(recon), cfg.gan_loss)
+    g1, g2 = (torch.autograd.grad(t, last, retain_graph=True)[0] for t in (nll, g_adv))
+    d_weight = (g1.norm() / (g2.norm() + 1e-4)).clamp(0, 1e4).detach() * cfg.disc_weight
+    reference = nll + rest + d_weight * factor * g_adv
+    theirs = torch.autograd.grad(reference, params, allow_unused=True)
+    assert logs["train/loss"].item() == pytest.approx(reference.item(), rel=1e-5)
+    assert logs["train/d_weight"].item() == pytest.approx(d_weight.item(), rel=1e-5)
+    assert all((a is None) == (b is None) for a, b in zip(ours, theirs, strict=True))
+    a = torch.cat([g.flatten() for g in ours if g is not None])
+    b = torch.cat([g.flatten() for g in theirs if g is not None])
+    assert a.numel() >= 0.9 * sum(p.numel() for p in params)  # encoder, decoder, logvar (not an EMA codebook)
+    # equal up to fp32 summation order (biases before a GroupNorm have a gradient of ~0 plus rounding)
+    assert (a - b).norm() <= 1e-5 * b.norm() and (a - b).abs().max() <= 1e-5 * b.abs().max()

@@ -164,10 +164,11 @@ def nan_data(monkeypatch, start, stop):
     monkeypatch.setattr(train_module, "build_datasets", patched)
 
 
-def test_guarded_step_leaves_weights_and_optimizer_untouched():
+@pytest.mark.parametrize("fused", [True, False])
+def test_guarded_step_leaves_weights_and_optimizer_untouched(fused):
     accelerator = Accelerator(cpu=True)
     layer = torch.nn.Linear(4, 4)
-    opt = accelerator.prepare(torch.optim.AdamW(layer.parameters(), lr=0.1))
+    opt = accelerator.prepare(torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused))
     layer(torch.randn(2, 4)).sum().backward()
     assert guarded_step(accelerator, opt, list(layer.parameters()), 1.0, fp16=False)[0]
     before = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -188,7 +189,10 @@ def test_nan_batch_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
     model = Autoencoder.from_pretrained(tmp_path / "nan")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["nonfinite_steps"] == 1 and all(r["train/loss"] == r["train/loss"] for r in rows)
+    assert rows[-1]["nonfinite_steps"] == 1
+    # logged means leave skipped steps out: the skipped step's own line (log_every=1) has no losses, none is NaN
+    assert [r["step"] for r in rows if "train/loss" not in r] == [2]
+    assert all(r["train/loss"] == r["train/loss"] for r in rows if "train/loss" in r)
 
 
 @pytest.mark.slow
@@ -199,9 +203,12 @@ def test_too_many_nonfinite_steps_stop_with_checkpoint_intact(tmp_path, monkeypa
                   "train.max_nonfinite=3"])  # fmt: skip
     assert code == 1
     err = capsys.readouterr().err
-    assert "3 non-finite steps in a row at step 2" in err and "step_0000002" in err
-    assert (out / "checkpoints" / "latest").read_text() == "step_0000002"
-    assert Autoencoder.from_pretrained(out / "checkpoints" / "step_0000002") is not None
+    # steps 3, 4, 5 are skipped; the guard is read at each checkpoint, so the run stops at step 5 without saving it
+    assert "3 non-finite steps in a row by step 5" in err and "step_0000004" in err
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000004"
+    good = Autoencoder.from_pretrained(out / "checkpoints" / "step_0000002").state_dict()
+    after = Autoencoder.from_pretrained(out / "checkpoints" / "step_0000004").state_dict()
+    assert all(torch.equal(good[k], after[k]) for k in good)  # skipped steps changed nothing
 
 
 @pytest.mark.slow
@@ -233,3 +240,18 @@ def test_two_processes_gather_validation_from_both(tmp_path):
     double = json.loads((out / "summary.json").read_text())
     assert double["num_processes"] == 2 and double["first_eval"]["val/images"] == single["val/images"] == 2
     assert double["first_eval"]["val/psnr"] == pytest.approx(single["val/psnr"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_run_computes_the_same_losses_and_keeps_the_state_dict_names(tmp_path, capsys):
+    fp32 = ["train.mixed_precision=no", "model.base_channels=8"]
+    run(tmp_path / "eager", 2, *fp32)
+    run(tmp_path / "compiled", 2, *fp32, "train.compile=true")
+    assert "torch.compile: encoder and decoder" in capsys.readouterr().out
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("eager", "compiled")}  # fmt: skip
+    for a, b in zip(rows["eager"], rows["compiled"], strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
+    # the checkpoint loads strictly into an uncompiled model, and the run resumes without compiling
+    Autoencoder.from_pretrained(tmp_path / "compiled" / "checkpoints" / "step_0000002")
+    assert run(tmp_path / "compiled", 3, *fp32)["steps"] == 3

@@ -158,6 +158,7 @@ class TrainSection:
     ema_decay: float = 0.999  # the cap; the decay warms up as 1 - (1 + step)^(-2/3)
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     trainable: Literal["all", "decoder"] = "all"  # decoder: fine-tune the decoder only (SD ft-EMA/ft-MSE)
+    compile: bool = False  # torch.compile the encoder and decoder (the first steps pay for the compilation)
 
     def validate(self) -> None:
         for key in ("max_steps", "grad_accum", "log_every", "sample_every", "checkpoint_every", "eval_every"):

@@ -117,10 +117,17 @@ def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, kind: str = "hi
     return loss, logs
 
 
-def adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """LDM's balance ||grad nll|| / (||grad g_loss|| + 1e-4) on the decoder's last layer, in fp32, detached."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+def adaptive_weight(
+    recon: Tensor, grad_nll: Tensor, grad_adv: Tensor, last_layer: Tensor, max_weight: float = 1e4
+) -> Tensor:
+    """LDM's balance ||d nll / dW|| / (||d g_loss / dW|| + 1e-4) on the decoder's last layer W, in fp32, detached.
+
+    Takes the two losses' gradients with respect to the reconstruction (the output of the layer owning W):
+    their gradients at W then need only that layer's weight backward, not a second pass through LPIPS and the
+    discriminator as in LDM, which backpropagates each loss to W.
+    """
+    nll_grad = torch.autograd.grad(recon, last_layer, grad_nll, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(recon, last_layer, grad_adv, retain_graph=True)[0]
     weight = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
@@ -41,7 +40,16 @@ from training.config import ConfigError, TrainConfig, load_config, save_config
 from training.data import build_datasets, read_skipped
 from training.discriminator import PatchDiscriminator
 from training.lpips import build_lpips
-from training.step import Generator, discriminator_objective, generator_objective, guarded_step, replicas_identical
+from training.step import (
+    Generator,
+    GuardedEMA,
+    NonFiniteGuard,
+    adamw,
+    discriminator_objective,
+    generator_objective,
+    guarded_step,
+    replicas_identical,
+)
 
 QUANTIZER_FILE = "quantizer.pt"
 
@@ -125,7 +133,7 @@ def main(cfg: TrainConfig) -> dict:
         lpips = lpips.to(accelerator.device)
     ema = None
     if cfg.train.ema:
-        ema = EMAModel(autoencoder.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True)
+        ema = GuardedEMA(autoencoder.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True)
         ema_model = copy.deepcopy(autoencoder).eval().requires_grad_(False)  # what validation and export use
         accelerator.register_for_checkpointing(ema)
     set_seed(cfg.train.seed, device_specific=True)  # different posterior noise per process
@@ -156,14 +164,19 @@ def main(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     train_ds.skip_log = val_ds.skip_log = out / "skipped.txt"  # every process lists the files it had to skip
 
+    if cfg.train.compile:  # after the EMA copy; compiled in place, so state dict names stay the same
+        for module in (autoencoder.encoder, autoencoder.decoder):
+            module.compile()
+        log("torch.compile: encoder and decoder (compiling during the first steps)")
+
     # --- optimizers
     lr, disc_lr = cfg.optim.lr, cfg.optim.disc_lr or cfg.optim.lr
     if cfg.optim.scale_lr:
         scale = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
         lr, disc_lr = lr * scale, disc_lr * scale
     adam = dict(betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=lr, **adam)
-    opt_d = torch.optim.AdamW(discriminator.parameters(), lr=disc_lr, **adam)
+    opt_g = adamw([p for p in generator.parameters() if p.requires_grad], lr=lr, **adam)
+    opt_d = adamw(discriminator.parameters(), lr=disc_lr, **adam)
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup_schedule(cfg.optim.warmup_steps))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup_schedule(cfg.optim.warmup_steps))
     generator, discriminator, opt_g, opt_d, sched_g, sched_d, train_dl, val_dl = accelerator.prepare(
@@ -274,8 +287,26 @@ def main(cfg: TrainConfig) -> dict:
     loss_cfg = cfg.loss
     metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
     images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
+    # nothing in a step waits for the device: skipped steps and the logged means are counted there, and read
+    # at logging and checkpoint steps
     running: dict[str, torch.Tensor] = {}
-    n_running, nonfinite_in_a_row, interrupted = 0, 0, False
+    n_good = torch.zeros((), device=accelerator.device)
+    all_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    guard = NonFiniteGuard(accelerator.device)
+    interrupted = False
+
+    def check_guard() -> None:
+        new, longest = guard.check()
+        if new:
+            history["nonfinite_steps"] += new
+            log(f"WARNING: {new} step(s) with non-finite loss or gradients skipped by step {step}")
+        if longest >= cfg.train.max_nonfinite:
+            last = find_latest_checkpoint(out)
+            raise NonFiniteError(
+                f"{longest} non-finite steps in a row by step {step}; stopping. Last good checkpoint: "
+                f"{last or 'none'} (skipped steps leave the weights untouched). Lower optim.lr or check the data"
+            )
+
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     # the bar is a context too: an error message then starts on a line of its own
     t_start = t_log = time.perf_counter()
@@ -295,61 +326,55 @@ def main(cfg: TrainConfig) -> dict:
                         no_sync=lambda: accelerator.no_sync(discriminator),
                     )  # fmt: skip
                     accelerator.backward(loss)
-                    ok = True
+                    ok = all_ok
                     if accelerator.sync_gradients:
                         ok, logs["train/grad_norm"] = guarded_step(
                             accelerator, opt_g, trainable_g, cfg.optim.grad_clip, fp16
                         )
-                    if factor > 0 and ok:
+                    if factor > 0:  # a non-finite batch is skipped by each optimizer on its own
                         d_loss, d_logs = discriminator_objective(x, recon, discriminator, loss_cfg, factor)
                         accelerator.backward(d_loss)
                         if accelerator.sync_gradients:
                             d_ok, _ = guarded_step(
                                 accelerator, opt_d, list(discriminator.parameters()), cfg.optim.grad_clip, fp16
                             )
-                            ok = ok and d_ok
+                            ok = ok & d_ok
                         logs |= d_logs
-                    logs["train/loss"] = loss.detach()
                 if not accelerator.sync_gradients:
                     continue
-                if not ok:  # weights and optimizer state untouched; the step does not count
-                    history["nonfinite_steps"] += 1
-                    nonfinite_in_a_row += 1
-                    log(f"WARNING: non-finite loss or gradients at step {step}: step skipped")
-                    if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                        last = find_latest_checkpoint(out)
-                        raise NonFiniteError(
-                            f"{nonfinite_in_a_row} non-finite steps in a row at step {step}; stopping. Last good "
-                            f"checkpoint: {last or 'none'}. Lower optim.lr or check the data"
-                        )
-                    continue
-                nonfinite_in_a_row = 0
+                guard.update(ok)  # a skipped step counts as a step; its weights and optimizer state are untouched
                 sched_g.step()
                 if factor > 0:
                     sched_d.step()
                 if ema is not None:
-                    ema.step(gen_module.autoencoder.parameters())
+                    ema.step(gen_module.autoencoder.parameters(), keep=ok)
                 step += 1
                 bar.update(1)
                 for k, v in logs.items():
-                    running[k] = running.get(k, 0.0) + v.detach().float()
-                n_running += 1
+                    running[k] = running.get(k, 0.0) + torch.where(ok, v.detach().float(), 0.0)
+                n_good += ok
 
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    check_guard()
                     now = time.perf_counter()
-                    record = {k: (v / n_running).item() for k, v in running.items()}
+                    values = torch.stack([n_good, *running.values()]).tolist()  # one sync per log line
+                    good = values[0]
+                    record = {k: v / good for k, v in zip(running, values[1:])} if good else {}
+                    record["train/disc_factor"] = factor
                     record["lr"] = sched_g.get_last_lr()[0]
                     record["img_per_s"] = (step - steps_at_log) * images_per_step / (now - t_log)
                     record["nonfinite_steps"] = history["nonfinite_steps"]
-                    running, n_running, t_log, steps_at_log = {}, 0, now, step
+                    running, t_log, steps_at_log = {}, now, step
+                    n_good.zero_()
                     accelerator.log(record, step=step)
                     if metrics_file is not None:
                         metrics_file.write(json.dumps({"step": step, **record}) + "\n")
                         metrics_file.flush()
                     rec = record.get("train/l1", record.get("train/l2", 0.0))
                     bar.set_postfix(
-                        loss=f"{record['train/loss']:.4g}", rec=f"{rec:.4f}", img_s=f"{record['img_per_s']:.1f}"
-                    )
+                        loss=f"{record.get('train/loss', float('nan')):.4g}", rec=f"{rec:.4f}",
+                        img_s=f"{record['img_per_s']:.1f}",
+                    )  # fmt: skip
                     if accelerator.num_processes > 1:  # agree on a stop request, so all save together
                         flag = torch.tensor(float(stop.requested), device=accelerator.device)
                         stop.requested = accelerator.reduce(flag, "sum").item() > 0
@@ -362,6 +387,7 @@ def main(cfg: TrainConfig) -> dict:
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or interrupted:
                     history["wall_s"] += time.perf_counter() - t_start
                     t_start = time.perf_counter()
+                    check_guard()  # stop before saving when the limit is reached; the last checkpoint stays
                     save_checkpoint()
                 if step >= cfg.train.max_steps or interrupted:
                     break

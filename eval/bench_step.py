@@ -1,0 +1,287 @@
+"""The training-step half of `kl-ae bench`: our step against reference-style loops, and its FLOP/s against a
+GEMM peak measured in the same run.
+
+Our step is `training/train.py`'s: ONE autoencoder forward feeds the generator update and then the discriminator
+update (the D sees the detached reconstruction), the adversarial weight computed with LPIPS and D differentiated
+once, fused AdamW, a fused EMA, no host synchronisation. The baselines are the loop of diffusers'
+`train_autoencoderkl.py` (the reference the project grew from), with our weights in diffusers' `AutoencoderKL`,
+`lpips.LPIPS`, the same PatchGAN, `torch.optim.AdamW` and diffusers' `EMAModel` at their defaults, the same
+losses and the same precision (bf16 autocast over fp32 weights): G and D alternate by step parity, and every
+call runs the autoencoder forward.
+
+- `reference`: as that script runs it. The forward keeps its graph on the D call too, and the D loss is taken on
+  the reconstructions without detaching them, so its backward runs through the whole autoencoder (the script then
+  applies those gradients in its next G step; here they are dropped so both loops optimise the same losses); D
+  is not frozen in the G call; the EMA steps after every call; the logged values are read with `.item()`.
+- `fixed`: what a careful user writes after it: the D call's forward under `no_grad` and detached, D frozen in
+  the G call, the EMA stepped after G calls only.
+
+Both baselines run LPIPS WITH gradients (the script wraps it in `no_grad`, so it trains without a perceptual
+gradient: not the same loss) and keep fp32 weights (the script casts them to bf16, where small updates vanish).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from eval.bench import BenchConfig
+
+BASELINES = ("reference", "fixed")
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def interleaved(fns: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turns after one untimed warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[k].append((time.perf_counter() - t) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class _Single:
+    """What `guarded_step` needs of an Accelerator, for one process without one."""
+
+    clip_grad_norm_ = staticmethod(torch.nn.utils.clip_grad_norm_)
+
+
+def images(resolution: int, batch: int, seed: int) -> torch.Tensor:
+    """Smooth random images in [-1, 1] (B, 3, H, W): cheaper than decoding files, not constant."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 3, max(resolution // 8, 1), max(resolution // 8, 1), generator=g)
+    x = torch.nn.functional.interpolate(low, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return (x * 2 - 1).clamp(-1, 1)
+
+
+def model_pair(preset: str, seed: int):
+    """Our autoencoder and diffusers' AutoencoderKL holding identical weights, both fp32."""
+    from diffusers import AutoencoderKL
+
+    from kl_autoencoder import PRESETS, Autoencoder
+    from kl_autoencoder.export import to_diffusers_config, to_diffusers_state_dict
+
+    torch.manual_seed(seed)
+    ours = Autoencoder(PRESETS[preset])
+    theirs = AutoencoderKL(**to_diffusers_config(ours.config))
+    theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
+    return ours, theirs
+
+
+def lpips_random():
+    from training.lpips import LPIPS
+
+    return LPIPS(net="vgg", random_backbone=True)
+
+
+def _disc(seed: int):
+    from training.discriminator import PatchDiscriminator
+
+    torch.manual_seed(seed + 1)
+    return PatchDiscriminator(norm="group")  # the default recipe's discriminator
+
+
+def our_step_fn(autoencoder, x: torch.Tensor, bf16: bool, gan: bool, lpips, ema: bool = True):
+    """One step of OUR trainer (training/train.py), with the default recipe's EMA."""
+    from training.config import LossConfig
+    from training.step import (
+        Generator,
+        GuardedEMA,
+        adamw,
+        discriminator_objective,
+        generator_objective,
+        guarded_step,
+    )
+
+    loss_cfg = LossConfig(disc_start=0 if gan else 10**9, disc_norm="group")
+    gen = Generator(autoencoder, learn_logvar=False, logvar_init=0.0).train()
+    disc = _disc(0).train()
+    params_g = [p for p in gen.parameters() if p.requires_grad]
+    opt_g = adamw(params_g, lr=1e-4, betas=(0.5, 0.9))
+    opt_d = adamw(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    average = GuardedEMA(autoencoder.parameters(), decay=0.999, use_ema_warmup=True) if ema else None
+
+    def step() -> None:
+        with autocast(bf16):
+            recon, posterior = gen(x)
+            loss, _, factor = generator_objective(
+                x, recon, posterior, gen.logvar, lpips, disc, autoencoder.last_layer, loss_cfg, step=1
+            )
+        loss.backward()
+        ok, _ = guarded_step(_Single, opt_g, params_g, 1.0, False)
+        if factor > 0:
+            with autocast(bf16):
+                d_loss, _ = discriminator_objective(x, recon, disc, loss_cfg, factor)
+            d_loss.backward()
+            d_ok, _ = guarded_step(_Single, opt_d, list(disc.parameters()), 1.0, False)
+            ok = ok & d_ok
+        if average is not None:
+            average.step(autoencoder.parameters(), keep=ok)
+
+    return step
+
+
+def baseline_step_fn(vae, x: torch.Tensor, bf16: bool, gan: bool, variant: str = "fixed", ema: bool = True):
+    """One call of the reference-style loop (see the module docstring): with the GAN, even calls update G and
+    odd calls update D; without it, every call updates G."""
+    import lpips as lpips_pkg
+    from diffusers.training_utils import EMAModel
+
+    if variant not in BASELINES:
+        raise ValueError(f"unknown baseline {variant!r}; choose from {BASELINES}")
+    faithful = variant == "reference"
+    lp = lpips_pkg.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)
+    disc = _disc(0).train()
+    vae.train()
+    opt_g = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    average = EMAModel(vae.parameters(), decay=0.999, use_ema_warmup=True) if ema else None
+    last_layer = vae.decoder.conv_out.weight
+    B = x.shape[0]
+    calls = [0]
+
+    def step() -> None:
+        d_turn = gan and calls[0] % 2 == 1
+        calls[0] += 1
+        graph = contextlib.nullcontext() if faithful or not d_turn else torch.no_grad()
+        with autocast(bf16), graph:
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        if d_turn:
+            with autocast(bf16):
+                real, fake = disc(x).float(), disc(recon if faithful else recon.detach()).float()
+                d_loss = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+            d_loss.backward()  # reference: through the autoencoder as well
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)
+            logs = (d_loss, real.mean(), fake.mean())
+        else:
+            with autocast(bf16):
+                rec = (x.float() - recon.float()).abs() + lp(x, recon).float()
+                nll = rec.sum() / B
+                loss = nll + 1e-6 * posterior.kl().sum() / B
+                logs = (loss, nll, rec.mean())
+                if gan:
+                    disc.requires_grad_(faithful)
+                    g_loss = -disc(recon).float().mean()
+                    g1 = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+                    g2 = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+                    d_weight = (g1.norm() / (g2.norm() + 1e-4)).clamp(0.0, 1e4).detach() * 0.5
+                    loss = loss + d_weight * g_loss
+                    logs += (d_weight, g_loss)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            disc.requires_grad_(True)
+            opt_d.zero_grad(set_to_none=True)  # reference: D's gradients from the G loss
+        if average is not None and (faithful or not d_turn):
+            average.step(vae.parameters())
+        if faithful:
+            [t.item() for t in logs]
+
+    return step
+
+
+def bench_train(cfg: BenchConfig, precisions: list[str]) -> dict:
+    """img/s with G and D both updated for every image: ours = B / step, a baseline = B / (G call + D call)."""
+    ours_ae, vae = model_pair(cfg.preset, cfg.seed)
+    x = images(cfg.resolution, cfg.batch_size, cfg.seed)
+    lpips = lpips_random()
+    out = {}
+    for prec in precisions:
+        bf16 = prec == "bf16"
+        fns = {
+            "ours_gan": our_step_fn(ours_ae, x, bf16, True, lpips),
+            "ours_nogan": our_step_fn(ours_ae, x, bf16, False, lpips),
+            "fixed_nogan": baseline_step_fn(vae, x, bf16, False, "fixed"),
+        }
+        for variant in BASELINES:
+            # G and D calls alternate, so time them in pairs: 2 calls = one G and one D update per image
+            call = baseline_step_fn(vae, x, bf16, True, variant)
+            fns[f"{variant}_gan"] = lambda call=call: (call(), call())
+        s = interleaved(fns, cfg.steps, cfg.repeats)
+        B = cfg.batch_size
+        row = {"ours_gan_ms_per_step": 1e3 * s["ours_gan"], "ours_gan_img_s": B / s["ours_gan"]}
+        for variant in BASELINES:
+            row[f"{variant}_gan_ms_per_g_and_d_call"] = 1e3 * s[f"{variant}_gan"]
+            row[f"{variant}_gan_img_s"] = B / s[f"{variant}_gan"]
+            row[f"speedup_gan_vs_{variant}"] = s[f"{variant}_gan"] / s["ours_gan"]
+        row["ours_nogan_img_s"] = B / s["ours_nogan"]
+        row["fixed_nogan_img_s"] = B / s["fixed_nogan"]
+        row["speedup_nogan_vs_fixed"] = s["fixed_nogan"] / s["ours_nogan"]
+        out[prec] = row
+    if "fp32" in out and "bf16" in out:
+        out["bf16_over_fp32"] = out["bf16"]["ours_gan_img_s"] / out["fp32"]["ours_gan_img_s"]
+        out["bf16_over_fp32_nogan"] = out["bf16"]["ours_nogan_img_s"] / out["fp32"]["ours_nogan_img_s"]
+    out["lpips"] = "random VGG backbone (timing only)"
+    return out
+
+
+def gemm_peak(n: int = 2048, tries: int = 5) -> dict[str, float]:
+    """Best-of-`tries` FLOP/s of an n x n x n torch.mm in fp32 and bf16."""
+    peak = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(tries))
+        peak[name] = 2 * n**3 / best
+    return peak
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_peak(cfg: BenchConfig, precisions: list[str], train: dict | None) -> dict:
+    """FLOPs of one of our steps (GAN on), achieved FLOP/s against the GEMM peak, and the profiler's top ops."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours_ae, _ = model_pair(cfg.preset, cfg.seed)
+    x, lpips = images(cfg.resolution, cfg.batch_size, cfg.seed), lpips_random()
+    peak = gemm_peak(2048 if cfg.resolution >= 64 else 512)
+    out = {"gemm_peak_gflop_s": {k: v / 1e9 for k, v in peak.items()}}
+    for prec in precisions:
+        step = our_step_fn(ours_ae, x, prec == "bf16", True, lpips)
+        step()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = counter.get_total_flops()
+        seconds = (
+            min(_timed(step) for _ in range(cfg.repeats))
+            if train is None
+            else 1 / (train[prec]["ours_gan_img_s"] / cfg.batch_size)
+        )
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+        out[prec] = {
+            "gflop_per_step": flops / 1e9,
+            "achieved_gflop_s": flops / seconds / 1e9,
+            "fraction_of_gemm_peak": flops / seconds / peak[prec],
+            "top_ops_self_cpu_share": {e.key: e.self_cpu_time_total / total for e in top},
+        }
+    return out
+
+
