@@ -22,6 +22,7 @@ import torch
 
 from eval.bench_step import (
     autocast,
+    bench_optim,
     bench_peak,
     bench_train,
     images,
@@ -31,8 +32,8 @@ from eval.bench_step import (
     our_step_fn,
 )
 
-SECTIONS = ("train", "codec", "data", "peak", "tiled")
-DEFAULT_SECTIONS = ("train", "codec", "data", "peak")  # tiled decoding of large images takes minutes
+SECTIONS = ("train", "codec", "data", "peak", "optim", "tiled")
+DEFAULT_SECTIONS = ("train", "codec", "data", "peak", "optim")  # tiled decoding of large images takes minutes
 
 
 @dataclass
@@ -49,6 +50,7 @@ class BenchConfig:
     tile: int = 512  # tile size in output pixels
     overlap: int = 64
     tiled_exact: bool = False  # whole-image GroupNorm statistics (exact, several times slower) or per tile
+    model: str | None = None  # codec section: a trained KL model (run or folder) instead of the preset's init
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,11 +98,47 @@ def peak_memory(cfg: BenchConfig) -> dict[str, float]:
     return {k: float(p.communicate(timeout=600)[0].split()[-1]) for k, p in running.items()}
 
 
+def photos(resolution: int, count: int) -> torch.Tensor:
+    """The bundled validation photographs (then training ones), shorter side resized to `resolution` and
+    center-cropped: (count, 3, resolution, resolution) in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    from training.data import list_sample_images, resize_shorter, to_rgb
+
+    out = []
+    for path in list(reversed(list_sample_images()))[:count]:
+        img = resize_shorter(to_rgb(Image.open(path)), resolution)
+        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+        arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+        out.append(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1)
+    return torch.stack(out)
+
+
+def codec_models(cfg: BenchConfig):
+    """(ours, diffusers' AutoencoderKL with the same weights, input images): the preset's random init on smooth
+    random images, or `cfg.model`'s trained weights on the bundled photographs."""
+    if cfg.model is None:
+        ours, theirs = model_pair(cfg.preset, cfg.seed)
+        return ours, theirs, images(cfg.resolution, cfg.batch_size, cfg.seed + 1)
+    from diffusers import AutoencoderKL
+
+    from eval.export import latest_weights
+    from kl_autoencoder import Autoencoder
+    from kl_autoencoder.export import to_diffusers_config, to_diffusers_state_dict
+
+    ours = Autoencoder.from_pretrained(latest_weights(cfg.model))
+    if ours.config.bottleneck != "kl":
+        raise ValueError(f"--model: {cfg.model} is a VQ model; the codec section compares KL models")
+    theirs = AutoencoderKL(**to_diffusers_config(ours.config))
+    theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
+    return ours, theirs, photos(cfg.resolution, cfg.batch_size)
+
+
 def bench_codec(cfg: BenchConfig, memory: dict[str, float]) -> dict:
     """Encode/decode img/s of our model (fp32, and bf16 autocast) against diffusers fp32 on identical weights."""
-    ours, theirs = model_pair(cfg.preset, cfg.seed)
+    ours, theirs, x = codec_models(cfg)
     ours.eval(), theirs.eval()
-    x = images(cfg.resolution, cfg.batch_size, cfg.seed + 1)
     with torch.no_grad():
         z = theirs.encode(x).latent_dist.mode()
         ref = theirs.decode(z).sample
@@ -136,7 +174,11 @@ def bench_codec(cfg: BenchConfig, memory: dict[str, float]) -> dict:
     out["psnr_ours_bf16_db"] = _psnr(fast, x)
     out["psnr_diff_db"] = abs(out["psnr_ours_bf16_db"] - out["psnr_diffusers_fp32_db"])
     out |= memory
-    out["weights"] = "random init (same weights in both models)"
+    out["weights"] = (
+        f"{cfg.model} on the bundled photographs" if cfg.model else "random init (same weights in both models)"
+    )
+    if cfg.model:
+        out["memory_measured_for"] = f"preset {cfg.preset}, random init"
     return out
 
 
@@ -252,6 +294,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["codec"] = bench_codec(cfg, memory)
     if "data" in cfg.what:
         result["data"] = bench_data(replace(cfg))
+    if "optim" in cfg.what:
+        result["optim"] = bench_optim(cfg)
     if "tiled" in cfg.what:
         result["tiled"] = bench_tiled(cfg)
     return result

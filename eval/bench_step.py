@@ -233,6 +233,34 @@ def bench_train(cfg: BenchConfig, precisions: list[str]) -> dict:
     return out
 
 
+def bench_optim(cfg: BenchConfig) -> dict:
+    """ms per update of the autoencoder's parameters (random gradients): AdamW as torch defaults it (one tensor at
+    a time on a CPU), foreach and fused (ours); diffusers' EMAModel at its defaults and our fused-lerp EMA."""
+    from diffusers.training_utils import EMAModel
+
+    from training.step import GuardedEMA
+
+    autoencoder, _ = model_pair(cfg.preset, cfg.seed)
+    params = list(autoencoder.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    keep = torch.ones((), dtype=torch.bool)
+    fns = {
+        **{
+            f"adamw_{name}": torch.optim.AdamW(params, lr=1e-6, **kwargs).step
+            for name, kwargs in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True}))
+        },
+        "ema_diffusers": lambda e=EMAModel(params, decay=0.999, use_ema_warmup=True): e.step(params),
+        "ema_ours": lambda e=GuardedEMA(params, decay=0.999, use_ema_warmup=True): e.step(params, keep=keep),
+    }
+    s = interleaved(fns, cfg.steps, cfg.repeats)
+    out = {f"{k}_ms": 1e3 * v for k, v in s.items()}
+    out["parameters_millions"] = sum(p.numel() for p in params) / 1e6
+    out["fused_over_default"] = s["adamw_default"] / s["adamw_fused"]
+    out["ema_ours_over_diffusers"] = s["ema_diffusers"] / s["ema_ours"]
+    return out
+
+
 def gemm_peak(n: int = 2048, tries: int = 5) -> dict[str, float]:
     """Best-of-`tries` FLOP/s of an n x n x n torch.mm in fp32 and bf16."""
     peak = {}
@@ -251,7 +279,8 @@ def _timed(fn) -> float:
 
 
 def bench_peak(cfg: BenchConfig, precisions: list[str], train: dict | None) -> dict:
-    """FLOPs of one of our steps (GAN on), achieved FLOP/s against the GEMM peak, and the profiler's top ops."""
+    """FLOPs of one of our steps (GAN on), achieved FLOP/s against the GEMM peak (and against the peaks of the
+    precisions its parts run in: LPIPS is fp32 under bf16), and the profiler's top ops."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -259,6 +288,12 @@ def bench_peak(cfg: BenchConfig, precisions: list[str], train: dict | None) -> d
     x, lpips = images(cfg.resolution, cfg.batch_size, cfg.seed), lpips_random()
     peak = gemm_peak(2048 if cfg.resolution >= 64 else 512)
     out = {"gemm_peak_gflop_s": {k: v / 1e9 for k, v in peak.items()}}
+    # LPIPS runs in fp32 whatever the step's precision (see training/lpips.py): its FLOPs, as the step runs it
+    # (both images forward, backward to the reconstruction), are held to the fp32 peak
+    lpips_counter = FlopCounterMode(display=False)
+    with lpips_counter:
+        lpips(x, x.clone().requires_grad_(True)).sum().backward()
+    lpips_flops = lpips_counter.get_total_flops()
     for prec in precisions:
         step = our_step_fn(ours_ae, x, prec == "bf16", True, lpips)
         step()
@@ -280,6 +315,9 @@ def bench_peak(cfg: BenchConfig, precisions: list[str], train: dict | None) -> d
             "gflop_per_step": flops / 1e9,
             "achieved_gflop_s": flops / seconds / 1e9,
             "fraction_of_gemm_peak": flops / seconds / peak[prec],
+            "lpips_fp32_gflop_per_step": lpips_flops / 1e9,
+            # the time the step's FLOPs would take at the peak of the precision each part runs in, over its time
+            "fraction_of_precision_peak": (lpips_flops / peak["fp32"] + (flops - lpips_flops) / peak[prec]) / seconds,
             "top_ops_self_cpu_share": {e.key: e.self_cpu_time_total / total for e in top},
         }
     return out

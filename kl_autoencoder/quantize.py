@@ -117,6 +117,7 @@ class VectorQuantizer(nn.Module):
         }
         for name, value in buffers.items():  # not in state_dict: the export stays diffusers' VQModel
             self.register_buffer(name, value, persistent=False)
+        self._host: dict[str, int] = {}  # host copies of `steps` and `recent_seen` (see `_host_count`)
         self.register_load_state_dict_post_hook(_restart_ema_from_loaded_codebook)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -178,17 +179,24 @@ class VectorQuantizer(nn.Module):
         stats.index_add_(0, indices, torch.cat([torch.ones_like(z[:, :1]), z], dim=1))
         counts, sums = _all_reduce(stats).split([1, self.code_dim], dim=1)
         counts = counts.squeeze(1)
-        self.window_counts[int(self.steps) % c.window] = counts
+        self.window_counts.index_copy_(0, torch.remainder(self.steps, c.window).view(1), counts[None])
         self.unused_for.add_(1).masked_fill_(counts > 0, 0)
+        self._host["steps"] = self._host_count("steps") + 1
         self.steps += 1
         if c.codebook == "ema":
             self._ema_update(counts, sums)
-        generator = torch.Generator().manual_seed(int(self.steps))  # the same draws on every process, resumable
+        # nothing here waits for the device: the step count is mirrored on the host, the draws come from a
+        # generator on z's device seeded with it (the same on every process, resumable), and restarts are masked
+        generator = torch.Generator(device=z.device).manual_seed(self._host["steps"])
         self._remember(z, generator)
-        if c.dead_after > 0:
-            dead = (self.unused_for >= c.dead_after).nonzero().squeeze(1)
-            if len(dead):  # the same on every process: unused_for comes from the summed counts
-                self._restart(dead, generator)
+        if c.dead_after > 0:  # the same on every process: unused_for comes from the summed counts
+            self._restart(self.unused_for >= c.dead_after, generator)
+
+    def _host_count(self, name: str) -> int:
+        """The host's copy of the `steps` or `recent_seen` buffer; read from the device once after a load."""
+        if name not in self._host:
+            self._host[name] = int(getattr(self, name))
+        return self._host[name]
 
     def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
         d = self.config.decay
@@ -201,26 +209,32 @@ class VectorQuantizer(nn.Module):
     def _remember(self, z: torch.Tensor, generator: torch.Generator) -> None:
         """Write a random subset of this forward's encoder outputs into the ring of restart candidates."""
         size = self.config.buffer_size
-        rows = torch.randperm(len(z), generator=generator)[:size].to(z.device)
-        slots = (int(self.recent_seen) + torch.arange(len(rows))) % size
-        self.recent[slots.to(z.device)] = z[rows]
-        self.recent_seen += len(rows)
+        n = min(len(z), size)
+        rows = torch.randperm(len(z), generator=generator, device=z.device)[:n]
+        seen = self._host_count("recent_seen")
+        self.recent[(seen + torch.arange(n, device=z.device)) % size] = z[rows]
+        self.recent_seen += n
+        self._host["recent_seen"] = seen + n
 
     def _restart(self, dead: torch.Tensor, generator: torch.Generator) -> None:
-        """Move dead codes onto recent encoder outputs (rank 0's pick, broadcast) with fresh EMA state."""
-        available = min(int(self.recent_seen), self.config.buffer_size)
-        if len(dead) <= available:
-            pick = torch.randperm(available, generator=generator)[: len(dead)]
-        else:
-            pick = torch.randint(available, (len(dead),), generator=generator)
-        new = _broadcast(self.recent[pick.to(self.recent.device)])  # every process takes the same vectors
-        self._set_codes(dead, new)
+        """Move the dead codes (a (K,) mask) onto recent encoder outputs (rank 0's pick, broadcast), with fresh EMA
+        state. Every code gets a candidate and only the dead ones take it: no host decision."""
+        available = min(self._host["recent_seen"], self.config.buffer_size)
+        pick = torch.randperm(available, generator=generator, device=self.recent.device)
+        rank = (torch.cumsum(dead, 0) - 1).clamp_min(0)  # each dead code's place among the dead
+        new = _broadcast(self.recent[pick[rank % available]])  # distinct vectors while there are enough
+        if self.normalize_codes:
+            new = F.normalize(new, dim=1)
+        # through .data: in "loss" mode this forward's graph saved the codebook (F.normalize), and the rows we
+        # overwrite were unused in this forward, so their gradient is zero either way
+        codes = self.embedding.weight.data
+        codes.copy_(torch.where(dead[:, None], new, codes))
         # a revived code starts its EMA from itself: left stale, cluster_size and embed_sum would drag it back
         # to its old (dead) place at the next EMA step (a bug in several references)
-        self.cluster_size[dead] = 1.0
-        self.embed_sum[dead] = self.embedding.weight[dead]
-        self.unused_for[dead] = 0
-        self.restarts += len(dead)
+        self.cluster_size.masked_fill_(dead, 1.0)
+        self.embed_sum.copy_(torch.where(dead[:, None], codes, self.embed_sum))
+        self.unused_for.masked_fill_(dead, 0)
+        self.restarts += dead.sum()
 
     def _set_codes(self, rows: torch.Tensor | slice, values: torch.Tensor) -> None:
         if self.normalize_codes:  # stored unit-norm, so the exported codebook is the one we look up in
@@ -244,6 +258,7 @@ class VectorQuantizer(nn.Module):
                 shapes = f"{tuple(state[name].shape)} != {tuple(buffer.shape)}"
                 raise ValueError(f"quantizer statistic {name}: shape {shapes}")
             buffer.copy_(state[name])
+        self._host.clear()
 
 
 def _restart_ema_from_loaded_codebook(module: VectorQuantizer, incompatible_keys) -> None:

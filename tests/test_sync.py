@@ -44,7 +44,11 @@ def count_reads(monkeypatch, out, steps: int, extra: list[str]) -> collections.C
     return calls
 
 
-@pytest.mark.parametrize("extra", [[], ["loss.disc_start=0", "loss.disc_ramp=0"]], ids=["no-gan", "gan"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["loss.disc_start=0", "loss.disc_ramp=0"], ["model.preset=tiny-vq", "vq.dead_after=1", "loss.disc_start=0"]],
+    ids=["no-gan", "gan", "vq-restarts"],
+)
 def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, extra):
     short = count_reads(monkeypatch, tmp_path / "short", 2, extra)
     long = count_reads(monkeypatch, tmp_path / "long", 6, extra)

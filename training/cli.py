@@ -9,7 +9,8 @@ kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PA
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
 kl-ae bench  [--preset kl-f8] [--resolution 128] [--batch-size 2] [--steps N] [--precision fp32|bf16|both]
-             [--what train,codec,data,peak,tiled] [--tiled-sizes 2048,4096] [--tiled-exact] [--json FILE]
+             [--what train,codec,data,peak,optim,tiled] [--tiled-sizes 2048,4096] [--tiled-exact] [--model RUN]
+             [--json FILE]
 """
 
 from __future__ import annotations
@@ -167,11 +168,12 @@ def add_bench_command(sub) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians are reported")
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
-    p.add_argument("--what", default="train,codec,data,peak", help="comma-separated sections (also: tiled)")
+    p.add_argument("--what", default="train,codec,data,peak,optim", help="comma-separated sections (also: tiled)")
     p.add_argument("--tiled-sizes", default="2048", help="tiled section: output sizes in px, comma-separated")
     p.add_argument("--tile", type=int, default=512, help="tiled section: tile size in output px")
     p.add_argument("--overlap", type=int, default=64, help="tiled section: tile overlap in output px")
     p.add_argument("--tiled-exact", action="store_true", help="tiled section: whole-image GroupNorm statistics")
+    p.add_argument("--model", help="codec section: a trained KL model (run or folder), on the bundled photographs")
     p.add_argument("--json", help="also write the results to this file")
 
 
@@ -195,7 +197,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not sizes or any(v < 1 or v % f for v in sizes):
         raise ConfigError(f"--tiled-sizes: positive multiples of the downsampling factor {f}, got {args.tiled_sizes}")
     fields = dict(preset=args.preset, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
-                  tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_exact=args.tiled_exact)  # fmt: skip
+                  tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_exact=args.tiled_exact,
+                  model=args.model)  # fmt: skip
     try:
         result = run_bench(BenchConfig(**fields, repeats=args.repeats, precision=args.precision, what=what))
     except ValueError as e:
