@@ -99,20 +99,13 @@ def peak_memory(cfg: BenchConfig) -> dict[str, float]:
 
 
 def photos(resolution: int, count: int) -> torch.Tensor:
-    """The bundled validation photographs (then training ones), shorter side resized to `resolution` and
-    center-cropped: (count, 3, resolution, resolution) in [-1, 1]."""
-    import numpy as np
-    from PIL import Image
+    """The bundled photographs as the trainer's `sample` source loads them, held-out ones first, shorter side
+    resized to `resolution` and center-cropped: (count, 3, resolution, resolution) in [-1, 1]."""
+    from training.data import DataConfig, build_datasets
 
-    from training.data import list_sample_images, resize_shorter, to_rgb
-
-    out = []
-    for path in list(reversed(list_sample_images()))[:count]:
-        img = resize_shorter(to_rgb(Image.open(path)), resolution)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
-        out.append(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1)
-    return torch.stack(out)
+    train, val = build_datasets(DataConfig(resolution=resolution, random_crop=False, hflip=False), seed=0)
+    indexed = [(val, i) for i in range(len(val))] + [(train, i) for i in range(len(train))]
+    return torch.stack([ds[i] for ds, i in indexed[:count]])
 
 
 def codec_models(cfg: BenchConfig):

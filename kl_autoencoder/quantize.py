@@ -204,7 +204,7 @@ class VectorQuantizer(nn.Module):
         self.embed_sum.mul_(d).add_(sums, alpha=1 - d)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + EPS) / (n + self.num_codes * EPS) * n
-        self._set_codes(slice(None), self.embed_sum / smoothed[:, None])
+        self._set_codes(self.embed_sum / smoothed[:, None])
 
     def _remember(self, z: torch.Tensor, generator: torch.Generator) -> None:
         """Write a random subset of this forward's encoder outputs into the ring of restart candidates."""
@@ -223,25 +223,22 @@ class VectorQuantizer(nn.Module):
         pick = torch.randperm(available, generator=generator, device=self.recent.device)
         rank = (torch.cumsum(dead, 0) - 1).clamp_min(0)  # each dead code's place among the dead
         new = _broadcast(self.recent[pick[rank % available]])  # distinct vectors while there are enough
-        if self.normalize_codes:
-            new = F.normalize(new, dim=1)
-        # through .data: in "loss" mode this forward's graph saved the codebook (F.normalize), and the rows we
-        # overwrite were unused in this forward, so their gradient is zero either way
-        codes = self.embedding.weight.data
-        codes.copy_(torch.where(dead[:, None], new, codes))
+        self._set_codes(new, where=dead)
         # a revived code starts its EMA from itself: left stale, cluster_size and embed_sum would drag it back
         # to its old (dead) place at the next EMA step (a bug in several references)
         self.cluster_size.masked_fill_(dead, 1.0)
-        self.embed_sum.copy_(torch.where(dead[:, None], codes, self.embed_sum))
+        self.embed_sum.copy_(torch.where(dead[:, None], self.embedding.weight.data, self.embed_sum))
         self.unused_for.masked_fill_(dead, 0)
         self.restarts += dead.sum()
 
-    def _set_codes(self, rows: torch.Tensor | slice, values: torch.Tensor) -> None:
+    def _set_codes(self, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        """Write the codebook (K, D): all of it, or the rows where the (K,) mask `where` is True."""
         if self.normalize_codes:  # stored unit-norm, so the exported codebook is the one we look up in
             values = F.normalize(values, dim=1)
         # through .data: in "loss" mode this forward's graph saved the codebook (F.normalize), and the rows we
         # overwrite were unused in this forward, so their gradient is zero either way
-        self.embedding.weight.data[rows] = values
+        codes = self.embedding.weight.data
+        codes.copy_(values if where is None else torch.where(where[:, None], values, codes))
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """The training state outside state_dict (EMA, usage window, restart candidates), for checkpoints."""
