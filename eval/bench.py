@@ -282,7 +282,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if "train" in cfg.what:
         result["train"] = bench_train(cfg, precisions)
     if "peak" in cfg.what:
-        result["peak"] = bench_peak(cfg, precisions, result.get("train"))
+        result["peak"] = bench_peak(cfg, precisions)
     if "codec" in cfg.what:
         result["codec"] = bench_codec(cfg, memory)
     if "data" in cfg.what:

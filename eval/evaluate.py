@@ -43,6 +43,7 @@ from training.lpips import BACKBONE_FILES, build_lpips
 class EvalConfig:
     model: str  # a run folder, a checkpoint folder or a diffusers AutoencoderKL / VQModel folder
     data: str = "sample"  # a folder (all its images), "sample" or a hub name (their held-out split)
+    split: str = "val"  # "sample" or a hub name: "val" (held out) or "train" (the images the recipe trains on)
     out: str | None = None  # default <model>/eval
     resolution: int | None = None  # None: each image at its own size (cropped to a multiple of the factor)
     batch_size: int = 8  # per process; 1 when the images differ in size
@@ -108,14 +109,17 @@ def load_images(cfg: EvalConfig, factor: int) -> EvalImages:
     folder = Path(cfg.data).expanduser()
     try:
         if cfg.data != "sample" and folder.is_dir():
+            if cfg.split != "val":
+                raise ConfigError("--split: a folder is evaluated whole; --split train is for 'sample' or a hub name")
             files = list_images(folder)
             if not files:
                 raise ConfigError(f"--data: no images found in {folder}")
             table = datasets.Dataset.from_dict({"image": [str(p) for p in files]})
             table, column = table.cast_column("image", datasets.Image(decode=False)), "image"
         else:
-            _, val = build_datasets(DataConfig(source=cfg.data), cfg.seed)
-            table, column = val.table, val.column
+            train, val = build_datasets(DataConfig(source=cfg.data), cfg.seed)
+            chosen = train if cfg.split == "train" else val
+            table, column = chosen.table, chosen.column
     except (ValueError, FileNotFoundError) as e:  # build_datasets' messages name data.source; here it is --data
         raise ConfigError(str(e).replace("data.source", "--data")) from None
     if cfg.max_images is not None:
@@ -311,6 +315,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate `cfg.model` (and `cfg.compare`) on `cfg.data`; writes metrics.json + report.html; returns the dict."""
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {cfg.batch_size}")
+    if cfg.split not in ("val", "train"):
+        raise ConfigError(f"--split: must be 'val' or 'train', got {cfg.split!r}")
     if cfg.max_images is not None and cfg.max_images < 1:
         raise ConfigError(f"--max-images: must be >= 1, got {cfg.max_images}")
     accelerator = Accelerator()  # no mixed precision argument: evaluation runs the model in fp32
@@ -341,6 +347,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         vectors[name] = values["vectors"].flatten(0, 1)  # (N * k, C), for the histograms
     summary = {
         "data": cfg.data,
+        "split": cfg.split,
         "num_images": len(images),
         "image_sizes": sorted(f"{h}x{w}" for h, w in sizes),
         "batch_size": batch_size,

@@ -4,6 +4,8 @@ equal to diffusers'. Timings are not asserted (shared CI machines)."""
 import json
 import math
 
+import pytest
+
 from training.cli import main
 
 
@@ -29,6 +31,10 @@ def test_bench_tiny(tmp_path):
     assert keys <= set(result["train"]["bf16"])
     assert set(result["tiled"]) == {"tiled_64", "tiled_96", "untiled_64", "settings"}
     assert 0 < result["peak"]["bf16"]["fraction_of_gemm_peak"]
+    # loss.lpips_autocast: the same step with nothing held to the fp32 peak
+    autocast = result["peak"].pop("bf16_lpips_autocast")
+    assert autocast["lpips_fp32_gflop_per_step"] == 0 < result["peak"]["bf16"]["lpips_fp32_gflop_per_step"]
+    assert autocast["fraction_of_precision_peak"] == pytest.approx(autocast["fraction_of_gemm_peak"]) != 0
     assert result["codec"]["max_abs_diff_fp32"] <= 1e-4
     for name, value in _numbers({k: v for k, v in result.items() if k != "config"}):
         assert math.isfinite(value), name

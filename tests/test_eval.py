@@ -186,6 +186,10 @@ def test_eval_cli_on_the_sample_set(tmp_path, models, monkeypatch):
     assert math.isfinite(metrics["reconstruction"]["psnr"]) and 0 < metrics["reconstruction"]["ssim"] < 1
     assert metrics["rate"]["bits_per_pixel"] > 0
     check_report(out)
+    # --split train: the 12 photos the default recipe trains on
+    assert kl_ae([*argv[:-2], "--split", "train", "--out", str(tmp_path / "eval-train")]) == 0
+    metrics = json.loads((tmp_path / "eval-train" / "metrics.json").read_text())
+    assert metrics["num_images"] == 12 and metrics["split"] == "train"
 
 
 def test_eval_mistakes_exit_2(tmp_path, models, image_folder, monkeypatch, capsys):
@@ -196,6 +200,7 @@ def test_eval_mistakes_exit_2(tmp_path, models, image_folder, monkeypatch, capsy
         ([*base, "--lpips", "required"], "vgg16-397923af.pth"),
         (["eval", "--model", str(tmp_path / "missing"), "--data", str(image_folder)], "no autoencoder weights"),
         (["eval", "--model", str(models[0]), "--data", str(tmp_path / "nowhere")], "does not exist"),
+        ([*base, "--split", "train"], "a folder is evaluated whole"),
     ]
     for argv, message in cases:
         assert kl_ae(argv) == 2, argv

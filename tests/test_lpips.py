@@ -56,6 +56,18 @@ def test_fp32_under_autocast(random_vgg):
     torch.testing.assert_close(d, random_vgg(x.bfloat16().float(), y.bfloat16().float()))
 
 
+def test_autocast_option_runs_in_the_steps_precision(random_vgg):
+    fast = LPIPS("vgg", random_backbone=True, autocast=True)
+    fast.load_state_dict(random_vgg.state_dict())
+    x, y = images(), images(seed=1)
+    torch.testing.assert_close(fast(x, y), random_vgg(x, y))  # no autocast around it: the same fp32 distance
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d, exact = fast(x, y), random_vgg(x, y)
+    assert d.dtype == torch.float32 and d.shape == (2,)
+    assert not torch.equal(d, exact)  # computed in bf16 ...
+    torch.testing.assert_close(d, exact, rtol=0.1, atol=0)  # ... to about bf16's precision
+
+
 def test_distance_and_gradient(random_vgg):
     x, y = images(), images(seed=1)
     assert random_vgg(x, x).abs().max() < 1e-6
@@ -104,7 +116,8 @@ def test_backbone_loads_from_hub_cache(hub_dir, net):
     torch.save(state, hub_dir / file)
 
     module, why = build_lpips("required", net)
-    assert why == f"{net}: {hub_dir / file}" and not module.random
+    assert why == f"{net}: {hub_dir / file}" and not module.random and not module.autocast
+    assert build_lpips("required", net, autocast=True)[0].autocast
     backbone = module.model.net
     first = backbone.slice1[0].weight
     assert torch.equal(first, state["features.0.weight"])

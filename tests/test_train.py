@@ -45,6 +45,8 @@ def test_train_cli_end_to_end_and_resume(tmp_path, capsys):
     assert {"wall_s", "img_per_s", "mixed_precision", "lpips"} <= summary.keys()
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    val = read_jsonl(out / "val.jsonl")
+    assert [r["step"] for r in val] == [0, 2, 4] and val[-1] == summary["last_eval"]  # train.eval_every=2
     # the adversarial terms appear once the discriminator starts at step 2
     assert "train/g_adv" not in rows[0] and rows[0]["train/disc_factor"] == 0
     for key in (

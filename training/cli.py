@@ -105,6 +105,12 @@ def add_eval_commands(sub) -> None:
     p = sub.add_parser("eval", help="metrics, latent statistics, VAE diagnostics and an HTML report")
     p.add_argument("--model", required=True, help="a run folder, a checkpoint folder or a diffusers folder")
     p.add_argument("--data", required=True, help="a folder (all its images), 'sample' or a hub dataset name")
+    p.add_argument(
+        "--split",
+        choices=["val", "train"],
+        default="val",
+        help="'sample' or a hub dataset: the held-out images (default) or the training ones",
+    )
     p.add_argument("--out", help="where metrics.json and report.html go (default MODEL/eval)")
     p.add_argument("--resolution", type=int, help="resize the shorter side and centre-crop to N (default: own size)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch and process (default 8)")
@@ -130,7 +136,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from eval.evaluate import EvalConfig, evaluate
 
-        fields = ("model", "data", "out", "resolution", "batch_size", "compare", "lpips", "max_images", "seed")
+        fields = ("model", "data", "split", "out", "resolution", "batch_size", "compare", "lpips", "max_images", "seed")
         evaluate(EvalConfig(**{k: getattr(args, k) for k in fields}))
         return 0
     if args.command == "rd":

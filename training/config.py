@@ -85,6 +85,7 @@ class LossConfig:
     lpips: Literal["required", "auto", "off"] = "auto"  # auto: train without LPIPS (loudly) if weights are missing
     lpips_net: Literal["vgg", "alex"] = "vgg"
     lpips_weights: str | None = None  # explicit path to the torchvision backbone file
+    lpips_autocast: bool = False  # run LPIPS in the step's bf16/fp16 (faster) instead of fp32 (more exact)
     learn_logvar: bool = False  # learn the decoder's output log-variance (sigma_x^2), LDM's `logvar`
     logvar_init: float = 0.0
     kl_weight: float = 1e-6

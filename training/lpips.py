@@ -95,8 +95,11 @@ class LPIPS(nn.Module):
     heads contain Dropout.
     """
 
-    def __init__(self, net: str = "vgg", weights_path: str | None = None, random_backbone: bool = False):
+    def __init__(
+        self, net: str = "vgg", weights_path: str | None = None, random_backbone: bool = False, autocast: bool = False
+    ):
         super().__init__()
+        self.autocast = autocast  # run under the caller's autocast instead of in fp32
         import lpips  # heavy import (torchvision models); keep it off the module import path
 
         _check_net(net)
@@ -128,13 +131,18 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # under bf16/fp16 autocast the normalised-feature differences lose most of their bits
+        if self.autocast:
+            return self.model(x, y, normalize=False).reshape(x.shape[0]).float()
+        # by default in fp32: under bf16 autocast the differences of normalised features lose their low bits
+        # (with a random backbone at 26-36 dB PSNR: the distance off by 1-8%, its gradient by ~12%)
         with torch.autocast(device_type=x.device.type, enabled=False):
             d = self.model(x.float(), y.float(), normalize=False)  # (B, 1, 1, 1)
         return d.reshape(x.shape[0])
 
 
-def build_lpips(mode: str, net: str = "vgg", weights_path: str | None = None) -> tuple[LPIPS | None, str]:
+def build_lpips(
+    mode: str, net: str = "vgg", weights_path: str | None = None, autocast: bool = False
+) -> tuple[LPIPS | None, str]:
     """Build LPIPS according to `loss.lpips` = required | auto | off; returns (module or None, why)."""
     if mode not in MODES:
         raise ValueError(f"loss.lpips: unknown mode {mode!r}; choose one of {list(MODES)}")
@@ -153,4 +161,4 @@ def build_lpips(mode: str, net: str = "vgg", weights_path: str | None = None) ->
             f"{BACKBONE_FILES[net]} not found in {_hub_checkpoints()} (loss.lpips=auto): "
             f"training without the perceptual loss"
         )
-    return LPIPS(net, weights_path=str(path)), f"{net}: {path}"
+    return LPIPS(net, weights_path=str(path), autocast=autocast), f"{net}: {path}"

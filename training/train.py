@@ -126,7 +126,7 @@ def main(cfg: TrainConfig) -> dict:
         base_channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers, norm=cfg.loss.disc_norm
     )
     lpips_mode = cfg.loss.lpips if cfg.loss.perceptual_weight > 0 else "off"
-    lpips, lpips_status = build_lpips(lpips_mode, cfg.loss.lpips_net, cfg.loss.lpips_weights)
+    lpips, lpips_status = build_lpips(lpips_mode, cfg.loss.lpips_net, cfg.loss.lpips_weights, cfg.loss.lpips_autocast)
     if lpips is None:
         log(f"WARNING: training WITHOUT the LPIPS perceptual loss ({lpips_status})")
     else:
@@ -278,6 +278,9 @@ def main(cfg: TrainConfig) -> dict:
         history["last_eval"] = entry
         accelerator.log(metrics, step=step)
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if is_main:
+            with open(out / "val.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     if step == 0:
         record_eval()
