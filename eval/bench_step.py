@@ -81,10 +81,10 @@ def model_pair(preset: str, seed: int):
     return ours, theirs
 
 
-def lpips_random(autocast: bool = False):
+def lpips_random(dtype: torch.dtype | None = None):
     from training.lpips import LPIPS
 
-    return LPIPS(net="vgg", random_backbone=True, autocast=autocast)
+    return LPIPS(net="vgg", random_backbone=True, dtype=dtype)
 
 
 def _disc(seed: int):
@@ -298,7 +298,7 @@ def bench_peak(cfg: BenchConfig, precisions: list[str]) -> dict:
     lpips_flops = lpips_counter.get_total_flops()
     runs = [(prec, prec, lpips, lpips_flops) for prec in precisions]
     if "bf16" in precisions:  # loss.lpips_autocast=true: everything in bf16
-        runs.append(("bf16_lpips_autocast", "bf16", lpips_random(autocast=True), 0))
+        runs.append(("bf16_lpips_autocast", "bf16", lpips_random(torch.bfloat16), 0))
     for name, prec, perceptual, fp32_flops in runs:
         step = our_step_fn(ours_ae, x, prec == "bf16", True, perceptual)
         step()

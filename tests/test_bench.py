@@ -4,8 +4,6 @@ equal to diffusers'. Timings are not asserted (shared CI machines)."""
 import json
 import math
 
-import pytest
-
 from training.cli import main
 
 
@@ -34,7 +32,9 @@ def test_bench_tiny(tmp_path):
     # loss.lpips_autocast: the same step with nothing held to the fp32 peak
     autocast = result["peak"].pop("bf16_lpips_autocast")
     assert autocast["lpips_fp32_gflop_per_step"] == 0 < result["peak"]["bf16"]["lpips_fp32_gflop_per_step"]
-    assert autocast["fraction_of_precision_peak"] == pytest.approx(autocast["fraction_of_gemm_peak"]) != 0
+    for row in (autocast, result["peak"]["bf16"]):  # best-of-N step time against its median
+        assert row["step_s_best"] <= row["step_s_median"]
+        assert row["fraction_of_gemm_peak"] >= row["fraction_of_gemm_peak_median_step"]
     assert result["codec"]["max_abs_diff_fp32"] <= 1e-4
     for name, value in _numbers({k: v for k, v in result.items() if k != "config"}):
         assert math.isfinite(value), name

@@ -78,10 +78,17 @@ def test_train_cli_end_to_end_and_resume(tmp_path, capsys):
         diff = (ours(x) - theirs(x, sample_posterior=False).sample).abs().max().item()
     assert diff <= 1e-5
 
-    # re-running the same command with more steps resumes from the latest checkpoint
+    # re-running the same command with more steps resumes from the latest checkpoint; rows a killed run logged
+    # after that checkpoint (here: made up, plus a line cut short) are dropped, not repeated
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "train/loss": 1.0}) + '\n{"step": 6, "train/lo')
+    with open(out / "val.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "val/psnr": 1.0}) + "\n")
     assert kl_ae(["train", "--out", str(out), "--max-steps", "6", *TINY]) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[4]["train/loss"] != 1.0
+    assert [r["step"] for r in read_jsonl(out / "val.jsonl")] == [0, 2, 4, 6]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["first_eval"]["step"] == 0
 
@@ -122,6 +129,27 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
     assert all(v.dtype == torch.float32 for v in trained.state_dict().values())
     # small fp32 updates are kept: nearly every weight moves (the reference's bf16 weights moved 4.5%)
     assert _changed_fraction(init, trained.state_dict()) > 0.9
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lpips_precision_in_training(tmp_path, monkeypatch, autocast):
+    """loss.lpips_autocast=true runs LPIPS's convolutions in bf16 inside the real step; false keeps them fp32."""
+    import training.train
+    from training.lpips import LPIPS
+
+    seen = set()
+
+    def random_lpips(mode, net, weights_path, dtype):  # stands in for weights this machine does not have
+        module = LPIPS("alex", random_backbone=True, dtype=dtype)
+        module.model.net.slice1[0].register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+        return module, f"random alex for the test, {dtype}"
+
+    monkeypatch.setattr(training.train, "build_lpips", random_lpips)
+    argv = ["train", "--out", str(tmp_path / "run"), "--max-steps", "2", *TINY, "loss.lpips=required"]
+    assert kl_ae([*argv, "train.mixed_precision=bf16", f"loss.lpips_autocast={str(autocast).lower()}"]) == 0
+    assert seen == ({torch.bfloat16} if autocast else {torch.float32})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert ("under bf16 autocast" in summary["lpips"]) == autocast
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs a CUDA GPU")

@@ -8,6 +8,7 @@ the same command resumes from it. (k-diffusion's `_state.json` pointer, made cra
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -27,6 +28,23 @@ class CheckpointWriteError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Keep the rows of a JSON-lines log up to `last_step`: a killed run's later rows are written again by the
+    resumed run, which repeats those steps (a line cut by the kill is dropped too)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -172,7 +172,9 @@ def add_bench_command(sub) -> None:
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (default 2)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians are reported")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repetitions; medians are reported (FLOP fraction: the best)"
+    )
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     p.add_argument("--what", default="train,codec,data,peak,optim", help="comma-separated sections (also: tiled)")
     p.add_argument("--tiled-sizes", default="2048", help="tiled section: output sizes in px, comma-separated")

@@ -39,7 +39,7 @@ from training.checkpoint import CheckpointWriteError, NonFiniteError, StopSignal
 from training.config import ConfigError, TrainConfig, load_config, save_config
 from training.data import build_datasets, read_skipped
 from training.discriminator import PatchDiscriminator
-from training.lpips import build_lpips
+from training.lpips import autocast_dtype, build_lpips
 from training.step import (
     Generator,
     GuardedEMA,
@@ -126,11 +126,15 @@ def main(cfg: TrainConfig) -> dict:
         base_channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers, norm=cfg.loss.disc_norm
     )
     lpips_mode = cfg.loss.lpips if cfg.loss.perceptual_weight > 0 else "off"
-    lpips, lpips_status = build_lpips(lpips_mode, cfg.loss.lpips_net, cfg.loss.lpips_weights, cfg.loss.lpips_autocast)
+    # the step's autocast covers only the prepared modules' forwards: LPIPS opens its own when asked to
+    lpips_dtype = autocast_dtype(precision) if cfg.loss.lpips_autocast else None
+    lpips, lpips_status = build_lpips(lpips_mode, cfg.loss.lpips_net, cfg.loss.lpips_weights, lpips_dtype)
     if lpips is None:
         log(f"WARNING: training WITHOUT the LPIPS perceptual loss ({lpips_status})")
     else:
         lpips = lpips.to(accelerator.device)
+        if lpips_dtype is not None:
+            lpips_status += f" (under {precision} autocast: loss.lpips_autocast)"
     ema = None
     if cfg.train.ema:
         ema = GuardedEMA(autoencoder.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True)
@@ -211,6 +215,9 @@ def main(cfg: TrainConfig) -> dict:
             stats = torch.load(latest / QUANTIZER_FILE, map_location=accelerator.device, weights_only=True)
             gen_module.autoencoder.load_quantizer_state(stats)
         log(f"resumed from {latest} at step {step}")
+    if is_main:  # rows a killed run logged after its checkpoint (or before any) are about to be logged again
+        for name in ("metrics.jsonl", "val.jsonl"):
+            checkpoint.trim_log(out / name, step if latest is not None else -1)
     if is_main and cfg.train.tracker != "none":
         accelerator.init_trackers("kl-ae", config=_flat(cfg.to_dict()))
 
