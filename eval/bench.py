@@ -25,6 +25,7 @@ from eval.bench_step import (
     bench_optim,
     bench_peak,
     bench_train,
+    diffusers_twin,
     images,
     interleaved,
     lpips_random,
@@ -114,18 +115,13 @@ def codec_models(cfg: BenchConfig):
     if cfg.model is None:
         ours, theirs = model_pair(cfg.preset, cfg.seed)
         return ours, theirs, images(cfg.resolution, cfg.batch_size, cfg.seed + 1)
-    from diffusers import AutoencoderKL
-
     from eval.export import latest_weights
     from kl_autoencoder import Autoencoder
-    from kl_autoencoder.export import to_diffusers_config, to_diffusers_state_dict
 
     ours = Autoencoder.from_pretrained(latest_weights(cfg.model))
     if ours.config.bottleneck != "kl":
         raise ValueError(f"--model: {cfg.model} is a VQ model; the codec section compares KL models")
-    theirs = AutoencoderKL(**to_diffusers_config(ours.config))
-    theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
-    return ours, theirs, photos(cfg.resolution, cfg.batch_size)
+    return ours, diffusers_twin(ours), photos(cfg.resolution, cfg.batch_size)
 
 
 def bench_codec(cfg: BenchConfig, memory: dict[str, float]) -> dict:

@@ -67,18 +67,24 @@ def images(resolution: int, batch: int, seed: int) -> torch.Tensor:
     return (x * 2 - 1).clamp(-1, 1)
 
 
-def model_pair(preset: str, seed: int):
-    """Our autoencoder and diffusers' AutoencoderKL holding identical weights, both fp32."""
+def diffusers_twin(ours):
+    """diffusers' AutoencoderKL holding our KL autoencoder's weights (loaded strictly), fp32."""
     from diffusers import AutoencoderKL
 
-    from kl_autoencoder import PRESETS, Autoencoder
     from kl_autoencoder.export import to_diffusers_config, to_diffusers_state_dict
+
+    theirs = AutoencoderKL(**to_diffusers_config(ours.config))
+    theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
+    return theirs
+
+
+def model_pair(preset: str, seed: int):
+    """Our autoencoder of `preset` (initialised from `seed`) and its diffusers twin, both fp32."""
+    from kl_autoencoder import PRESETS, Autoencoder
 
     torch.manual_seed(seed)
     ours = Autoencoder(PRESETS[preset])
-    theirs = AutoencoderKL(**to_diffusers_config(ours.config))
-    theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
-    return ours, theirs
+    return ours, diffusers_twin(ours)
 
 
 def lpips_random(dtype: torch.dtype | None = None):
