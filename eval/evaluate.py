@@ -16,27 +16,24 @@ resized and centre-cropped to `resolution`; images of different sizes are evalua
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import datasets
-import numpy as np
 import torch
 from accelerate import Accelerator
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from common.config import ConfigError
+from common.data import EvalImages, load_images
+from common.latent_stats import channel_moments, latent_statistics
+from common.lpips import BACKBONE_FILES, build_lpips
+from common.metrics import build_inception, frechet_distance, inception_features, ms_ssim, mse, psnr, ssim, to_unit
 from eval import diagnostics as diag
 from eval import report
-from eval.metrics import build_inception, frechet_distance, inception_features, ms_ssim, mse, psnr, ssim, to_unit
 from kl_autoencoder import Autoencoder
-from training.config import ConfigError
-from training.data import DataConfig, build_datasets, list_images, resize_shorter, to_rgb
-from training.lpips import BACKBONE_FILES, build_lpips
 
 
 @dataclass
@@ -54,77 +51,6 @@ class EvalConfig:
     kl_threshold: float = 0.01  # nats per latent element for an active channel / unit
     vectors_per_image: int = 64  # latent vectors kept per image for the MMD and the histograms
     grid_images: int = 8
-
-
-class EvalImages(Dataset):
-    """Rows of an image table -> (3, H, W) in [-1, 1], at own size or resized and centre-cropped."""
-
-    def __init__(self, table: datasets.Dataset, column: str, factor: int, resolution: int | None):
-        self.table, self.column, self.factor, self.resolution = table, column, factor, resolution
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img = to_rgb(datasets.Image().decode_example(_row(self.table[i][self.column])))
-        if self.resolution is not None:
-            img = resize_shorter(img, self.resolution)
-        w, h = img.size
-        th, tw = self.target_size(h, w)
-        if th == 0 or tw == 0:
-            raise ConfigError(f"--data: image {i} ({w}x{h}) is smaller than the downsampling factor {self.factor}")
-        top, left = (h - th) // 2, (w - tw) // 2
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, h, w)
-        return x[:, top : top + th, left : left + tw].float().div(127.5).sub(1.0)  # (3, th, tw) in [-1, 1]
-
-    def target_size(self, h: int, w: int) -> tuple[int, int]:
-        if self.resolution is not None:
-            return self.resolution, self.resolution
-        return h // self.factor * self.factor, w // self.factor * self.factor
-
-    def sizes(self) -> set[tuple[int, int]]:
-        """The evaluated sizes, from the file headers only (EXIF rotation included)."""
-        if self.resolution is not None:
-            return {(self.resolution, self.resolution)}
-        column = self.table.select_columns([self.column])[self.column]
-        return {self.target_size(*_stored_size(_row(value))) for value in column}
-
-
-def _row(value) -> dict:
-    """An undecoded image cell as datasets' {"path", "bytes"} dict (hub columns may hold plain paths)."""
-    return {"path": value, "bytes": None} if isinstance(value, str) else value
-
-
-def _stored_size(value: dict) -> tuple[int, int]:
-    """(H, W) of an undecoded image row, upright; PIL reads the header only."""
-    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-    with Image.open(source) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF 5-8 are transposed
-
-
-def load_images(cfg: EvalConfig, factor: int) -> EvalImages:
-    """The evaluation images: every image of a folder; the held-out split of `sample` or a hub dataset."""
-    folder = Path(cfg.data).expanduser()
-    try:
-        if cfg.data != "sample" and folder.is_dir():
-            if cfg.split != "val":
-                raise ConfigError("--split: a folder is evaluated whole; --split train is for 'sample' or a hub name")
-            files = list_images(folder)
-            if not files:
-                raise ConfigError(f"--data: no images found in {folder}")
-            table = datasets.Dataset.from_dict({"image": [str(p) for p in files]})
-            table, column = table.cast_column("image", datasets.Image(decode=False)), "image"
-        else:
-            train, val = build_datasets(DataConfig(source=cfg.data), cfg.seed)
-            chosen = train if cfg.split == "train" else val
-            table, column = chosen.table, chosen.column
-    except (ValueError, FileNotFoundError) as e:  # build_datasets' messages name data.source; here it is --data
-        raise ConfigError(str(e).replace("data.source", "--data")) from None
-    if cfg.max_images is not None:
-        table = table.select(range(min(cfg.max_images, len(table))))
-    return EvalImages(table, column, factor, cfg.resolution)
 
 
 @torch.no_grad()
@@ -149,7 +75,7 @@ def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, incepti
             x_hat = model.decode(posterior.mode())  # reconstructions from the posterior mode
             z = posterior.sample(gen)  # statistics and rate describe what the diffusion model is trained on
         a, b = to_unit(x), to_unit(x_hat)
-        count, mean, m2 = diag.channel_moments(z)
+        count, mean, m2 = channel_moments(z)
         ms, reason = ms_ssim(a, b)
         ms_ssim_reason = ms_ssim_reason or reason
         n = len(x)
@@ -167,7 +93,7 @@ def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, incepti
         if vq:
             row["code_counts"] = diag.code_histogram(quantized.indices, model.config.num_codes)
         else:
-            _, mu_mean, mu_m2 = diag.channel_moments(posterior.mean)
+            _, mu_mean, mu_m2 = channel_moments(posterior.mean)
             row |= {"mu_mean": mu_mean, "mu_m2": mu_m2, "kl": diag.kl_per_channel(posterior.mean, posterior.logvar)}
         if lpips is not None:
             row["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
@@ -205,7 +131,7 @@ def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: st
     else:
         why = fid_status if "inception_real" not in values else "needs at least 2 images"
         rec["rfid"] = {"available": False, "reason": why}
-    stats = diag.latent_statistics(values["count"], values["z_mean"], values["z_m2"])
+    stats = latent_statistics(values["count"], values["z_mean"], values["z_m2"])
     if "code_counts" in values:  # VQ: codebook use instead of the Gaussian posterior's diagnostics
         codebook = diag.codebook_statistics(values["code_counts"][0], float(values["pixels"].sum()))
         warning = diag.codebook_warning(codebook)
@@ -328,7 +254,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ConfigError("--compare: the two models have different downsampling factors")
     if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % factor):
         raise ConfigError(f"--resolution: {cfg.resolution} is not a positive multiple of the factor {factor}")
-    images = load_images(cfg, factor)
+    images = load_images(cfg.data, factor, cfg.split, cfg.resolution, cfg.max_images, cfg.seed)
     sizes = images.sizes()
     batch_size = cfg.batch_size if len(sizes) == 1 else 1  # different sizes cannot share a batch
     loader = accelerator.prepare(DataLoader(images, batch_size=batch_size, shuffle=False))

@@ -25,8 +25,9 @@ from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
+from common.config import ConfigError
+from common.data import load_images
 from kl_autoencoder import Autoencoder
-from training.config import ConfigError
 
 CONFIG_FILE = "latents_config.json"
 
@@ -68,8 +69,6 @@ def encode_dataset(
     seed: int = 0,
 ) -> Path:
     """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`."""
-    from eval.evaluate import EvalConfig, load_images
-
     out = Path(out)
     accelerator = Accelerator()
     if (out / CONFIG_FILE).is_file():
@@ -81,7 +80,7 @@ def encode_dataset(
         raise ConfigError(f"--resolution: {resolution} is not a positive multiple of the factor {factor}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
-    images = load_images(EvalConfig(model=model_path, data=data, resolution=resolution), factor)
+    images = load_images(data, factor, resolution=resolution)
     paths = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
     scale, shift = latent_factors(model)
     settings = {

@@ -1,6 +1,6 @@
 """The KL (and VQ) autoencoder of latent diffusion and its diffusers export; usable without the training code."""
 
-from .export import (
+from .diffusers_format import (
     check_exportable,
     find_diffusers_folder,
     from_diffusers_config,
@@ -10,8 +10,8 @@ from .export import (
     to_diffusers_config,
     to_diffusers_state_dict,
 )
-from .model import PRESETS, Autoencoder, AutoencoderConfig, DiagonalGaussian, Latents
-from .quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from .model import PRESETS, Autoencoder, AutoencoderConfig, DiagonalGaussian
+from .quantize import Latents, QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 __all__ = [
     "PRESETS",

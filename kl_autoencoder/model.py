@@ -4,7 +4,7 @@ Architecture of CompVis/latent-diffusion `ldm/modules/diffusionmodules/model.py`
 models). Module names follow diffusers' `AutoencoderKL` / `VQModel` exactly, so `state_dict()` loads strictly
 into them; the numerics (GroupNorm eps 1e-6, (0, 1, 0, 1) padding before the stride-2 conv, single-head
 attention with scale C**-0.5) are diffusers' too. The VQ bottleneck lives in `quantize.py`, export in
-`export.py`; this file does not import diffusers.
+`diffusers_format.py`; this file does not import diffusers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from .quantize import Latents, QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 
 @dataclass
@@ -59,39 +59,31 @@ class AutoencoderConfig:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attn_levels = tuple(sorted({int(level) for level in self.attn_levels}))
         for name in ("latents_mean", "latents_std"):
-            value = getattr(self, name)
-            if value is not None:
-                value = [float(v) for v in value]
-                if len(value) != self.latent_channels:
-                    raise ValueError(
-                        f"{name} has {len(value)} entries, expected latent_channels={self.latent_channels}"
-                    )
-                setattr(self, name, value)
+            if (value := getattr(self, name)) is not None:
+                setattr(self, name, [float(v) for v in value])
+                if len(value) != (n := self.latent_channels):
+                    raise ValueError(f"{name} has {len(value)} entries, expected latent_channels={n}")
         if self.bottleneck not in ("kl", "vq"):
             raise ValueError(f"bottleneck must be 'kl' or 'vq', got {self.bottleneck!r}")
-        if self.num_codes < 1 or self.code_dim < 1:
-            raise ValueError(f"num_codes and code_dim must be >= 1, got {self.num_codes} and {self.code_dim}")
-        no_projection = not (self.use_quant_conv and self.use_post_quant_conv)
-        if self.bottleneck == "vq" and no_projection and self.code_dim != self.latent_channels:
-            raise ValueError(
-                f"code_dim={self.code_dim} != latent_channels={self.latent_channels} needs use_quant_conv and "
-                "use_post_quant_conv (the 1x1 projections to and from the codes)"
-            )
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
-        for name in ("in_channels", "out_channels", "base_channels", "layers_per_block", "latent_channels"):
+        positive = ("in_channels", "out_channels", "base_channels", "layers_per_block", "latent_channels",
+                    "norm_num_groups", "num_codes", "code_dim")  # fmt: skip
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.norm_num_groups < 1:
-            raise ValueError(f"norm_num_groups must be >= 1, got {self.norm_num_groups}")
-        for width in self.block_out_channels:
-            if width % self.norm_num_groups:
+        if self.bottleneck == "vq" and not (self.use_quant_conv and self.use_post_quant_conv):
+            if self.code_dim != self.latent_channels:
                 raise ValueError(
-                    f"every level width (base_channels * channel_mult = {list(self.block_out_channels)}) must be "
-                    f"divisible by norm_num_groups={self.norm_num_groups}"
+                    f"code_dim={self.code_dim} != latent_channels={self.latent_channels} needs use_quant_conv and "
+                    "use_post_quant_conv (the 1x1 projections to and from the codes)"
                 )
-        bad = [level for level in self.attn_levels if not 0 <= level < len(self.channel_mult)]
-        if bad:
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
+        if any(width % self.norm_num_groups for width in self.block_out_channels):
+            raise ValueError(
+                f"every level width (base_channels * channel_mult = {list(self.block_out_channels)}) must be "
+                f"divisible by norm_num_groups={self.norm_num_groups}"
+            )
+        if bad := [level for level in self.attn_levels if not 0 <= level < len(self.channel_mult)]:
             raise ValueError(f"attn_levels {bad} out of range for {len(self.channel_mult)} levels")
 
     @property
@@ -152,23 +144,6 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) in closed form, summed over (C, H, W): shape (B,)."""
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
-
-
-class Latents:
-    """A VQ encoder's output before quantization, (B, code_dim, h, w), as diffusers' `VQModel.encode(x).latents`.
-
-    `mode()` and `sample()` return the latents, so code written for the KL posterior (latent statistics, a
-    scaling_factor for the diffusion model) runs unchanged; LDM diffuses VQ latents before quantization too.
-    """
-
-    def __init__(self, latents: torch.Tensor):
-        self.latents = latents
-
-    def mode(self) -> torch.Tensor:
-        return self.latents
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.latents
 
 
 class Checkpointable(nn.Module):
@@ -294,19 +269,11 @@ class Encoder(nn.Module):
         super().__init__()
         widths, groups = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList()
-        for level, width in enumerate(widths):
-            last = level == len(widths) - 1
-            self.down_blocks.append(
-                Level(
-                    widths[max(level - 1, 0)],
-                    width,
-                    cfg.layers_per_block,
-                    groups,
-                    attention=level in cfg.attn_levels,
-                    resample="none" if last else "down",
-                )
-            )
+        self.down_blocks = nn.ModuleList(
+            Level(widths[max(level - 1, 0)], width, cfg.layers_per_block, groups, attention=level in cfg.attn_levels,
+                  resample="none" if level == len(widths) - 1 else "down")
+            for level, width in enumerate(widths)
+        )  # fmt: skip
         self.mid_block = MidBlock(widths[-1], groups, cfg.mid_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         # KL: mean and log-variance; VQ: the latents themselves (LDM's double_z)
@@ -328,18 +295,11 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
         self.mid_block = MidBlock(widths[-1], groups, cfg.mid_attention)
         # diffusers order: up_blocks[0] is the lowest resolution
-        self.up_blocks = nn.ModuleList()
-        for i, level in enumerate(reversed(range(len(widths)))):
-            self.up_blocks.append(
-                Level(
-                    widths[min(level + 1, len(widths) - 1)],
-                    widths[level],
-                    cfg.layers_per_block + 1,
-                    groups,
-                    attention=level in cfg.attn_levels,
-                    resample="up" if level > 0 else "none",
-                )
-            )
+        self.up_blocks = nn.ModuleList(
+            Level(widths[min(level + 1, len(widths) - 1)], widths[level], cfg.layers_per_block + 1, groups,
+                  attention=level in cfg.attn_levels, resample="up" if level > 0 else "none")
+            for level in reversed(range(len(widths)))
+        )  # fmt: skip
         self.conv_norm_out = nn.GroupNorm(groups, widths[0], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
@@ -389,12 +349,9 @@ class Autoencoder(nn.Module):
         return self.decoder(z)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        sample_posterior: bool = False,
-        generator: torch.Generator | None = None,
+        self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None,
         return_posterior: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, DiagonalGaussian | QuantizerOutput]:
+    ) -> torch.Tensor | tuple[torch.Tensor, DiagonalGaussian | QuantizerOutput]:  # fmt: skip
         """Reconstruction, and with return_posterior the posterior (kl) or the quantizer's output (vq: .loss,
         .logs, .indices). vq ignores sample_posterior and generator; in training mode it updates the codebook."""
         # training goes through here (not encode/decode) so that DDP sees the forward and syncs gradients
@@ -417,6 +374,15 @@ class Autoencoder(nn.Module):
         if self.config.bottleneck == "vq":
             self.quantize.load_statistics(state)
 
+    def freeze_encoder(self) -> None:
+        """Keep the latent space as it is (decoder-only fine-tuning, SD's ft-EMA / ft-MSE): the encoder,
+        quant_conv and a VQ codebook take no gradient, and the codebook no EMA update or restart either."""
+        for module in (self.encoder, self.quant_conv, getattr(self, "quantize", None)):
+            if module is not None:
+                module.requires_grad_(False)
+        if self.config.bottleneck == "vq":
+            self.quantize.frozen = True
+
     @property
     def last_layer(self) -> torch.Tensor:
         """The weight LDM's adaptive GAN weight differentiates the losses against."""
@@ -435,7 +401,7 @@ class Autoencoder(nn.Module):
         Weights stored in fp16/bf16 are upcast into this fp32 model. Returned in eval mode, as diffusers does.
         vq: how a VQ codebook trains from here (fine-tuning); the EMA state starts from the loaded codebook.
         """
-        from .export import find_diffusers_folder, load_diffusers  # export imports this module
+        from .diffusers_format import find_diffusers_folder, load_diffusers  # diffusers_format imports this module
 
         config, state_dict = load_diffusers(find_diffusers_folder(path))
         model = cls(config, vq)
@@ -446,6 +412,6 @@ class Autoencoder(nn.Module):
         self, path: str | Path, extra_config: dict | None = None, dtype: torch.dtype | None = None
     ) -> Path:
         """Write a diffusers `AutoencoderKL` or `VQModel` folder (config.json + diffusion_pytorch_model.safetensors)."""
-        from .export import save_diffusers
+        from .diffusers_format import save_diffusers
 
         return save_diffusers(self, path, extra_config=extra_config, dtype=dtype)

@@ -88,6 +88,23 @@ def vq_terms(z: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return F.mse_loss(e, z.detach()), F.mse_loss(z, e.detach())
 
 
+class Latents:
+    """A VQ encoder's output before quantization, (B, code_dim, h, w), as diffusers' `VQModel.encode(x).latents`.
+
+    `mode()` and `sample()` return the latents, so code written for the KL posterior (latent statistics, a
+    scaling_factor for the diffusion model) runs unchanged; LDM diffuses VQ latents before quantization too.
+    """
+
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+    def mode(self) -> torch.Tensor:
+        return self.latents
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents
+
+
 class VectorQuantizer(nn.Module):
     """(B, D, h, w) latents -> nearest codes of a (num_codes, D) codebook, with losses, EMA and restarts."""
 
@@ -118,6 +135,7 @@ class VectorQuantizer(nn.Module):
         for name, value in buffers.items():  # not in state_dict: the export stays diffusers' VQModel
             self.register_buffer(name, value, persistent=False)
         self._host: dict[str, int] = {}  # host copies of `steps` and `recent_seen` (see `_host_count`)
+        self.frozen = False  # True: usage is still counted, but the codes never move (no EMA step, no restart)
         self.register_load_state_dict_post_hook(_restart_ema_from_loaded_codebook)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -183,6 +201,8 @@ class VectorQuantizer(nn.Module):
         self.unused_for.add_(1).masked_fill_(counts > 0, 0)
         self._host["steps"] = self._host_count("steps") + 1
         self.steps += 1
+        if self.frozen:
+            return
         if c.codebook == "ema":
             self._ema_update(counts, sums)
         # nothing here waits for the device: the step count is mirrored on the host, the draws come from a

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Autoencoder, DiagonalGaussian, Latents
+from .model import Autoencoder, DiagonalGaussian
+from .quantize import Latents
 
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from training.data import DataConfig, build_datasets, read_skipped, to_rgb
+from common.config import DataConfig
+from common.data import build_datasets
+from common.images import read_skipped, to_rgb
 
 # file -> the start of the reason it is skipped for ("" = any decoding error)
 BAD = {

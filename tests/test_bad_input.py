@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
+from commands.cli import main as kl_ae
 from kl_autoencoder import PRESETS, Autoencoder
-from training.cli import main as kl_ae
 
 from .conftest import TINY_RUN
 
@@ -29,7 +29,7 @@ TINY = [*TINY_RUN, "train.log_every=1", "train.eval_every=100", "train.sample_ev
         (["train.mixed_precision=fp16"], "train.mixed_precision: fp16 needs a CUDA GPU"),
         (["loss.gan_loss=wgan"], "loss.gan_loss: must be one of"),
         (["trian.max_steps=3"], "trian: unknown key"),
-        (["data.small_images=crop"], "data.small_images: must be 'upscale' or 'skip'"),
+        (["data.small_images=crop"], "data.small_images: must be one of ['upscale', 'skip']"),
         (["model.init_from=/nonexistent/vae"], "model.init_from: /nonexistent/vae does not exist"),
     ],
 )
@@ -56,7 +56,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
 @pytest.mark.parametrize(
     "where, error",
     [
-        ("training.train.save_diffusers", OSError(errno.ENOSPC, "No space left on device")),
+        ("training.checkpoint.save_diffusers", OSError(errno.ENOSPC, "No space left on device")),
         ("training.checkpoint.commit", PermissionError(errno.EACCES, "Permission denied")),
     ],
 )

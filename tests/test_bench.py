@@ -4,7 +4,7 @@ equal to diffusers'. Timings are not asserted (shared CI machines)."""
 import json
 import math
 
-from training.cli import main
+from commands.cli import main
 
 
 def _numbers(d: dict, prefix: str = ""):
@@ -47,7 +47,7 @@ def test_bench_tiny(tmp_path):
 def test_bench_codec_on_a_trained_model_uses_its_weights_and_the_photos(tmp_path):
     import torch
 
-    from eval.bench import photos
+    from commands.bench import photos
     from kl_autoencoder import PRESETS, Autoencoder
 
     torch.manual_seed(3)

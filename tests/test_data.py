@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import SAMPLE_TRAIN, SAMPLE_VAL, DataConfig, build_datasets, list_sample_images, to_rgb
+from common.config import DataConfig
+from common.data import build_datasets
+from common.images import SAMPLE_TRAIN, SAMPLE_VAL, list_sample_images, to_rgb
 
 
 @pytest.fixture

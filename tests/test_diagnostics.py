@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from common.latent_stats import channel_moments, latent_statistics, merge_moments
 from eval import diagnostics as diag
 from kl_autoencoder.model import DiagonalGaussian
 
@@ -24,12 +25,12 @@ def synthetic_latents(n: int = 96, size: int = 8, seed: int = 0) -> torch.Tensor
 
 def test_statistics_merged_across_processes_match_the_direct_computation():
     z = synthetic_latents()
-    per_image = diag.channel_moments(z)
+    per_image = channel_moments(z)
     # three "processes" of unequal size, each merged locally, then the gathered rows merged again
     chunks = [slice(0, 10), slice(10, 61), slice(61, 96)]
-    merged = [diag.merge_moments(*(t[c] for t in per_image)) for c in chunks]
+    merged = [merge_moments(*(t[c] for t in per_image)) for c in chunks]
     gathered = tuple(torch.cat([m[i] for m in merged]) for i in range(3))
-    stats = diag.latent_statistics(*gathered)
+    stats = latent_statistics(*gathered)
 
     direct = z.double().transpose(0, 1).flatten(1)  # (C, all values)
     assert stats["num_values"] == direct.numel()
@@ -43,7 +44,7 @@ def test_statistics_merged_across_processes_match_the_direct_computation():
     assert torch.allclose(f64(stats["latents_mean"]), MEANS.double(), atol=0.1)
     assert torch.allclose(f64(stats["latents_std"]), STDS.double(), rtol=0.05)
     # merging every image at once gives the same answer as merging chunks
-    assert diag.latent_statistics(*per_image)["latents_std"] == pytest.approx(stats["latents_std"], rel=1e-12)
+    assert latent_statistics(*per_image)["latents_std"] == pytest.approx(stats["latents_std"], rel=1e-12)
 
 
 def test_kl_per_channel_equals_the_posterior_kl_and_torch_distributions():
@@ -80,7 +81,7 @@ def test_burda_active_units_from_the_spread_of_posterior_means():
     mean = torch.randn(50, 3, 4, 4, generator=gen)
     mean[:, 1] = 0.7  # the same for every x: carries nothing
     mean[:, 2] *= 0.05  # variance 0.0025 < 0.01
-    au = diag.burda_active_units(*diag.channel_moments(mean))
+    au = diag.burda_active_units(*channel_moments(mean))
     assert au["active_units"] == 1
     assert au["variance"][1] == pytest.approx(0.0, abs=1e-12)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from commands.cli import main
+from common.data import build_datasets
 from kl_autoencoder import Autoencoder
-from training.cli import main
 from training.config import load_config
-from training.data import build_datasets
 
 
 @pytest.fixture(scope="module")

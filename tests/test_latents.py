@@ -9,9 +9,10 @@ import skimage.data
 import torch
 from PIL import Image
 
+from commands.cli import main
+from common.data import load_images
 from eval.latents import decode_latents, read_latents
 from kl_autoencoder import Autoencoder
-from training.cli import main
 
 SCALE, SHIFT = 0.5, 0.1
 
@@ -47,9 +48,7 @@ def test_encode_decode_round_trip(setup):
 
     _, read = read_latents(out)
     for index, path, image in decode_latents(model, table, read):
-        from eval.evaluate import EvalConfig, load_images
-
-        x = load_images(EvalConfig(model="", data=str(tmp / "images"), resolution=32), 4)[index][None]
+        x = load_images(str(tmp / "images"), 4, resolution=32)[index][None]
         with torch.no_grad():
             z = model.encode(x).mode()
             stored = torch.from_numpy(table.with_format("numpy")[index]["latent"])[None]

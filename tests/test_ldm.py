@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from kl_autoencoder import PRESETS, Autoencoder
-from kl_autoencoder.export import to_diffusers_config
+from kl_autoencoder.diffusers_format import to_diffusers_config
 from kl_autoencoder.ldm import from_ldm_state_dict, load_checkpoint_file, to_ldm_state_dict
 
 
@@ -67,7 +67,7 @@ def test_malicious_pickle_is_refused_by_default(tmp_path):
 
 
 def test_init_from_an_ldm_file_and_a_mismatched_one(tmp_path, capsys):
-    from training.cli import main as kl_ae
+    from commands.cli import main as kl_ae
 
     cfg = dataclasses.replace(PRESETS["tiny"], base_channels=16, norm_num_groups=8)
     torch.manual_seed(2)

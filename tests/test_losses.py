@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.lpips import LPIPS
 from kl_autoencoder import PRESETS, Autoencoder
 from training.config import LossConfig
 from training.discriminator import PatchDiscriminator
@@ -19,8 +20,7 @@ from training.losses import (
     nll_loss,
     reconstruction_error,
 )
-from training.lpips import LPIPS
-from training.train import Generator, discriminator_objective, generator_objective
+from training.step import Generator, discriminator_objective, generator_objective
 
 LOGITS_REAL = torch.tensor([[2.0, -0.5], [0.3, 1.5]])
 LOGITS_FAKE = torch.tensor([[-1.5, 0.2], [0.9, -3.0]])

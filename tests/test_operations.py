@@ -13,8 +13,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from commands.cli import main as kl_ae
 from kl_autoencoder import Autoencoder
-from training.cli import main as kl_ae
 from training.config import load_config
 from training.step import guarded_step
 from training.train import main as train_main
@@ -225,7 +225,7 @@ def test_decoder_only_training_keeps_the_encoder_bit_identical(tmp_path):
 
 
 def test_decoder_only_needs_a_pretrained_encoder():
-    from training.config import ConfigError
+    from common.config import ConfigError
 
     with pytest.raises(ConfigError, match="^train.trainable: decoder-only training needs model.init_from"):
         load_config(None, ["train.trainable=decoder"])

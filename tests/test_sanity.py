@@ -2,8 +2,8 @@
 
 import torch
 
-import eval.sanity as sanity
-from training.cli import main as kl_ae
+import training.sanity as sanity
+from commands.cli import main as kl_ae
 
 
 def test_closed_form_ppca_recovers_the_generating_model():

@@ -8,9 +8,9 @@ import skimage.data
 import torch
 from PIL import Image
 
+from commands.cli import main
 from kl_autoencoder import PRESETS, Autoencoder
 from kl_autoencoder.tiling import decode_tiled, encode_tiled
-from training.cli import main
 
 
 def _psnr(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from commands.cli import main as kl_ae
+from common.config import ConfigError
 from kl_autoencoder import Autoencoder
-from training.cli import main as kl_ae
-from training.config import ConfigError, load_config
+from training.config import load_config
 
 from .conftest import launch_two_processes
 

@@ -1,9 +1,13 @@
-"""Checkpoints that survive faults, and a clean stop on SIGTERM / SIGINT.
+"""Checkpoints that survive faults, exact resume, and a clean stop on SIGTERM / SIGINT.
 
 A checkpoint is written into `checkpoints/.tmp_step_N/`, renamed to `checkpoints/step_N/` once
 complete, and only then does `checkpoints/latest` (a one-line file, replaced atomically) name it.
 A run killed at any moment therefore leaves `latest` pointing at a complete checkpoint; re-running
 the same command resumes from it. (k-diffusion's `_state.json` pointer, made crash-safe.)
+
+A checkpoint holds accelerate's state (models, optimizers, schedulers, scaler, RNG states, the EMA
+registered for checkpointing), `trainer_state.json` (step, batches seen, history), a VQ model's codebook
+statistics (`quantizer.pt`) and the weights to use as a diffusers folder (`autoencoder/`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,15 @@ import shutil
 import signal
 from pathlib import Path
 
-POINTER = "latest"
-STATE_FILE = "trainer_state.json"
+import torch
+from accelerate import Accelerator
+
+from common.config import ConfigError
+from common.runs import POINTER, STATE_FILE, checkpoint_name, find_latest_checkpoint
+from kl_autoencoder import Autoencoder
+from kl_autoencoder.diffusers_format import save_diffusers
+
+QUANTIZER_FILE = "quantizer.pt"  # a VQ model's codebook statistics, which its state dict leaves out
 
 
 class NonFiniteError(RuntimeError):
@@ -24,10 +35,6 @@ class NonFiniteError(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (full disk, permissions): the previous one and `latest` are intact."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -45,16 +52,6 @@ def trim_log(path: Path, last_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
-
-
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint named by `checkpoints/latest`, which only ever names a complete checkpoint."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / POINTER
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -88,6 +85,62 @@ def commit(root: Path, tmp: Path, step: int, keep: int) -> Path:
     for stale in root.glob(".tmp_step_*"):  # left by a killed write
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save(
+    accelerator: Accelerator, out: Path, step: int, state: dict, weights: Autoencoder, live: Autoencoder, keep: int
+) -> None:
+    """Write the checkpoint of `step` crash-safely (all processes call this). `state` goes to trainer_state.json,
+    `weights` (the EMA ones, or the live model) to `autoencoder/`; `live` gives a VQ model's codebook statistics.
+
+    A full disk or a permission error removes the half-written checkpoint and raises CheckpointWriteError: the
+    previous checkpoint and `latest` stay intact.
+    """
+    root = out / "checkpoints"
+    tmp = temporary_folder(root, step, clear=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            save_diffusers(weights, tmp / "autoencoder")
+            if live.config.bottleneck == "vq":
+                torch.save(live.quantizer_state(), tmp / QUANTIZER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            commit(root, tmp, step, keep)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = find_latest_checkpoint(out)
+        raise CheckpointWriteError(
+            f"could not write the checkpoint of step {step} ({e}); the previous checkpoint "
+            f"({last.name if last else 'none'}) and checkpoints/latest are intact. Free space or fix "
+            "permissions, then re-run the same command to resume"
+        ) from None
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, out: Path, ema, live: Autoencoder) -> dict | None:
+    """Load the latest complete checkpoint of `out` into the prepared objects; returns its trainer state
+    (step, batches_seen, history), or None when there is none. A checkpoint that cannot be loaded is a
+    ConfigError naming it."""
+    latest = find_latest_checkpoint(out)
+    if latest is None:
+        return None
+    try:
+        accelerator.load_state(str(latest))
+    except Exception as e:  # truncated or corrupt files, or a checkpoint of another architecture
+        details = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # names the tensors
+        raise ConfigError(
+            f"resume: {latest} cannot be loaded ({type(e).__name__}: {details[:600]}); "
+            "use another --out, or delete this checkpoint to resume from an older one"
+        ) from None
+    if ema is not None:  # accelerate restores custom objects on the CPU
+        ema.to(accelerator.device)
+    if (latest / QUANTIZER_FILE).is_file():  # after load_state: loading weights resets these statistics
+        stats = torch.load(latest / QUANTIZER_FILE, map_location=accelerator.device, weights_only=True)
+        live.load_quantizer_state(stats)
+    state = json.loads((latest / STATE_FILE).read_text())
+    accelerator.print(f"resumed from {latest} at step {state['step']}")
+    return state
 
 
 class StopSignal:

@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import os
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from common.config import ConfigError, DataConfig, check_writable, merge, parse_override
 from kl_autoencoder.quantize import QuantizerConfig
-from training.data import DataConfig
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, with a one-line message that names the key."""
 
 
 @dataclass
@@ -176,6 +169,7 @@ class TrainSection:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    # the sections' own defaults are LDM-like; these are the CPU default run (`configs/tiny.yaml` adds nothing)
     data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, resize=128, batch_size=8, repeats=64))
     loss: LossConfig = field(default_factory=lambda: LossConfig(disc_start=900, disc_ramp=300, disc_norm="group"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
@@ -185,10 +179,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         self.model.validate()
-        try:
-            self.data.validate()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.data.validate()
         self.loss.validate()
         self.optim.validate()
         self.train.validate()
@@ -216,120 +207,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check_writable(key: str, path: Path) -> None:
-    """The folder can be created and written, judged without writing anything."""
-    path = path.expanduser().absolute()
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{key}: {path} cannot be created, {parent} is not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"{key}: {parent} is not writable")
-            return
-
-
-# ----------------------------------------------------------------------------- merging
-
-
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """Return `value` coerced to `hint`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_name(hint)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if isinstance(value, bool):  # YAML 1.1 reads a bare `off` as false
-            value = {False: "off", True: "on"}[value]
-        if value is None and "none" in choices:
-            value = "none"
-        if value not in choices:
-            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        (item,) = typing.get_args(hint)[:1]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {hint}")
-
-
-def _name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint))
-
-
-def merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    """Merge a nested dict onto a dataclass instance in place, checking every key and value."""
-    if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in fields(obj)}
-    for key, value in updates.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"{full}: unknown key; valid keys here: {sorted(names)}")
-        current = getattr(obj, key)
-        if is_dataclass(current):
-            merge(current, value, prefix=f"{full}.")
-        else:
-            setattr(obj, key, _check_type(full, value, hints[key]))
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """`a.b=value` -> {"a": {"b": value}}, the value parsed as YAML (so 1e-4, true, [1, 2] work)."""
-    if "=" not in text:
-        raise ConfigError(f"{text}: overrides are written section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
-        value = raw.strip()  # `no`, `off`, `yes` are words here, not YAML 1.1 booleans
-    if isinstance(value, str) and value.lower() in ("none", "null"):
-        value = None
-    # a bare 1e-4 is a string to YAML 1.1; read it as a number
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    node: dict[str, Any] = {}
-    out = node
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-    return out
 
 
 def recipe_names() -> list[str]:
@@ -361,7 +238,7 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         merge(cfg, data)
     for text in overrides:
-        merge(cfg, parse_override(text))
+        merge(cfg, parse_override(text, TrainConfig))
     return cfg.validate()
 
 

@@ -13,33 +13,32 @@ the autoencoder for validation and export, skip non-finite steps, and stop clean
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from eval.export import export_after_training
-from eval.metrics import reconstruction_metrics
+from common.config import ConfigError
+from common.data import build_datasets, read_skipped
+from common.lpips import autocast_dtype, build_lpips
+from common.release import export_after_training
+from common.runs import find_latest_checkpoint
 from kl_autoencoder import Autoencoder
-from kl_autoencoder.export import save_diffusers
 from kl_autoencoder.ldm import load_ldm_checkpoint
 from training import checkpoint
-from training.checkpoint import CheckpointWriteError, NonFiniteError, StopSignal, find_latest_checkpoint
-from training.config import ConfigError, TrainConfig, load_config, save_config
-from training.data import build_datasets, read_skipped
+from training.checkpoint import NonFiniteError, StopSignal
+from training.config import TrainConfig, save_config
 from training.discriminator import PatchDiscriminator
-from training.lpips import autocast_dtype, build_lpips
+from training.progress import LogWriter, RunningMeans
 from training.step import (
     Generator,
     GuardedEMA,
@@ -50,8 +49,7 @@ from training.step import (
     guarded_step,
     replicas_identical,
 )
-
-QUANTIZER_FILE = "quantizer.pt"
+from training.validation import Validator, weights_for_use
 
 
 def resolve_mixed_precision(mode: str) -> str:
@@ -93,6 +91,30 @@ def build_autoencoder(cfg: TrainConfig) -> Autoencoder:
     return Autoencoder(cfg.model.autoencoder_config(), vq=cfg.vq)
 
 
+def check_nonfinite(guards: dict[str, NonFiniteGuard], history: dict, step: int, limit: int, out: Path, log) -> None:
+    """Count the skipped steps of each model (one host read); stop after `limit` in a row of either."""
+    for name, guard in guards.items():
+        new, longest = guard.check()
+        key, what = ("nonfinite_steps", "") if name == "autoencoder" else (f"nonfinite_{name}_steps", f" {name}")
+        if new:
+            history[key] = history.get(key, 0) + new
+            log(f"WARNING: {new}{what} step(s) with non-finite loss or gradients skipped by step {step}")
+        if longest >= limit:
+            last = find_latest_checkpoint(out)
+            raise NonFiniteError(
+                f"{longest} non-finite{what} steps in a row by step {step}; stopping. Last good checkpoint: "
+                f"{last or 'none'} (skipped steps leave the weights untouched). Lower optim.lr or check the data"
+            )
+
+
+def agree_on_stop(accelerator: Accelerator, requested: bool) -> bool:
+    """True on every process when any process was asked to stop, so that all save together."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor(float(requested), device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
 def main(cfg: TrainConfig) -> dict:
     """Train as `cfg` says; returns the run summary (also written to `<out>/summary.json`)."""
     out = Path(cfg.out_dir)
@@ -118,9 +140,7 @@ def main(cfg: TrainConfig) -> dict:
     if cfg.model.gradient_checkpointing:
         autoencoder.enable_gradient_checkpointing()
     if cfg.train.trainable == "decoder":  # SD's ft-EMA / ft-MSE recipe: the latent space stays as it is
-        for module in (autoencoder.encoder, autoencoder.quant_conv):
-            if module is not None:
-                module.requires_grad_(False)
+        autoencoder.freeze_encoder()
     generator = Generator(autoencoder, cfg.loss.learn_logvar, cfg.loss.logvar_init)
     discriminator = PatchDiscriminator(
         base_channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers, norm=cfg.loss.disc_norm
@@ -135,7 +155,7 @@ def main(cfg: TrainConfig) -> dict:
         lpips = lpips.to(accelerator.device)
         if lpips_dtype is not None:
             lpips_status += f" (under {precision} autocast: loss.lpips_autocast)"
-    ema = None
+    ema = ema_model = None
     if cfg.train.ema:
         ema = GuardedEMA(autoencoder.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True)
         ema_model = copy.deepcopy(autoencoder).eval().requires_grad_(False)  # what validation and export use
@@ -159,8 +179,7 @@ def main(cfg: TrainConfig) -> dict:
     per_epoch = len(train_ds) // (cfg.data.batch_size * accelerator.num_processes)
     if per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per process is more than the {len(train_ds)} images")
-    # a fixed batch of held-out images for the reconstruction grids (main process only, unsharded)
-    sample_batch = torch.stack([val_ds[i] for i in range(min(8, len(val_ds)))])
+    sample_batch = torch.stack([val_ds[i] for i in range(min(8, len(val_ds)))])  # for the reconstruction grids
     if is_main:  # only now, once every input has been checked, is anything written
         for folder in (out, out / "samples", out / "checkpoints"):
             folder.mkdir(parents=True, exist_ok=True)
@@ -190,137 +209,43 @@ def main(cfg: TrainConfig) -> dict:
         ema.to(accelerator.device)
         ema_model.to(accelerator.device)
     gen_module = accelerator.unwrap_model(generator)  # to reach logvar and the last layer's weight
-    last_layer = gen_module.autoencoder.last_layer
+    live = gen_module.autoencoder
     trainable_g = [p for p in generator.parameters() if p.requires_grad]
     fp16 = precision == "fp16"
+    use_weights = partial(weights_for_use, live, ema, ema_model)
 
     # --- resume: the same command continues from the latest complete checkpoint
-    step, batches_seen = 0, 0
-    history = {"first_eval": None, "last_eval": None, "wall_s": 0.0, "nonfinite_steps": 0}
-    latest = find_latest_checkpoint(out)
-    if latest is not None:
-        try:
-            accelerator.load_state(str(latest))
-        except Exception as e:  # truncated or corrupt files, or a checkpoint of another architecture
-            details = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # names the tensors
-            raise ConfigError(
-                f"resume: {latest} cannot be loaded ({type(e).__name__}: {details[:600]}); "
-                "use another --out, or delete this checkpoint to resume from an older one"
-            ) from None
-        if ema is not None:  # accelerate restores custom objects on the CPU
-            ema.to(accelerator.device)
-        state = json.loads((latest / checkpoint.STATE_FILE).read_text())
+    state = checkpoint.resume(accelerator, out, ema, live)
+    step, batches_seen, history = 0, 0, {"first_eval": None, "last_eval": None, "wall_s": 0.0, "nonfinite_steps": 0}
+    if state is not None:
         step, batches_seen, history = state["step"], state["batches_seen"], state["history"]
-        if (latest / QUANTIZER_FILE).is_file():  # after load_state: loading weights resets these statistics
-            stats = torch.load(latest / QUANTIZER_FILE, map_location=accelerator.device, weights_only=True)
-            gen_module.autoencoder.load_quantizer_state(stats)
-        log(f"resumed from {latest} at step {step}")
     if is_main:  # rows a killed run logged after its checkpoint (or before any) are about to be logged again
         for name in ("metrics.jsonl", "val.jsonl"):
-            checkpoint.trim_log(out / name, step if latest is not None else -1)
+            checkpoint.trim_log(out / name, step if state is not None else -1)
     if is_main and cfg.train.tracker != "none":
         accelerator.init_trackers("kl-ae", config=_flat(cfg.to_dict()))
-
-    def weights_for_use() -> Autoencoder:
-        """The EMA weights when EMA is on (validation and export use them), else the live ones."""
-        if ema is None:
-            return gen_module.autoencoder
-        ema.copy_to(ema_model.parameters())
-        return ema_model
-
-    def evaluate() -> dict[str, float]:
-        """Validation metrics of the posterior mode over every held-out image, gathered from all processes."""
-        model = weights_for_use()
-        was_training = model.training
-        model.eval()
-        values: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad():
-            for x in val_dl:
-                for k, v in reconstruction_metrics(x, model(x), lpips).items():
-                    values.setdefault(k, []).append(accelerator.gather_for_metrics(v))
-        model.train(was_training)
-        metrics = {f"val/{k}": torch.cat(v).mean().item() for k, v in values.items()}
-        metrics["val/images"] = len(torch.cat(values["psnr"]))
-        return metrics
-
-    def save_samples() -> None:
-        if is_main:
-            model = weights_for_use()
-            was_training = model.training
-            model.eval()
-            x = sample_batch.to(accelerator.device)
-            with torch.no_grad():
-                recon = model(x).float().clamp(-1, 1)
-            model.train(was_training)
-            path = out / "samples" / f"{checkpoint.checkpoint_name(step)}.png"
-            save_image(torch.cat([x, recon]) * 0.5 + 0.5, path, nrow=len(x))
-
-    def save_checkpoint() -> None:
-        root = out / "checkpoints"
-        tmp = checkpoint.temporary_folder(root, step, clear=is_main)
-        accelerator.wait_for_everyone()
-        try:
-            accelerator.save_state(str(tmp))
-            if is_main:
-                save_diffusers(weights_for_use(), tmp / "autoencoder")
-                if gen_module.autoencoder.config.bottleneck == "vq":  # codebook statistics, outside the state dict
-                    torch.save(gen_module.autoencoder.quantizer_state(), tmp / QUANTIZER_FILE)
-                state = {"step": step, "batches_seen": batches_seen, "history": history}
-                (tmp / checkpoint.STATE_FILE).write_text(json.dumps(state, indent=1))
-                checkpoint.commit(root, tmp, step, cfg.train.keep_checkpoints)
-        except OSError as e:  # a full disk or a permission error: keep what is already saved, and stop
-            shutil.rmtree(tmp, ignore_errors=True)
-            last = find_latest_checkpoint(out)
-            raise CheckpointWriteError(
-                f"could not write the checkpoint of step {step} ({e}); the previous checkpoint "
-                f"({last.name if last else 'none'}) and checkpoints/latest are intact. Free space or fix "
-                "permissions, then re-run the same command to resume"
-            ) from None
-        accelerator.wait_for_everyone()
-
-    def record_eval() -> None:
-        metrics = evaluate()
-        entry = {"step": step, **metrics}
-        history["first_eval"] = history["first_eval"] or entry
-        history["last_eval"] = entry
-        accelerator.log(metrics, step=step)
-        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if is_main:
-            with open(out / "val.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
+    validator = Validator(accelerator, val_dl, sample_batch, lpips, out, use_weights)
     if step == 0:
-        record_eval()
-        save_samples()
+        validator.record(step, history)
+        validator.save_samples(step)
 
-    # --- the loop
-    loss_cfg = cfg.loss
-    metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
+    def save() -> None:
+        trainer_state = {"step": step, "batches_seen": batches_seen, "history": history}
+        checkpoint.save(accelerator, out, step, trainer_state, use_weights(), live, cfg.train.keep_checkpoints)
+
+    # --- the loop. Nothing in a step waits for the device: skipped steps and the logged means are counted
+    # there, and read at logging and checkpoint steps
     images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
-    # nothing in a step waits for the device: skipped steps and the logged means are counted there, and read
-    # at logging and checkpoint steps
-    running: dict[str, torch.Tensor] = {}
-    n_good = torch.zeros((), device=accelerator.device)
-    all_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
-    guard = NonFiniteGuard(accelerator.device)
+    means = RunningMeans()
+    no_skip = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    guards = {"autoencoder": NonFiniteGuard(accelerator.device), "discriminator": NonFiniteGuard(accelerator.device)}
+    nonfinite = partial(check_nonfinite, guards, history, limit=cfg.train.max_nonfinite, out=out, log=log)
     interrupted = False
-
-    def check_guard() -> None:
-        new, longest = guard.check()
-        if new:
-            history["nonfinite_steps"] += new
-            log(f"WARNING: {new} step(s) with non-finite loss or gradients skipped by step {step}")
-        if longest >= cfg.train.max_nonfinite:
-            last = find_latest_checkpoint(out)
-            raise NonFiniteError(
-                f"{longest} non-finite steps in a row by step {step}; stopping. Last good checkpoint: "
-                f"{last or 'none'} (skipped steps leave the weights untouched). Lower optim.lr or check the data"
-            )
-
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    # the bar is a context too: an error message then starts on a line of its own
+    writer = LogWriter(accelerator, out / "metrics.jsonl", bar)
     t_start = t_log = time.perf_counter()
     steps_at_log = step
+    # the bar is a context too: an error message then starts on a line of its own
     with StopSignal() as stop, bar:
         while step < cfg.train.max_steps and not interrupted:
             epoch = batches_seen // per_epoch
@@ -331,80 +256,66 @@ def main(cfg: TrainConfig) -> dict:
                 batches_seen += 1
                 with accelerator.accumulate(generator, discriminator):
                     recon, posterior = generator(x)
-                    loss, logs, factor = generator_objective(
-                        x, recon, posterior, gen_module.logvar, lpips, discriminator, last_layer, loss_cfg, step,
+                    loss, g_logs, factor = generator_objective(
+                        x, recon, posterior, gen_module.logvar, lpips, discriminator, live.last_layer, cfg.loss, step,
                         no_sync=lambda: accelerator.no_sync(discriminator),
                     )  # fmt: skip
                     accelerator.backward(loss)
-                    ok = all_ok
+                    # each optimizer skips a non-finite batch on its own; the EMA follows the autoencoder's update
+                    g_ok = d_ok = no_skip
                     if accelerator.sync_gradients:
-                        ok, logs["train/grad_norm"] = guarded_step(
+                        g_ok, g_logs["train/grad_norm"] = guarded_step(
                             accelerator, opt_g, trainable_g, cfg.optim.grad_clip, fp16
                         )
-                    if factor > 0:  # a non-finite batch is skipped by each optimizer on its own
-                        d_loss, d_logs = discriminator_objective(x, recon, discriminator, loss_cfg, factor)
+                    d_logs = {}
+                    if factor > 0:
+                        d_loss, d_logs = discriminator_objective(x, recon, discriminator, cfg.loss, factor)
                         accelerator.backward(d_loss)
                         if accelerator.sync_gradients:
-                            d_ok, _ = guarded_step(
-                                accelerator, opt_d, list(discriminator.parameters()), cfg.optim.grad_clip, fp16
-                            )
-                            ok = ok & d_ok
-                        logs |= d_logs
+                            d_params = list(discriminator.parameters())
+                            d_ok, _ = guarded_step(accelerator, opt_d, d_params, cfg.optim.grad_clip, fp16)
                 if not accelerator.sync_gradients:
                     continue
-                guard.update(ok)  # a skipped step counts as a step; its weights and optimizer state are untouched
+                guards["autoencoder"].update(g_ok)  # a skipped step counts as a step; nothing in it is applied
+                means.add(g_logs, g_ok)
                 sched_g.step()
-                if factor > 0:
-                    sched_d.step()
                 if ema is not None:
-                    ema.step(gen_module.autoencoder.parameters(), keep=ok)
+                    ema.step(live.parameters(), keep=g_ok)
+                if factor > 0:
+                    guards["discriminator"].update(d_ok)
+                    means.add(d_logs, d_ok)
+                    sched_d.step()
                 step += 1
                 bar.update(1)
-                for k, v in logs.items():
-                    running[k] = running.get(k, 0.0) + torch.where(ok, v.detach().float(), 0.0)
-                n_good += ok
 
-                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                    check_guard()
+                last = step == cfg.train.max_steps
+                if step % cfg.train.log_every == 0 or last:
+                    nonfinite(step=step)
                     now = time.perf_counter()
-                    values = torch.stack([n_good, *running.values()]).tolist()  # one sync per log line
-                    good = values[0]
-                    record = {k: v / good for k, v in zip(running, values[1:])} if good else {}
-                    record["train/disc_factor"] = factor
-                    record["lr"] = sched_g.get_last_lr()[0]
-                    record["img_per_s"] = (step - steps_at_log) * images_per_step / (now - t_log)
-                    record["nonfinite_steps"] = history["nonfinite_steps"]
-                    running, t_log, steps_at_log = {}, now, step
-                    n_good.zero_()
-                    accelerator.log(record, step=step)
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps({"step": step, **record}) + "\n")
-                        metrics_file.flush()
-                    rec = record.get("train/l1", record.get("train/l2", 0.0))
-                    bar.set_postfix(
-                        loss=f"{record.get('train/loss', float('nan')):.4g}", rec=f"{rec:.4f}",
-                        img_s=f"{record['img_per_s']:.1f}",
-                    )  # fmt: skip
-                    if accelerator.num_processes > 1:  # agree on a stop request, so all save together
-                        flag = torch.tensor(float(stop.requested), device=accelerator.device)
-                        stop.requested = accelerator.reduce(flag, "sum").item() > 0
+                    record = means.pop() | {
+                        "train/disc_factor": factor,
+                        "lr": sched_g.get_last_lr()[0],
+                        "img_per_s": (step - steps_at_log) * images_per_step / (now - t_log),
+                        "nonfinite_steps": history["nonfinite_steps"],
+                    }
+                    t_log, steps_at_log = now, step
+                    writer.write(step, record)
+                    stop.requested = agree_on_stop(accelerator, stop.requested)
                 if accelerator.num_processes == 1 or step % cfg.train.log_every == 0:
                     interrupted = stop.requested
-                if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-                    record_eval()
-                if step % cfg.train.sample_every == 0 or step == cfg.train.max_steps:
-                    save_samples()
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or interrupted:
+                if step % cfg.train.eval_every == 0 or last:
+                    validator.record(step, history)
+                if step % cfg.train.sample_every == 0 or last:
+                    validator.save_samples(step)
+                if step % cfg.train.checkpoint_every == 0 or last or interrupted:
                     history["wall_s"] += time.perf_counter() - t_start
                     t_start = time.perf_counter()
-                    check_guard()  # stop before saving when the limit is reached; the last checkpoint stays
-                    save_checkpoint()
+                    nonfinite(step=step)  # stop before saving when the limit is reached; the last checkpoint stays
+                    save()
                 if step >= cfg.train.max_steps or interrupted:
                     break
 
-    in_sync = replicas_identical(
-        accelerator, accelerator.unwrap_model(generator), accelerator.unwrap_model(discriminator)
-    )
+    in_sync = replicas_identical(accelerator, gen_module, accelerator.unwrap_model(discriminator))
     if not in_sync:
         log("WARNING: the processes hold different weights at the end of the run")
     summary = {
@@ -416,14 +327,15 @@ def main(cfg: TrainConfig) -> dict:
         "mixed_precision": precision,
         "ema": cfg.train.ema,
         "nonfinite_steps": history["nonfinite_steps"],
+        "nonfinite_discriminator_steps": history.get("nonfinite_discriminator_steps", 0),
         "skipped_images": len(read_skipped(out / "skipped.txt")),
         "replicas_identical": in_sync,
         "lpips": lpips_status if lpips is not None else f"OFF: {lpips_status}",
         "first_eval": history["first_eval"],
         "last_eval": history["last_eval"],
     }
+    writer.close()
     if is_main:
-        metrics_file.close()
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if interrupted:
             log(f"stopped at step {step}; checkpoint saved. Re-run the same command to resume.")
@@ -451,53 +363,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="a recipe name (tiny, kl-f8, ...) or a YAML file")
-    parser.add_argument("--data", help="a folder of images, a hub dataset name, or 'sample'")
-    parser.add_argument("--out", help="the run folder (default runs/default)")
-    parser.add_argument("--max-steps", type=int, help="shorthand for train.max_steps=N")
-    parser.add_argument(
-        "--trust-pickle", action="store_true", help="let model.init_from unpickle a .ckpt file (only files you trust)"
-    )
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.source={args.data}")
-    if args.out is not None:
-        overrides.append(f"out_dir={args.out}")
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.trust_pickle:
-        overrides.append("model.trust_pickle=true")
-    # keep strings as strings: `--data 123` is a folder name, not a number
-    return load_config(args.config, [_quote(o) for o in overrides])
-
-
-def _quote(override: str) -> str:
-    key, _, value = override.partition("=")
-    if key in ("data.source", "out_dir", "model.init_from", "loss.lpips_weights") and value:
-        return f"{key}={json.dumps(value)}"
-    return override
-
-
-def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kl-ae train", description="Train a KL autoencoder.")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        main(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, CheckpointWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
+    from training.cli import cli
+
     sys.exit(cli())

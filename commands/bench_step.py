@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from eval.bench import BenchConfig
+    from commands.bench import BenchConfig
 
 BASELINES = ("reference", "fixed")
 
@@ -71,7 +71,7 @@ def diffusers_twin(ours):
     """diffusers' AutoencoderKL holding our KL autoencoder's weights (loaded strictly), fp32."""
     from diffusers import AutoencoderKL
 
-    from kl_autoencoder.export import to_diffusers_config, to_diffusers_state_dict
+    from kl_autoencoder.diffusers_format import to_diffusers_config, to_diffusers_state_dict
 
     theirs = AutoencoderKL(**to_diffusers_config(ours.config))
     theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
@@ -88,7 +88,7 @@ def model_pair(preset: str, seed: int):
 
 
 def lpips_random(dtype: torch.dtype | None = None):
-    from training.lpips import LPIPS
+    from common.lpips import LPIPS
 
     return LPIPS(net="vgg", random_backbone=True, dtype=dtype)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from common.config import ConfigError
 from eval.evaluate import EvalConfig, evaluate
 from eval.report import save_rd_plot
-from training.config import ConfigError, load_config
+from training.config import load_config
 
 # LDM's operating point (1e-6, where the KL costs almost nothing under the `sum` reduction) up to beta = 1;
 # after a few hundred steps 1e-6 and 1e-3 still sit at the same rate, 0.1 and 1 visibly lower

@@ -1,4 +1,6 @@
-"""`kl-ae export`: a run's EMA weights as a complete diffusers folder, with latent statistics measured on held-out data.
+"""The release of a trained autoencoder: a complete diffusers folder, with latent statistics measured on held-out data.
+
+Run at the end of training and by `kl-ae export`.
 
 What a diffusion model trained on our latents needs besides the weights is in the config: `scaling_factor`
 (and, KL only, `shift_factor`, per-channel `latents_mean` / `latents_std`), measured on posterior samples
@@ -17,53 +19,51 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from eval import diagnostics as diag
+from common.config import ConfigError, DataConfig, merge
+from common.data import build_datasets, load_images
+from common.latent_stats import channel_moments, latent_statistics
+from common.runs import find_run, latest_weights
 from kl_autoencoder import Autoencoder
-from kl_autoencoder.export import WEIGHTS_NAME, find_diffusers_folder, save_diffusers
-from training.config import ConfigError
+from kl_autoencoder.diffusers_format import WEIGHTS_NAME, find_diffusers_folder, save_diffusers
 
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' variant naming: variant="fp16"
 # fp16 agrees with fp32 when the largest pixel difference (images in [-1, 1]) stays under this
 FP16_TOLERANCE = 0.05
 
 
-def find_run(path: str | Path) -> Path | None:
-    """The run folder (with config.yaml) that a run, checkpoint, `autoencoder/` or `diffusers/` folder is in."""
-    path = Path(path).resolve()
-    for candidate in [path, *list(path.parents)[:3]]:
-        if (candidate / "config.yaml").is_file() and (candidate / "checkpoints").is_dir():
-            return candidate
-    return None
-
-
 def held_out_images(run: Path | None, data: str | None, resolution: int, max_images: int | None) -> tuple[Dataset, str]:
     """(images in [-1, 1], a description): `data` (a folder: all its images) or else the run's validation split."""
-    from eval.evaluate import EvalConfig, load_images
-    from training.config import load_config
-    from training.data import build_datasets
-
     if data is not None:
-        images = load_images(EvalConfig(model="", data=data, resolution=resolution, max_images=max_images), 1)
+        images = load_images(data, 1, resolution=resolution, max_images=max_images)
         return images, f"{data} ({len(images)} images at {resolution}px)"
     if run is None:
         raise ConfigError("export: not inside a training run (no config.yaml found); pass --data SPEC")
-    cfg = load_config(str(run / "config.yaml"))
+    data_cfg, seed = run_data_config(run)
     try:
-        val = build_datasets(cfg.data, cfg.train.seed)[1]
+        val = build_datasets(data_cfg, seed)[1]
     except ValueError as e:
-        raise ConfigError(f"export: the run's data ({cfg.data.source}) cannot be read: {e}") from None
+        raise ConfigError(f"export: the run's data ({data_cfg.source}) cannot be read: {e}") from None
     if max_images is not None and len(val) > max_images:
         val = torch.utils.data.Subset(val, range(max_images))
-    return val, f"validation split of {cfg.data.source} ({len(val)} images at {cfg.data.resolution}px)"
+    return val, f"validation split of {data_cfg.source} ({len(val)} images at {data_cfg.resolution}px)"
+
+
+def run_data_config(run: Path) -> tuple[DataConfig, int]:
+    """(the data section, the seed) of a run's resolved `config.yaml`."""
+    saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    data = DataConfig()
+    merge(data, saved.get("data", {}), prefix="data.")
+    return data, int(saved.get("train", {}).get("seed", 0))
 
 
 @torch.no_grad()
 def measure_latents(
     model: Autoencoder, images: Dataset, batch_size: int = 8, seed: int = 0
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Latent statistics (see `diagnostics.latent_statistics`) of posterior samples over `images`.
+    """Latent statistics (see `common.latent_stats.latent_statistics`) of posterior samples over `images`.
 
     Returns (statistics, the first batch of images, its latents) for the fp16 check. Noise from one
     generator seeded with `seed`, drawn batch by batch in order. VQ: the latents before quantization.
@@ -74,11 +74,11 @@ def measure_latents(
     for x in DataLoader(images, batch_size=batch_size, shuffle=False):
         x = x.to(device)
         z = model.encode(x).sample(gen)
-        moments.append(diag.channel_moments(z))
+        moments.append(channel_moments(z))
         if first is None:
             first = (x, z)
     count, mean, m2 = (torch.cat(t) for t in zip(*moments))
-    return diag.latent_statistics(count, mean, m2), *first
+    return latent_statistics(count, mean, m2), *first
 
 
 def fp16_device() -> torch.device | None:
@@ -201,9 +201,7 @@ def export_run(
     model.to(device)
     resolution = model.config.sample_size
     if run is not None and data is not None:
-        from training.config import load_config
-
-        resolution = load_config(str(run / "config.yaml")).data.resolution
+        resolution = run_data_config(run)[0].resolution
     images, description = held_out_images(run, data, resolution, max_images)
     stats, x, z = measure_latents(model, images, batch_size, seed)
     if not math.isfinite(stats["scaling_factor"]):
@@ -229,16 +227,8 @@ def export_run(
     return out
 
 
-def latest_weights(path: str | Path) -> Path:
-    """A run folder -> its latest complete checkpoint's `autoencoder/` (the EMA weights); anything else as is."""
-    from training.checkpoint import find_latest_checkpoint
-
-    latest = find_latest_checkpoint(path) if (Path(path) / "checkpoints").is_dir() else None
-    return latest / "autoencoder" if latest is not None else Path(path)
-
-
 def export_after_training(run: str | Path, fp16_variant: bool = False) -> Path:
-    """What `training/train.py` calls at the end of a run: `<run>/diffusers` from the final checkpoint's
+    """What the trainer calls at the end of a run: `<run>/diffusers` from the final checkpoint's
     weights, with measured factors, force_upcast and a model card."""
     run = Path(run)
     tmp = run / ".diffusers_export"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from eval.bench_step import (
+from commands.bench_step import (
     autocast,
     bench_optim,
     bench_peak,
@@ -72,7 +72,7 @@ def peak_rss_child(preset: str, resolution: int, batch: int, model: str, op: str
     else:
         from diffusers import AutoencoderKL
 
-        from kl_autoencoder.export import to_diffusers_config
+        from kl_autoencoder.diffusers_format import to_diffusers_config
 
         vae = AutoencoderKL(**to_diffusers_config(cfg)).eval()
         encode, decode = (lambda x: vae.encode(x).latent_dist.mode()), (lambda z: vae.decode(z).sample)
@@ -92,7 +92,7 @@ def peak_memory(cfg: BenchConfig) -> dict[str, float]:
     for m in ("ours", "diffusers"):
         for op in ("encode", "decode"):
             args = (cfg.preset, cfg.resolution, cfg.batch_size, m, op, cfg.seed)
-            code = f"from eval.bench import peak_rss_child; print(peak_rss_child(*{args!r}))"
+            code = f"from commands.bench import peak_rss_child; print(peak_rss_child(*{args!r}))"
             running[f"{m}_{op}_peak_mib"] = subprocess.Popen(
                 [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
             )
@@ -102,7 +102,7 @@ def peak_memory(cfg: BenchConfig) -> dict[str, float]:
 def photos(resolution: int, count: int) -> torch.Tensor:
     """The bundled photographs as the trainer's `sample` source loads them, held-out ones first, shorter side
     resized to `resolution` and center-cropped: (count, 3, resolution, resolution) in [-1, 1]."""
-    from training.data import DataConfig, build_datasets
+    from common.data import DataConfig, build_datasets
 
     train, val = build_datasets(DataConfig(resolution=resolution, random_crop=False, hflip=False), seed=0)
     indexed = [(val, i) for i in range(len(val))] + [(train, i) for i in range(len(train))]
@@ -115,7 +115,7 @@ def codec_models(cfg: BenchConfig):
     if cfg.model is None:
         ours, theirs = model_pair(cfg.preset, cfg.seed)
         return ours, theirs, images(cfg.resolution, cfg.batch_size, cfg.seed + 1)
-    from eval.export import latest_weights
+    from common.runs import latest_weights
     from kl_autoencoder import Autoencoder
 
     ours = Autoencoder.from_pretrained(latest_weights(cfg.model))
@@ -173,9 +173,9 @@ def bench_codec(cfg: BenchConfig, memory: dict[str, float]) -> dict:
 
 def bench_data(cfg: BenchConfig) -> dict:
     """Images/s decoded and augmented by the default recipe's training set, against what the default step eats."""
+    from common.data import build_datasets
     from kl_autoencoder import PRESETS, Autoencoder
     from training.config import TrainConfig
-    from training.data import build_datasets
 
     data_cfg = TrainConfig().data  # the default recipe: 64 px crops from 128 px, the bundled sample photos
     train_ds, _ = build_datasets(data_cfg, cfg.seed)
@@ -233,7 +233,7 @@ def tiled_child(preset: str, size: int, tile: int, overlap: int, exact: bool, ti
 
 
 def _child(call: str, timeout: float) -> dict:
-    code = f"import json; from eval.bench import *; print(json.dumps({call}))"
+    code = f"import json; from commands.bench import *; print(json.dumps({call}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}

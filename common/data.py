@@ -29,136 +29,37 @@ Bad input. Real folders are dirty; no single file may end a run, and none is dro
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
 import re
-import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-# photographs in skimage/data; grayscale ones are converted to RGB. motorcycle_right.png is
-# left out on purpose: it is a near-duplicate of motorcycle_left.png
-SAMPLE_TRAIN = (
-    "astronaut.png", "chelsea.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
-    "retina.jpg", "camera.png", "coins.png", "moon.png", "brick.png", "grass.png", "gravel.png",
-)  # fmt: skip
-SAMPLE_VAL = ("coffee.png", "rocket.jpg")  # fixed: no near-duplicates of these in train
+from common.config import ConfigError, DataConfig
+from common.images import (
+    DECODE_ERRORS,
+    SAMPLE_TRAIN,
+    SAMPLE_VAL,
+    list_images,
+    one_line,
+    open_image,
+    path_of,
+    pixel_limit_lifted,
+    read_skipped,
+    reason,
+    resize_shorter,
+    sample_dir,
+    to_rgb,
+)
+
 CACHE_MAX_IMAGES = 512  # below this, decoded+resized images are kept in memory
-# what PIL's many decoders raise on a broken file; the type name goes into the skip log, so a bug of
-# ours caught here still shows, and `build_datasets` fails loudly if nothing decodes at all
-DECODE_ERRORS = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError,
-    ZeroDivisionError, MemoryError, Image.DecompressionBombError,
-)  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataConfig:
-    # "sample", a local folder, or a hub dataset name (e.g. "user/name")
-    source: str = "sample"
-    resolution: int = 256  # crop size
-    resize: int | None = None  # shorter side before cropping; None = resolution
-    random_crop: bool = True  # False: center crop (training); validation always center-crops
-    hflip: bool = True
-    batch_size: int = 8  # per process
-    num_workers: int = 0
-    # held-out images: a seeded split of the file list, at least 1, never trained on
-    # (the "sample" source uses a fixed split instead)
-    val_fraction: float = 0.1
-    val_max: int = 256
-    image_column: str = "image"  # hub sources only
-    hub_split: str = "train"  # hub sources only
-    # visits of each training image per epoch; each visit draws a fresh crop (tiny sets)
-    repeats: int = 1
-    # images whose original shorter side is < resolution: "upscale" (resize up) or "skip"
-    small_images: str = "upscale"
-    # skip images with more pixels than this, judged from the header before decoding (2x PIL's default limit)
-    max_pixels: int = 178_956_970
-
-    def validate(self) -> None:
-        def bad(key: str, reason: str) -> ValueError:
-            return ValueError(f"data.{key}: {reason}")
-
-        if not self.source:
-            raise bad("source", "must be 'sample', a folder or a hub dataset name")
-        if self.resolution <= 0:
-            raise bad("resolution", f"must be > 0, got {self.resolution}")
-        if self.resize is not None and self.resize < self.resolution:
-            raise bad("resize", f"must be >= resolution ({self.resolution}) or null, got {self.resize}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        if self.val_max < 1:
-            raise bad("val_max", f"must be >= 1, got {self.val_max}")
-        if self.batch_size <= 0:
-            raise bad("batch_size", f"must be > 0, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise bad("num_workers", f"must be >= 0, got {self.num_workers}")
-        if self.repeats < 1:
-            raise bad("repeats", f"must be >= 1, got {self.repeats}")
-        if not self.image_column:
-            raise bad("image_column", "must not be empty")
-        if not self.hub_split:
-            raise bad("hub_split", "must not be empty")
-        if self.small_images not in ("upscale", "skip"):
-            raise bad("small_images", f"must be 'upscale' or 'skip', got {self.small_images!r}")
-        if self.max_pixels <= 0:
-            raise bad("max_pixels", f"must be > 0, got {self.max_pixels}")
-
-
-def sample_dir() -> Path:
-    import skimage
-
-    return Path(skimage.__file__).parent / "data"
-
-
-def list_sample_images() -> list[Path]:
-    """All bundled sample photographs, training ones first, then the two validation ones."""
-    return [sample_dir() / name for name in SAMPLE_TRAIN + SAMPLE_VAL]
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted so splits do not depend on the filesystem."""
-    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Upright RGB image; transparency is composited on white (not on black garbage)."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-        # 16-bit grayscale: convert("RGB") would clip at 255 instead of rescaling. I;16 is 16-bit by
-        # definition (a dark one must stay dark); 32-bit "I" counts as 16-bit once it exceeds 255
-        arr = np.asarray(img, dtype=np.float32)
-        scale = 255.0 / 65535.0 if img.mode != "I" or arr.max() > 255 else 1.0
-        img = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img)
-    return img.convert("RGB")
-
-
-def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    s = size / min(w, h)
-    new = (size, max(size, round(h * s))) if w <= h else (max(size, round(w * s)), size)
-    # PIL's bicubic filter widens its support when downsampling, i.e. it antialiases
-    return img.resize(new, Image.BICUBIC)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -207,12 +108,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def paths(self) -> list[str | None]:
         """Source path of every row (None for hub images stored as bytes)."""
-        return [_path_of(v) for v in self.table.select_columns([self.column])[self.column]]
+        return [path_of(v) for v in self.table.select_columns([self.column])[self.column]]
 
     def label(self, index: int) -> str:
         """How row `index` is named in logs: its path, or its row number for hub images held as bytes."""
         value = self.table[index][self.column]
-        path = _path_of(value)
+        path = path_of(value)
         if path is None or (isinstance(value, dict) and value.get("bytes") is not None):
             # hub paths are bare file names, not unique: the row number is
             return f"{'train' if self.train else 'val'} row {index}" + (f" ({path})" if path else "")
@@ -225,8 +126,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        with _our_pixel_limit():
-            img = _open(self.table[index][self.column], self.max_pixels, self.min_side)
+        with pixel_limit_lifted():
+            img = open_image(self.table[index][self.column], self.max_pixels, self.min_side)
             img = resize_shorter(to_rgb(img), self.resize)
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
         if self.cache is not None:
@@ -247,7 +148,7 @@ class ImageDataset(torch.utils.data.Dataset):
             try:
                 return self.load(j)
             except DECODE_ERRORS as e:
-                self._skip(j, _reason(e))
+                self._skip(j, reason(e))
         split = "training" if self.train else "validation"
         raise RuntimeError(f"data: every image of the {split} split ({n}) is unusable; see the warnings or skip log")
 
@@ -273,7 +174,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def _flush_skips(self) -> None:
         if self._skip_log is None or not self._unlogged:
             return
-        lines = "".join(f"{_one_line(p)}\t{_one_line(r)[:500]}\n" for p, r in self._unlogged.items())
+        lines = "".join(f"{one_line(p)}\t{one_line(r)[:500]}\n" for p, r in self._unlogged.items())
         try:
             # one write to an O_APPEND descriptor: lines from DataLoader workers and ranks do not interleave
             fd = os.open(self._skip_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -302,81 +203,6 @@ class ImageDataset(torch.utils.data.Dataset):
         return x.float().div_(127.5).sub_(1.0)  # (3, r, r) in [-1, 1]
 
 
-def read_skipped(path: str | os.PathLike) -> dict[str, str]:
-    """Unique path -> reason from a skip log (the first reason wins); {} when there is no log."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return {}
-    out: dict[str, str] = {}
-    for line in text.split("\n"):
-        label, tab, reason = line.rpartition("\t")
-        if tab:
-            out.setdefault(label, reason)
-    return out
-
-
-class _Unusable(ValueError):
-    """An image we refuse on purpose (too big, too small, empty); its message is the whole reason."""
-
-
-def _reason(e: BaseException) -> str:
-    return str(e) if isinstance(e, _Unusable) else f"{type(e).__name__}: {e}"
-
-
-def _one_line(text: str) -> str:
-    return text.translate({9: " ", 10: " ", 13: " "})
-
-
-@contextlib.contextmanager
-def _our_pixel_limit() -> Iterator[None]:
-    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that, on open, load and crop; `_open`
-    # enforces data.max_pixels on the header instead, so PIL's limit is lifted while we decode
-    # (DataLoader workers are processes, and nothing else decodes in our threads meanwhile)
-    before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = before
-
-
-def _check_size(size: tuple[int, int], max_pixels: int, min_side: int) -> None:
-    w, h = size
-    if w * h > max_pixels:
-        raise _Unusable(f"too large: {w}x{h} = {w * h} pixels > data.max_pixels={max_pixels}")
-    if min(w, h) < min_side:
-        raise _Unusable(f"too small: {w}x{h}, shorter side < data.resolution={min_side} (data.small_images=skip)")
-
-
-def _path_of(value) -> str | None:
-    if isinstance(value, dict):
-        return value.get("path")
-    if isinstance(value, str):
-        return value
-    return getattr(value, "filename", None) or None
-
-
-def _open(value, max_pixels: int, min_side: int = 0) -> Image.Image:
-    """Decoded image; its header size is checked against the limits before any pixel is decoded."""
-    # hub columns may hold PIL images, {"path", "bytes"} dicts (decode=False) or path strings
-    if isinstance(value, Image.Image):
-        _check_size(value.size, max_pixels, min_side)
-        return value
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            value = io.BytesIO(value["bytes"])
-        else:
-            value = value.get("path")
-    if not isinstance(value, str | io.BytesIO):
-        raise ValueError(f"cannot read an image from {type(value).__name__}")
-    if (len(value.getbuffer()) if isinstance(value, io.BytesIO) else os.path.getsize(value)) == 0:
-        raise _Unusable("empty file (0 bytes)")
-    with Image.open(value) as img:  # reads the header only
-        _check_size(img.size, max_pixels, min_side)
-        img.load()  # decode now so the file handle closes
-        return img
-
-
 def _check_usable(ds: ImageDataset, split: str, source: str) -> None:
     # a dataset with no usable image is a config error before training, not a crash in epoch 0
     reasons = []
@@ -385,7 +211,7 @@ def _check_usable(ds: ImageDataset, split: str, source: str) -> None:
             ds.load(j)
             return
         except DECODE_ERRORS as e:
-            reasons.append(f"{ds.label(j)}: {_reason(e)}")
+            reasons.append(f"{ds.label(j)}: {reason(e)}")
     raise ValueError(
         f"data.source: no usable image in {split} of {source} ({len(reasons)} files tried: {'; '.join(reasons[:3])})"
     )
@@ -454,3 +280,85 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset
     _check_usable(train, "train", cfg.source)
     _check_usable(val, "val", cfg.source)
     return train, val
+
+
+# ----------------------------------------------------------------------------- fixed image sets
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """A fixed set: rows of an image table -> (3, H, W) in [-1, 1], at own size or resized and centre-cropped."""
+
+    def __init__(self, table: datasets.Dataset, column: str, factor: int, resolution: int | None):
+        self.table, self.column, self.factor, self.resolution = table, column, factor, resolution
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = to_rgb(datasets.Image().decode_example(_row(self.table[i][self.column])))
+        if self.resolution is not None:
+            img = resize_shorter(img, self.resolution)
+        w, h = img.size
+        th, tw = self.target_size(h, w)
+        if th == 0 or tw == 0:
+            raise ConfigError(f"--data: image {i} ({w}x{h}) is smaller than the downsampling factor {self.factor}")
+        top, left = (h - th) // 2, (w - tw) // 2
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, h, w)
+        return x[:, top : top + th, left : left + tw].float().div(127.5).sub(1.0)  # (3, th, tw) in [-1, 1]
+
+    def target_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.resolution is not None:
+            return self.resolution, self.resolution
+        return h // self.factor * self.factor, w // self.factor * self.factor
+
+    def sizes(self) -> set[tuple[int, int]]:
+        """The evaluated sizes, from the file headers only (EXIF rotation included)."""
+        if self.resolution is not None:
+            return {(self.resolution, self.resolution)}
+        column = self.table.select_columns([self.column])[self.column]
+        return {self.target_size(*_stored_size(_row(value))) for value in column}
+
+
+def _row(value) -> dict:
+    """An undecoded image cell as datasets' {"path", "bytes"} dict (hub columns may hold plain paths)."""
+    return {"path": value, "bytes": None} if isinstance(value, str) else value
+
+
+def _stored_size(value: dict) -> tuple[int, int]:
+    """(H, W) of an undecoded image row, upright; PIL reads the header only."""
+    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+    with Image.open(source) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF 5-8 are transposed
+
+
+def load_images(
+    data: str,
+    factor: int,
+    split: str = "val",
+    resolution: int | None = None,
+    max_images: int | None = None,
+    seed: int = 0,
+) -> EvalImages:
+    """A fixed image set (evaluation, export, encoding): every image of a folder; the held-out (`split="val"`)
+    or training (`"train"`) split of `sample` or a hub dataset. Errors name the command's `--data` / `--split`."""
+    folder = Path(data).expanduser()
+    try:
+        if data != "sample" and folder.is_dir():
+            if split != "val":
+                raise ConfigError("--split: a folder is evaluated whole; --split train is for 'sample' or a hub name")
+            files = list_images(folder)
+            if not files:
+                raise ConfigError(f"--data: no images found in {folder}")
+            table = datasets.Dataset.from_dict({"image": [str(p) for p in files]})
+            table, column = table.cast_column("image", datasets.Image(decode=False)), "image"
+        else:
+            train, val = build_datasets(DataConfig(source=data), seed)
+            chosen = train if split == "train" else val
+            table, column = chosen.table, chosen.column
+    except (ValueError, FileNotFoundError) as e:  # build_datasets' messages name data.source; here it is --data
+        raise ConfigError(str(e).replace("data.source", "--data")) from None
+    if max_images is not None:
+        table = table.select(range(min(max_images, len(table))))
+    return EvalImages(table, column, factor, resolution)

@@ -1,0 +1,78 @@
+"""Validation during training: metrics over the held-out images, reconstruction grids, and the weights they use.
+
+Validation, sample grids and export use the EMA weights when the run keeps an EMA (`weights_for_use`).
+Metrics are computed per image with the same functions `kl-ae eval` uses and gathered from every process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torchvision.utils import save_image
+
+from common.metrics import reconstruction_metrics
+from common.runs import checkpoint_name
+from kl_autoencoder import Autoencoder
+from training.step import GuardedEMA
+
+
+def weights_for_use(live: Autoencoder, ema: GuardedEMA | None, ema_model: Autoencoder | None) -> Autoencoder:
+    """The EMA weights when EMA is on (copied into `ema_model`), else the live ones."""
+    if ema is None:
+        return live
+    ema.copy_to(ema_model.parameters())
+    return ema_model
+
+
+class Validator:
+    """Held-out metrics (`val/psnr`, `val/ssim`, `val/lpips`) logged to the trackers, the console and
+    `val.jsonl`, and reconstruction grids in `samples/`, for the weights `weights()` returns."""
+
+    def __init__(self, accelerator: Accelerator, val_dl, sample_batch: torch.Tensor, lpips, out: Path, weights):
+        self.accelerator, self.val_dl, self.lpips, self.out, self.weights = accelerator, val_dl, lpips, out, weights
+        self.sample_batch = sample_batch  # a fixed batch of held-out images (main process only, unsharded)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the posterior mode over every held-out image, gathered from all processes."""
+        model = self.weights()
+        was_training = model.training
+        model.eval()
+        values: dict[str, list[torch.Tensor]] = {}
+        for x in self.val_dl:
+            for k, v in reconstruction_metrics(x, model(x), self.lpips).items():
+                values.setdefault(k, []).append(self.accelerator.gather_for_metrics(v))
+        model.train(was_training)
+        metrics = {f"val/{k}": torch.cat(v).mean().item() for k, v in values.items()}
+        metrics["val/images"] = len(torch.cat(values["psnr"]))
+        return metrics
+
+    def record(self, step: int, history: dict) -> dict:
+        """Evaluate, log everywhere and keep the first and the last evaluation in `history`."""
+        metrics = self.evaluate()
+        entry = {"step": step, **metrics}
+        history["first_eval"] = history["first_eval"] or entry
+        history["last_eval"] = entry
+        self.accelerator.log(metrics, step=step)
+        self.accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.accelerator.is_main_process:
+            with open(self.out / "val.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return entry
+
+    @torch.no_grad()
+    def save_samples(self, step: int) -> None:
+        """Held-out images (top row) and their reconstructions (bottom row) as `samples/step_N.png`."""
+        if not self.accelerator.is_main_process:
+            return
+        model = self.weights()
+        was_training = model.training
+        model.eval()
+        x = self.sample_batch.to(self.accelerator.device)
+        recon = model(x).float().clamp(-1, 1)
+        model.train(was_training)
+        path = self.out / "samples" / f"{checkpoint_name(step)}.png"
+        save_image(torch.cat([x, recon]) * 0.5 + 0.5, path, nrow=len(x))
