@@ -122,7 +122,7 @@ def our_step_fn(autoencoder, x: torch.Tensor, bf16: bool, gan: bool, lpips, ema:
 
     def step() -> None:
         with autocast(bf16):
-            recon, posterior = gen(x)
+            recon, posterior, _ = gen(x)
             loss, _, factor = generator_objective(
                 x, recon, posterior, gen.logvar, lpips, disc, autoencoder.last_layer, loss_cfg, step=1
             )
@@ -132,8 +132,7 @@ def our_step_fn(autoencoder, x: torch.Tensor, bf16: bool, gan: bool, lpips, ema:
             with autocast(bf16):
                 d_loss, _ = discriminator_objective(x, recon, disc, loss_cfg, factor)
             d_loss.backward()
-            d_ok, _ = guarded_step(_Single, opt_d, list(disc.parameters()), 1.0, False)
-            ok = ok & d_ok
+            guarded_step(_Single, opt_d, list(disc.parameters()), 1.0, False)
         if average is not None:
             average.step(autoencoder.parameters(), keep=ok)
 

@@ -33,6 +33,8 @@ from common.lpips import BACKBONE_FILES, build_lpips
 from common.metrics import build_inception, frechet_distance, inception_features, ms_ssim, mse, psnr, ssim, to_unit
 from eval import diagnostics as diag
 from eval import report
+from eval.geometry import geometry_row
+from eval.geometry import summarize as summarize_geometry
 from kl_autoencoder import Autoencoder
 
 
@@ -60,7 +62,9 @@ def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, incepti
     VQ: the per-image code histograms are summed as they are gathered ("code_counts", (1, K)), not kept.
     """
     gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    geo_gen = torch.Generator().manual_seed(cfg.seed + 7919 * (1 + accelerator.process_index))  # latent noise
     vq = model.config.bottleneck == "vq"
+    decode = (lambda z: model.decode(model.quantize(z).z_q)) if vq else model.decode  # a latent before quantization
     values: dict[str, list[torch.Tensor]] = {}
     ms_ssim_reason = ""
     for x in tqdm(loader, desc=f"eval {name}", disable=not accelerator.is_main_process, dynamic_ncols=True):
@@ -90,6 +94,8 @@ def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, incepti
             "pixels": torch.full((n,), float(x.shape[2] * x.shape[3]), dtype=torch.float64, device=x.device),
             "vectors": diag.subsample_positions(z, cfg.vectors_per_image, gen),
         }
+        z_mode = posterior.latents if vq else posterior.mode()
+        row |= geometry_row(decode, x, z_mode, z, x_hat, model.config.downsample_factor, geo_gen)
         if vq:
             row["code_counts"] = diag.code_histogram(quantized.indices, model.config.num_codes)
         else:
@@ -132,6 +138,7 @@ def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: st
         why = fid_status if "inception_real" not in values else "needs at least 2 images"
         rec["rfid"] = {"available": False, "reason": why}
     stats = latent_statistics(values["count"], values["z_mean"], values["z_m2"])
+    geometry = summarize_geometry(values, rec["psnr"])
     if "code_counts" in values:  # VQ: codebook use instead of the Gaussian posterior's diagnostics
         codebook = diag.codebook_statistics(values["code_counts"][0], float(values["pixels"].sum()))
         warning = diag.codebook_warning(codebook)
@@ -140,6 +147,7 @@ def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: st
             "reconstruction": rec,
             "latents": stats,  # of the latents before quantization: what a diffusion model is trained on
             "codebook": codebook,
+            "geometry": geometry,
             "warnings": [warning] if warning else [],
         }
     positions = values["count"]
@@ -152,6 +160,7 @@ def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: st
         "rate": rate,
         "active_units": burda,
         "prior_distance": diag.prior_distance(values["vectors"].flatten(0, 1), stats, seed=cfg.seed),
+        "geometry": geometry,
         "warnings": [warning] if warning else [],
     }
 
@@ -304,6 +313,15 @@ def evaluate(cfg: EvalConfig) -> dict:
             histograms = {n: r["codebook"]["histogram"] for n, r in vq_results.items()}
             report.save_code_usage(histograms, out / "code_usage.png")
             figs["Code usage"] = {"code histogram, and code frequencies ranked": "code_usage.png"}
+        geometry = {n: r["geometry"] for n, r in results.items()}
+        spectra = {n: (g["spectrum"]["latent_radial_power"], g["spectrum"]["image_radial_power"]) for n, g in
+                   geometry.items()}  # fmt: skip
+        report.save_spectra(spectra, out / "spectrum.png")
+        report.save_correlations({n: g["channel_correlation"] for n, g in geometry.items()}, out / "correlation.png")
+        figs["Latent geometry"] = {
+            "radial power spectrum of the latents and of the images": "spectrum.png",
+            "correlation between latent channels": "correlation.png",
+        }
         report.save_latent_histograms(vectors, out / "latent_hist.png")
         what = "posterior samples" if not vq_results else "VQ: latents before quantization" if not kl_results else (
             "posterior samples (KL), latents before quantization (VQ)")  # fmt: skip
@@ -336,6 +354,12 @@ def print_summary(results: dict, out: Path) -> None:
                 f"MMD^2 to N(0, I) {r['prior_distance']['mmd2']:.4f}, "
                 f"scaling_factor {r['latents']['scaling_factor']:.5g}"
             )
+        geo, fmt = r["geometry"], lambda v: "n/a" if v is None else f"{v:.2f}"
+        print(
+            f"{name}: equivariance gap {fmt(geo['gap_scale_db'])} dB (downscale x2), {fmt(geo['gap_rotation_db'])} dB "
+            f"(rotations); high-frequency power share {geo['spectrum']['latent_high_frequency_share']:.3f} (latents), "
+            f"{geo['spectrum']['image_high_frequency_share']:.3f} (images)"
+        )
         for w in r["warnings"]:
             print(f"WARNING ({name}): {w}")
     print(f"report: {out / 'report.html'}")

@@ -149,6 +149,40 @@ def save_latent_histograms(samples: dict[str, Tensor], path: Path, max_channels:
     plt.close(fig)
 
 
+def save_spectra(profiles: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
+    """Radial power spectra (share of power per frequency bin, log scale): each model's latent, and the images."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for i, (name, (latent, image)) in enumerate(profiles.items()):
+        freq = [(k + 0.5) * 0.5 / len(latent) for k in range(len(latent))]
+        ax.plot(freq, [max(v, 1e-12) for v in latent], marker="o", markersize=3, label=f"{name}: latent")
+        if i == 0:
+            ax.plot(freq, [max(v, 1e-12) for v in image], color="black", linestyle="--", label="images")
+    ax.axvline(0.25, color="grey", linewidth=1, linestyle=":", label="Nyquist / 2")
+    ax.set_yscale("log")
+    ax.set_xlabel("radial frequency (cycles / sample)")
+    ax.set_ylabel("share of power")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_correlations(matrices: dict[str, list[list[float]]], path: Path) -> None:
+    """Correlation matrices between latent channels, one panel per model."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.2), squeeze=False)
+    for ax, (name, matrix) in zip(axes[0], matrices.items()):
+        image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("channel")
+        ax.set_ylabel("channel")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def save_rd_plot(points: list[dict], path: Path) -> None:
     """Distortion (MSE, and PSNR on a second panel) against rate in bits per pixel, one point per kl_weight."""
     plt = _pyplot()
@@ -202,6 +236,14 @@ TABLE_ROWS = [
     ("VQ: code entropy (bits / position)", ("codebook", "entropy_bits")),
     ("VQ: index rate (bits / pixel, log2 K per position)", ("codebook", "bits_per_pixel")),
     ("VQ: entropy rate (bits / pixel)", ("codebook", "entropy_bits_per_pixel")),
+    ("equivariance gap, downscale x2 (dB)", ("geometry", "gap_scale_db")),
+    ("equivariance gap, rotations (dB, mean of 3)", ("geometry", "gap_rotation_db")),
+    ("PSNR decode(downscaled z) vs downscaled x", ("geometry", "equivariance", "scale", "psnr_decode_transformed")),
+    ("latent power above Nyquist / 2 (share)", ("geometry", "spectrum", "latent_high_frequency_share")),
+    ("image power above Nyquist / 2 (share)", ("geometry", "spectrum", "image_high_frequency_share")),
+    ("PSNR drop, latent noise 0.1 std (dB)", ("geometry", "robustness", "0.1", "drop_db")),
+    ("PSNR drop, latent noise 0.25 std (dB)", ("geometry", "robustness", "0.25", "drop_db")),
+    ("PSNR drop, latent noise 0.5 std (dB)", ("geometry", "robustness", "0.5", "drop_db")),
 ]
 
 

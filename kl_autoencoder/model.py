@@ -355,14 +355,19 @@ class Autoencoder(nn.Module):
         """Reconstruction, and with return_posterior the posterior (kl) or the quantizer's output (vq: .loss,
         .logs, .indices). vq ignores sample_posterior and generator; in training mode it updates the codebook."""
         # training goes through here (not encode/decode) so that DDP sees the forward and syncs gradients
-        if self.config.bottleneck == "vq":
-            posterior = self.quantize(self.encode(x).latents)
-            z = posterior.z_q
-        else:
-            posterior = self.encode(x)
-            z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z, posterior = self.bottleneck(x, sample_posterior, generator)
         reconstruction = self.decode(z)
         return (reconstruction, posterior) if return_posterior else reconstruction
+
+    def bottleneck(
+        self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian | QuantizerOutput]:
+        """(z, posterior): the decoder's input for x, and the posterior (kl) or the quantizer's output (vq)."""
+        if self.config.bottleneck == "vq":
+            posterior = self.quantize(self.encode(x).latents)
+            return posterior.z_q, posterior
+        posterior = self.encode(x)
+        return (posterior.sample(generator) if sample_posterior else posterior.mode()), posterior
 
     def quantizer_state(self) -> dict[str, torch.Tensor]:
         """vq: the codebook's training statistics (EMA, usage, restart candidates), which state_dict leaves out
@@ -396,11 +401,8 @@ class Autoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, vq: QuantizerConfig | None = None) -> Autoencoder:
-        """Load from a diffusers folder, a run folder, or a checkpoint folder (see export.find_diffusers_folder).
-
-        Weights stored in fp16/bf16 are upcast into this fp32 model. Returned in eval mode, as diffusers does.
-        vq: how a VQ codebook trains from here (fine-tuning); the EMA state starts from the loaded codebook.
-        """
+        """Load from a diffusers folder, a run folder, or a checkpoint folder (`find_diffusers_folder`), upcast to
+        fp32 and in eval mode, as diffusers does. vq: how a VQ codebook trains from here (fine-tuning)."""
         from .diffusers_format import find_diffusers_folder, load_diffusers  # diffusers_format imports this module
 
         config, state_dict = load_diffusers(find_diffusers_folder(path))
@@ -408,9 +410,7 @@ class Autoencoder(nn.Module):
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
 
-    def save_pretrained(
-        self, path: str | Path, extra_config: dict | None = None, dtype: torch.dtype | None = None
-    ) -> Path:
+    def save_pretrained(self, path: str | Path, extra_config: dict | None = None, dtype: torch.dtype | None = None):
         """Write a diffusers `AutoencoderKL` or `VQModel` folder (config.json + diffusion_pytorch_model.safetensors)."""
         from .diffusers_format import save_diffusers
 

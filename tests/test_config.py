@@ -33,6 +33,8 @@ def test_field_list_is_pinned():
         "loss.lpips_autocast", "loss.learn_logvar", "loss.logvar_init", "loss.kl_weight", "loss.reduction",
         "loss.kl_anneal_steps", "loss.free_bits", "loss.gan_loss", "loss.disc_weight", "loss.disc_start",
         "loss.disc_ramp", "loss.disc_norm", "loss.disc_channels", "loss.disc_layers", "loss.codebook_weight",
+        "loss.eq_weight", "loss.eq_prob", "loss.eq_transforms", "loss.latent_noise", "loss.channel_mask",
+        "loss.align_weight", "loss.align_model", "loss.align",
         "optim.lr", "optim.disc_lr", "optim.betas", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
         "optim.scale_lr",
         "train.max_steps", "train.grad_accum", "train.log_every", "train.sample_every", "train.checkpoint_every",
@@ -66,6 +68,14 @@ def test_every_recipe_loads(name):
     cfg = load_config(name)
     assert cfg.model.preset == name
     assert name in recipe_names()
+
+
+def test_diffusability_recipes(tmp_path):
+    vf = load_config("kl-f16-c32-vf")
+    ae = vf.model.autoencoder_config()
+    assert (ae.downsample_factor, ae.latent_channels, vf.loss.align_weight, vf.loss.align) == (16, 32, 0.1, "required")
+    eq = load_config("ft-eq", [f"model.init_from={tmp_path}"])
+    assert eq.loss.eq_weight > 0 and eq.train.trainable == "all" and eq.train.ema and eq.model.preset == "kl-f8"
 
 
 @pytest.mark.parametrize("name", ["ft-ema", "ft-mse"])

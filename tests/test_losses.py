@@ -133,7 +133,7 @@ def _decoder_grad(gen):
 
 def test_perceptual_and_adversarial_terms_reach_the_decoder(parts):
     gen, disc, lpips, x, loss_cfg = parts
-    recon, post = gen(x)
+    recon, post, _ = gen(x)
     # each term alone: perceptual only (no L1, no D), then adversarial only
     p_cfg = dataclasses.replace(loss_cfg, disc_start=10**9)
     error = lpips(x, recon).sum()
@@ -155,7 +155,7 @@ def test_perceptual_and_adversarial_terms_reach_the_decoder(parts):
 
 def test_generator_update_leaves_discriminator_alone(parts):
     gen, disc, lpips, x, loss_cfg = parts
-    recon, post = gen(x)
+    recon, post, _ = gen(x)
     loss, _, _ = generator_objective(x, recon, post, gen.logvar, lpips, disc, gen.autoencoder.last_layer, loss_cfg, 0)
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())
@@ -165,7 +165,7 @@ def test_generator_update_leaves_discriminator_alone(parts):
 
 def test_discriminator_update_leaves_autoencoder_gradients_untouched(parts):
     gen, disc, lpips, x, loss_cfg = parts
-    recon, post = gen(x)
+    recon, post, _ = gen(x)
     loss, _, _ = generator_objective(x, recon, post, gen.logvar, lpips, disc, gen.autoencoder.last_layer, loss_cfg, 0)
     loss.backward()
     before = {n: p.grad.clone() for n, p in gen.named_parameters() if p.grad is not None}
@@ -185,7 +185,7 @@ def test_learned_logvar_gets_gradient_and_moves(parts):
     assert any(p is gen.logvar for g in opt.param_groups for p in g["params"])
     start = gen.logvar.item()
     for _ in range(3):
-        recon, post = gen(x)
+        recon, post, _ = gen(x)
         loss, logs, _ = generator_objective(x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, cfg, 0)
         loss.backward()
         assert gen.logvar.grad is not None and gen.logvar.grad != 0
@@ -201,7 +201,7 @@ def test_no_discriminator_before_disc_start(parts):
     calls = []
     disc.register_forward_hook(lambda *a: calls.append(1))
     cfg = dataclasses.replace(loss_cfg, disc_start=5)
-    recon, post = gen(x)
+    recon, post, _ = gen(x)
     _, logs, factor = generator_objective(x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, cfg, 4)
     assert factor == 0.0 and not calls and "train/g_adv" not in logs
     generator_objective(x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, cfg, 5)
@@ -221,7 +221,7 @@ def test_adversarial_objective_has_the_gradients_of_ldm_loss(parts, vq):
     cfg = dataclasses.replace(loss_cfg, disc_ramp=4, disc_weight=0.7, codebook_weight=1.0)
     gen.train()
     torch.manual_seed(1)
-    recon, post = gen(x)
+    recon, post, _ = gen(x)
     last = gen.autoencoder.last_layer
     loss, logs, factor = generator_objective(x, recon, post, gen.logvar, lpips, disc, last, cfg, 1)
     assert 0 < factor < 1

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from common.config import ConfigError, DataConfig, check_writable, merge, parse_override
+from common.transforms import TRANSFORMS
 from kl_autoencoder.quantize import QuantizerConfig
 
 
@@ -95,11 +96,27 @@ class LossConfig:
     disc_channels: int = 64
     disc_layers: int = 3
     codebook_weight: float = 1.0  # vq models: weight of the VQ loss, which takes the KL term's place
+    # latent shaping for diffusion (training/shaping.py, training/align.py); all off by default
+    eq_weight: float = 0.0  # EQ-VAE: weight of reconstructing T(x) from T(z) (same terms as the main loss)
+    eq_prob: float = 0.5  # share of the steps that add that term
+    eq_transforms: list[str] = field(default_factory=lambda: list(TRANSFORMS))  # T, drawn uniformly
+    latent_noise: float = 0.0  # std of noise added to the decoder's input, relative to the latent's std
+    channel_mask: float = 0.0  # share of the steps in which the decoder sees only the first k latent channels
+    align_weight: float = 0.0  # VA-VAE's VF loss to a frozen vision model's patch features (x adaptive weight)
+    align_model: str = "facebook/dinov2-large"  # a transformers model id or folder (DINOv2 family)
+    align: Literal["required", "auto", "off"] = "auto"  # as loss.lpips: auto trains without it, loudly, if missing
 
     def validate(self) -> None:
-        for key in ("perceptual_weight", "kl_weight", "disc_weight", "free_bits", "codebook_weight"):
+        for key in ("perceptual_weight", "kl_weight", "disc_weight", "free_bits", "codebook_weight", "eq_weight",
+                    "latent_noise", "align_weight"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("eq_prob", "channel_mask"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"loss.{key}: must be in [0, 1], got {getattr(self, key)}")
+        unknown = [t for t in self.eq_transforms if t not in TRANSFORMS]
+        if unknown or not self.eq_transforms:
+            raise ConfigError(f"loss.eq_transforms: a non-empty list from {list(TRANSFORMS)}, got {self.eq_transforms}")
         for key in ("kl_anneal_steps", "disc_start", "disc_ramp"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(self, key)}")
@@ -185,6 +202,8 @@ class TrainConfig:
         self.train.validate()
         if self.train.trainable == "decoder" and not self.model.init_from:
             raise ConfigError("train.trainable: decoder-only training needs model.init_from (a trained encoder)")
+        if self.train.trainable == "decoder" and self.loss.align_weight > 0:
+            raise ConfigError("loss.align_weight: the VF loss trains the encoder; train.trainable=decoder freezes it")
         check_writable("out_dir", Path(self.out_dir))
         try:
             QuantizerConfig(**asdict(self.vq))  # its own checks

@@ -137,3 +137,27 @@ def disc_factor(step: int, start: int, ramp: int = 0) -> float:
     if step < start:
         return 0.0
     return 1.0 if ramp <= 0 else min(1.0, (step - start + 1) / ramp)
+
+
+def vf_loss(z: Tensor, features: Tensor, cos_margin: float = 0.5, distmat_margin: float = 0.25) -> tuple[Tensor, Logs]:
+    """VA-VAE's visual-foundation loss (Yao et al. 2025; hustvl/LightningDiT `vavae`), in fp32.
+
+    z: the latent projected to the foundation model's width, features: its frozen patch features, both
+    (B, D, h, w) on the same grid. Margin cosine similarity: mean over positions of relu(1 - m1 - cos(z_i, f_i));
+    margin distance-matrix similarity: mean over pairs of positions of relu(|cos(z_i, z_j) - cos(f_i, f_j)| - m2),
+    within each image. The margins leave the latent room for what reconstruction needs.
+    """
+    zn = F.normalize(z.float().flatten(2), dim=1)  # (B, D, N)
+    fn = F.normalize(features.detach().float().flatten(2), dim=1)
+    cos = F.relu(1.0 - cos_margin - (zn * fn).sum(1)).mean()
+    distmat = F.relu((zn.transpose(1, 2) @ zn - fn.transpose(1, 2) @ fn).abs() - distmat_margin).mean()
+    return cos + distmat, {"train/vf_cos": cos.detach(), "train/vf_distmat": distmat.detach()}
+
+
+def gradient_ratio(main: Tensor, term: Tensor, layer: Tensor, max_weight: float = 1e8) -> Tensor:
+    """||d main / d layer|| / (||d term / d layer|| + 1e-4), clamped and detached: an adaptive weight that puts
+    `term` on the scale of `main` at `layer` (VA-VAE weighs its VF loss so, on the encoder's last layer)."""
+    g_main = torch.autograd.grad(main, layer, retain_graph=True)[0]
+    g_term = torch.autograd.grad(term, layer, retain_graph=True)[0]
+    weight = torch.linalg.vector_norm(g_main.float()) / (torch.linalg.vector_norm(g_term.float()) + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from common.transforms import apply_pair
 from kl_autoencoder import Autoencoder, QuantizerOutput
 from training.config import LossConfig
 from training.losses import (
@@ -20,27 +21,46 @@ from training.losses import (
     disc_factor,
     discriminator_loss,
     generator_adv_loss,
+    gradient_ratio,
     kl_anneal,
     kl_loss,
     nll_loss,
     reconstruction_error,
+    vf_loss,
 )
+from training.shaping import Shaping, shape_latent
 
 
 class Generator(nn.Module):
-    """The autoencoder plus the decoder's output log-variance, trained together under one DDP wrapper.
+    """The autoencoder plus what trains with it: the decoder's output log-variance and, with the VF loss, the
+    projection of the latent to the foundation model's width. All under one DDP wrapper.
 
-    Keeping `logvar` inside the wrapped module means it sits in the optimizer and its gradient is
-    all-reduced with the autoencoder's (LDM declares it and never optimizes it).
+    Keeping `logvar` inside the wrapped module means it sits in the optimizer and its gradient is all-reduced
+    with the autoencoder's (LDM declares it and never optimizes it). Every decoder call of a step, the shaped
+    ones included, runs inside `forward`, so DDP sees them.
     """
 
-    def __init__(self, autoencoder: Autoencoder, learn_logvar: bool, logvar_init: float):
+    def __init__(self, autoencoder: Autoencoder, learn_logvar: bool, logvar_init: float, align_dim: int = 0):
         super().__init__()
         self.autoencoder = autoencoder
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
+        # VA-VAE's reverse projection: latent channels -> foundation feature width (not part of the export)
+        self.align_proj = nn.Conv2d(autoencoder.config.latent_channels, align_dim, 1) if align_dim else None
 
-    def forward(self, x: torch.Tensor):
-        return self.autoencoder(x, sample_posterior=True, return_posterior=True)
+    def forward(self, x: torch.Tensor, shaping: Shaping | None = None):
+        """(reconstruction, posterior, extras): extras["eq"] = (T(x), decode(T(z))) on an EQ step, and
+        extras["align"] = the projected latent when the VF loss is on."""
+        ae = self.autoencoder
+        z, posterior = ae.bottleneck(x, sample_posterior=True)
+        extras = {}
+        if self.align_proj is not None:
+            extras["align"] = self.align_proj(z)
+        if shaping is not None and shaping.transform is not None:
+            x_t, z_t = apply_pair(shaping.transform, x, z, ae.config.downsample_factor, shaping.scale)
+            extras["eq"] = (x_t, ae.decode(z_t))
+        if shaping is not None and shaping.changes_latent:
+            z = shape_latent(z, shaping)
+        return ae.decode(z), posterior, extras
 
 
 def generator_objective(
@@ -54,8 +74,13 @@ def generator_objective(
     cfg: LossConfig,
     step: int,
     no_sync=contextlib.nullcontext,
+    extras: dict | None = None,
+    align: nn.Module | None = None,
+    align_layer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-    """The autoencoder's loss: NLL(rec + perceptual) + beta * KL or the VQ loss (+ adaptive-weighted adversarial).
+    """The autoencoder's loss: NLL(rec + perceptual) + beta * KL or the VQ loss (+ adaptive-weighted adversarial),
+    + the latent-shaping terms of `extras` (`Generator.forward`): eq_weight * NLL of the transformed pair, and the
+    VF loss against `align`'s features of x, adaptively weighted at `align_layer` (the encoder's last layer).
 
     The discriminator runs only once `disc_start` is reached, frozen, and outside DDP's gradient
     bookkeeping (`no_sync`), so its parameters get no gradient while the reconstruction does.
@@ -63,12 +88,7 @@ def generator_objective(
     with the objective's gradients (its value is in logs["train/loss"]).
     """
     recon = recon.float()  # fp32 losses, and fp32 gradients at the reconstruction (no fp16 underflow)
-    error = reconstruction_error(x, recon, cfg.rec_loss)
-    logs = {f"train/{cfg.rec_loss}": error.detach().mean()}
-    if lpips is not None:
-        p_loss = lpips(x, recon)  # (B,)
-        error = error + cfg.perceptual_weight * p_loss.view(-1, 1, 1, 1)
-        logs["train/lpips"] = p_loss.detach().mean()
+    error, logs = _error(x, recon, lpips, cfg)
     nll, nll_logs = nll_loss(error, logvar, cfg.rec_loss, cfg.reduction)
     logs |= nll_logs
     if isinstance(posterior, QuantizerOutput):  # vq: the codebook + commitment loss takes the KL's place
@@ -78,6 +98,17 @@ def generator_objective(
         kl, kl_logs = kl_loss(posterior.mean, posterior.logvar, cfg.reduction, cfg.free_bits, x[0].numel())
         rest = cfg.kl_weight * kl_anneal(step, cfg.kl_anneal_steps) * kl
         logs |= kl_logs
+    extras = extras or {}
+    if "eq" in extras:  # EQ-VAE: the transformed latent must decode to the transformed image
+        x_t, recon_t = extras["eq"]
+        eq, _ = nll_loss(_error(x_t, recon_t.float(), lpips, cfg)[0], logvar, cfg.rec_loss, cfg.reduction)
+        rest = rest + cfg.eq_weight * eq
+        logs["train/eq"] = eq.detach()
+    if "align" in extras and align is not None:  # VA-VAE: the latent's structure follows the foundation model's
+        vf, vf_logs = vf_loss(extras["align"], align(x, extras["align"].shape[2:]))
+        vf_weight = gradient_ratio(nll, vf, align_layer) * cfg.align_weight
+        rest = rest + vf_weight * vf
+        logs |= vf_logs | {"train/vf": vf.detach(), "train/vf_weight": vf_weight}
     loss = nll + rest
     factor = disc_factor(step, cfg.disc_start, cfg.disc_ramp)
     if factor > 0:
@@ -99,6 +130,17 @@ def generator_objective(
         return loss, logs, factor
     logs["train/loss"] = loss.detach()
     return loss, logs, factor
+
+
+def _error(x: torch.Tensor, recon: torch.Tensor, lpips, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
+    """The per-element reconstruction error with the perceptual term added (LDM's `rec_loss`), and its logs."""
+    error = reconstruction_error(x, recon, cfg.rec_loss)
+    logs = {f"train/{cfg.rec_loss}": error.detach().mean()}
+    if lpips is not None:
+        p_loss = lpips(x, recon)  # (B,)
+        error = error + cfg.perceptual_weight * p_loss.view(-1, 1, 1, 1)
+        logs["train/lpips"] = p_loss.detach().mean()
+    return error, logs
 
 
 def discriminator_objective(

@@ -34,7 +34,8 @@ from common.release import export_after_training
 from common.runs import find_latest_checkpoint
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.ldm import load_ldm_checkpoint
-from training import checkpoint
+from training import checkpoint, shaping
+from training.align import build_align
 from training.checkpoint import NonFiniteError, StopSignal
 from training.config import TrainConfig, save_config
 from training.discriminator import PatchDiscriminator
@@ -141,7 +142,17 @@ def main(cfg: TrainConfig) -> dict:
         autoencoder.enable_gradient_checkpointing()
     if cfg.train.trainable == "decoder":  # SD's ft-EMA / ft-MSE recipe: the latent space stays as it is
         autoencoder.freeze_encoder()
-    generator = Generator(autoencoder, cfg.loss.learn_logvar, cfg.loss.logvar_init)
+    align, align_status = None, "not used (loss.align_weight=0)"
+    if cfg.loss.align_weight > 0:  # VA-VAE's VF loss: a frozen vision foundation model
+        try:
+            align, align_status = build_align(cfg.loss.align, cfg.loss.align_model)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        if align is None:
+            log(f"WARNING: training WITHOUT the VF loss ({align_status})")
+        else:
+            align = align.to(accelerator.device)
+    generator = Generator(autoencoder, cfg.loss.learn_logvar, cfg.loss.logvar_init, align.dim if align else 0)
     discriminator = PatchDiscriminator(
         base_channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers, norm=cfg.loss.disc_norm
     )
@@ -255,10 +266,12 @@ def main(cfg: TrainConfig) -> dict:
             for x in accelerator.skip_first_batches(train_dl, skip) if skip else train_dl:
                 batches_seen += 1
                 with accelerator.accumulate(generator, discriminator):
-                    recon, posterior = generator(x)
+                    shape = shaping.draw(cfg.loss, cfg.train.seed, step, live.config.latent_channels)
+                    recon, posterior, extras = generator(x, shape)
                     loss, g_logs, factor = generator_objective(
                         x, recon, posterior, gen_module.logvar, lpips, discriminator, live.last_layer, cfg.loss, step,
-                        no_sync=lambda: accelerator.no_sync(discriminator),
+                        no_sync=lambda: accelerator.no_sync(discriminator), extras=extras, align=align,
+                        align_layer=live.encoder.conv_out.weight,
                     )  # fmt: skip
                     accelerator.backward(loss)
                     # each optimizer skips a non-finite batch on its own; the EMA follows the autoencoder's update
@@ -331,6 +344,7 @@ def main(cfg: TrainConfig) -> dict:
         "skipped_images": len(read_skipped(out / "skipped.txt")),
         "replicas_identical": in_sync,
         "lpips": lpips_status if lpips is not None else f"OFF: {lpips_status}",
+        "align": f"OFF: {align_status}" if align is None and cfg.loss.align_weight > 0 else align_status,
         "first_eval": history["first_eval"],
         "last_eval": history["last_eval"],
     }
