@@ -8,6 +8,7 @@ kl-ae decode --model PATH --latents DIR --out FOLDER
 kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PATH2] [--lpips MODE] ...
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
+kl-ae study  [--variants plain,eq,noise,mask] [--seeds 0,1,2] [--max-steps N] [--probe-steps N] [--out DIR]
 kl-ae bench  [--preset kl-f8] [--resolution 128] [--batch-size 2] [--steps N] [--precision fp32|bf16|both]
              [--what train,codec,data,peak,optim,tiled] [--tiled-sizes 2048,4096] [--tiled-exact] [--model RUN]
              [--json FILE]
@@ -19,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from commands.study import add_study_command, run_study_command
 from common.config import ConfigError
 from training.checkpoint import CheckpointWriteError, NonFiniteError
 
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_commands(sub)
     add_latent_commands(sub)
     add_bench_command(sub)
+    add_study_command(sub)
     args = parser.parse_args(argv)
 
     try:
@@ -252,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_latent_command(args)
         elif args.command == "bench":
             return run_bench_command(args)
+        elif args.command == "study":
+            return run_study_command(args)
         else:
             return run_eval_command(args)
     except (ConfigError, FileNotFoundError) as e:

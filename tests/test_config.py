@@ -35,7 +35,8 @@ def test_field_list_is_pinned():
         "loss.disc_ramp", "loss.disc_norm", "loss.disc_channels", "loss.disc_layers", "loss.codebook_weight",
         "loss.eq_weight", "loss.eq_prob", "loss.eq_transforms", "loss.latent_noise", "loss.channel_mask",
         "loss.align_weight", "loss.align_model", "loss.align",
-        "optim.lr", "optim.disc_lr", "optim.betas", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
+        "optim.lr", "optim.disc_lr", "optim.betas", "optim.weight_decay", "optim.warmup_steps", "optim.schedule",
+        "optim.min_lr_ratio", "optim.grad_clip",
         "optim.scale_lr",
         "train.max_steps", "train.grad_accum", "train.log_every", "train.sample_every", "train.checkpoint_every",
         "train.eval_every", "train.keep_checkpoints", "train.mixed_precision", "train.seed", "train.tracker",
@@ -140,3 +141,15 @@ def test_unknown_recipe_and_bad_yaml(tmp_path):
     bad.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_learning_rate_schedule():
+    from training.train import lr_factor
+
+    cosine = dict(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
+    assert [lr_factor(s, **cosine) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
+    assert lr_factor(10, **cosine) == pytest.approx(1.0) and lr_factor(60, **cosine) == pytest.approx(0.55)
+    assert lr_factor(110, **cosine) == pytest.approx(0.1) and lr_factor(500, **cosine) == pytest.approx(0.1)
+    assert lr_factor(60, **{**cosine, "schedule": "constant"}) == 1.0
+    with pytest.raises(ConfigError, match="optim.min_lr_ratio"):
+        load_config(None, ["optim.min_lr_ratio=2"])

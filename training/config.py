@@ -134,6 +134,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # LDM's Adam betas
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    # after the warm-up: constant, or a cosine decay to lr * min_lr_ratio at train.max_steps
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm per model (0: off)
     scale_lr: bool = False  # LDM rule: lr x batch_size x processes x grad_accum
 
@@ -148,6 +151,8 @@ class OptimConfig:
             raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip: must be >= 0, got {self.grad_clip}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -67,8 +68,15 @@ def resolve_mixed_precision(mode: str) -> str:
     return mode
 
 
-def warmup_schedule(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """The learning rate of optimizer step `step` relative to optim.lr: a linear warm-up over `warmup` steps, then
+    constant or a cosine decay from 1 to `min_ratio` at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def check_tracker(name: str) -> None:
@@ -211,8 +219,11 @@ def main(cfg: TrainConfig) -> dict:
     adam = dict(betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     opt_g = adamw([p for p in generator.parameters() if p.requires_grad], lr=lr, **adam)
     opt_d = adamw(discriminator.parameters(), lr=disc_lr, **adam)
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup_schedule(cfg.optim.warmup_steps))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup_schedule(cfg.optim.warmup_steps))
+    o = cfg.optim
+    schedule = partial(lr_factor, warmup=o.warmup_steps, total=cfg.train.max_steps, schedule=o.schedule,
+                       min_ratio=o.min_lr_ratio)  # fmt: skip
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, schedule)
     generator, discriminator, opt_g, opt_d, sched_g, sched_d, train_dl, val_dl = accelerator.prepare(
         generator, discriminator, opt_g, opt_d, sched_g, sched_d, train_dl, val_dl
     )
