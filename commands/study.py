@@ -72,6 +72,7 @@ def study(
     seeds: list[int] | None = None,
     max_steps: int | None = None,
     probe_steps: int | None = None,
+    eval_resolution: int | None = None,
     config: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> dict:
@@ -97,7 +98,8 @@ def study(
         if train(cfg).get("interrupted"):
             print(f"study stopped during {run}; re-run the same command to resume")
             return {"interrupted": True}
-        evaluation = evaluate(EvalConfig(model=str(run), data=cfg.data.source, out=str(run / "eval"), lpips="off"))
+        evaluation = evaluate(EvalConfig(model=str(run), data=cfg.data.source, out=str(run / "eval"), lpips="off",
+                                         resolution=eval_resolution))  # fmt: skip
         metrics = {"reconstruction": evaluation["reconstruction"], "geometry": evaluation["geometry"]}
         if probe_steps != 0:
             metrics["probe"] = run_probe(run, cfg.data.source, probe_steps)
@@ -108,6 +110,7 @@ def study(
         v: {name: mean_se([r[name] for r in results if r["variant"] == v]) for name in MEASURES} for v in variants
     }
     report = {"config": config, "overrides": list(overrides), "max_steps": max_steps, "seeds": seeds,
+              "eval_resolution": eval_resolution,
               "variants": {v: VARIANTS[v] for v in variants}, "measures": {k: d for k, (_, d) in MEASURES.items()},
               "runs": results, "summary": summary}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +136,7 @@ def format_table(summary: dict) -> str:
             return "n/a"
         return f"{s['mean']:.4g}" + (f" ± {s['se']:.2g}" if s["se"] is not None else "")
 
-    names = list(MEASURES)
+    names = [n for n in MEASURES if any(n in s for s in summary.values())]
     lines = ["| variant | " + " | ".join(MEASURES[n][1] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {v} | " + " | ".join(cell(s[n]) for n in names) + " |" for v, s in summary.items()]
     return "\n".join(lines)
@@ -146,6 +149,7 @@ def add_study_command(sub) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
     p.add_argument("--max-steps", type=int, help="training steps per run (default: the recipe's)")
     p.add_argument("--probe-steps", type=int, help="probe training steps (default: the probe's; 0: no probe)")
+    p.add_argument("--eval-resolution", type=int, help="evaluate at N px (default: the held-out images' own size)")
     p.add_argument("--config", help="a recipe name or YAML file for every run (default: the tiny CPU recipe)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
 
@@ -157,5 +161,6 @@ def run_study_command(args) -> int:
         raise ConfigError(f"--probe-steps: must be >= 0, got {args.probe_steps}")
     seeds = parse_list(args.seeds, "seeds", int)
     variants = parse_list(args.variants, "variants")
-    study(args.out, variants, seeds, args.max_steps, args.probe_steps, args.config, args.overrides)
+    study(args.out, variants, seeds, args.max_steps, args.probe_steps, args.eval_resolution, args.config,
+          args.overrides)  # fmt: skip
     return 0

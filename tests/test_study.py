@@ -1,0 +1,38 @@
+"""`kl-ae study`: every (variant, seed) is trained and evaluated, and the summary is the mean and standard error."""
+
+import json
+import math
+
+import pytest
+
+from commands.study import format_table, mean_se
+
+from .conftest import TINY_RUN
+
+
+def test_mean_and_standard_error():
+    s = mean_se([1.0, 2.0, 3.0, None])
+    assert s["mean"] == 2.0 and s["n"] == 3 and s["se"] == pytest.approx(1 / math.sqrt(3))
+    assert mean_se([5.0]) == {"mean": 5.0, "se": None, "n": 1}
+    assert mean_se([None, float("nan")])["mean"] is None
+    table = format_table({"plain": {"psnr": {"mean": 20.0, "se": 0.5, "n": 3}}} | {})
+    assert "| plain | 20 ± 0.5 |" in table.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_study_trains_and_evaluates_each_variant_and_seed(tmp_path):
+    from commands.cli import main as kl_ae
+
+    extra = [*TINY_RUN, "train.tracker=none", "train.eval_every=2", "train.checkpoint_every=2", "loss.lpips=off"]
+    code = kl_ae(["study", "--out", str(tmp_path), "--variants", "plain,eq", "--seeds", "0,1", "--max-steps", "2",
+                  "--probe-steps", "0", "--eval-resolution", "64", *extra])  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "study.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("plain", 0), ("plain", 1), ("eq", 0), ("eq", 1)]
+    for r in report["runs"]:
+        assert isinstance(r["psnr"], float) and isinstance(r["gap_scale"], float) and r["probe_loss"] is None
+    plain = [r["psnr"] for r in report["runs"] if r["variant"] == "plain"]
+    assert report["summary"]["plain"]["psnr"]["mean"] == pytest.approx(sum(plain) / 2)
+    assert report["summary"]["plain"]["psnr"]["n"] == 2 and report["summary"]["eq"]["psnr"]["se"] is not None
+    cfg = (tmp_path / "eq_s1" / "config.yaml").read_text()
+    assert "eq_weight: 1.0" in cfg and "seed: 1" in cfg
