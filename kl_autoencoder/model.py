@@ -396,7 +396,7 @@ class Autoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, vq: QuantizerConfig | None = None) -> Autoencoder:
-        """Load from a diffusers folder, a run folder, or a checkpoint folder (see export.find_diffusers_folder).
+        """Load from a diffusers folder, a run folder, or a checkpoint folder (see `find_diffusers_folder`).
 
         Weights stored in fp16/bf16 are upcast into this fp32 model. Returned in eval mode, as diffusers does.
         vq: how a VQ codebook trains from here (fine-tuning); the EMA state starts from the loaded codebook.
