@@ -1,5 +1,5 @@
 """Throughput and memory measurements: our training step against reference-style loops, bf16 against fp32,
-achieved FLOP/s against a measured GEMM peak (those two in `eval/bench_step.py`), our codec against diffusers'
+achieved FLOP/s against a measured GEMM peak (those two in `commands/bench_step.py`), our codec against diffusers'
 `AutoencoderKL`, the data pipeline against the trainer's consumption, and the peak memory of tiled decoding.
 
 Every comparison is measured in one process, interleaved (ours, baseline, ours, ...), and reported as a median;

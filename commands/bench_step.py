@@ -295,7 +295,7 @@ def bench_peak(cfg: BenchConfig, precisions: list[str]) -> dict:
     x, lpips = images(cfg.resolution, cfg.batch_size, cfg.seed), lpips_random()
     peak = gemm_peak((2048, 4096) if cfg.resolution >= 64 else (512,))
     out = {"gemm_peak_gflop_s": {k: v / 1e9 for k, v in peak.items()}}
-    # by default LPIPS runs in fp32 whatever the step's precision (see training/lpips.py): its FLOPs, as the step
+    # by default LPIPS runs in fp32 whatever the step's precision (see common/lpips.py): its FLOPs, as the step
     # runs it (both images forward, backward to the reconstruction), are held to the fp32 peak
     lpips_counter = FlopCounterMode(display=False)
     with lpips_counter:

@@ -1,4 +1,5 @@
-"""The `kl-ae` command line, the top layer: it alone imports both `training` and `eval`.
+"""The `kl-ae` command line. It lives in the top layer, `commands/`, the only package that may import both
+`training` and `eval` (`rd.py` does too).
 
 kl-ae train  [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [section.key=value ...]
 kl-ae export RUN_DIR --out DIR [--data SPEC] [--fp16-variant] [--max-images N]

@@ -1,4 +1,5 @@
-"""Image-quality metrics as pure functions over batches of images in [0, 1], one value per image.
+"""Image-quality metrics as pure functions over batches of images, one value per image: `psnr`, `ssim`,
+`mse`, `ms_ssim` and `inception_features` take images in [0, 1], `reconstruction_metrics` the model's [-1, 1].
 
 Thin wrappers over torchmetrics' functional API so that training-time validation and `kl-ae eval`
 compute the same numbers; per-image values let callers gather them across processes exactly.

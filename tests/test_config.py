@@ -64,11 +64,25 @@ def test_defaults_are_the_tiny_recipe():
     assert load_config() == load_config("tiny")
 
 
-@pytest.mark.parametrize("name", ["tiny", "kl-f8", "kl-f8-c16", "kl-f4", "kl-f16"])
-def test_every_recipe_loads(name):
+@pytest.mark.parametrize("name", ["tiny", "kl-f8", "kl-f8-c16", "kl-f4", "kl-f16", "tiny-vq", "vq-f4", "vq-f8"])
+def test_every_recipe_loads_and_builds_its_preset(name):
+    import torch
+
+    from kl_autoencoder import PRESETS, Autoencoder
+
     cfg = load_config(name)
     assert cfg.model.preset == name
     assert name in recipe_names()
+    assert cfg.model.autoencoder_config() == PRESETS[name]  # a recipe trains its preset as it stands
+    with torch.device("meta"):  # the full-size architecture, without allocating its weights
+        model = Autoencoder(cfg.model.autoencoder_config(), vq=cfg.vq)
+    preset = PRESETS[name]
+    assert model.config.bottleneck == preset.bottleneck == ("vq" if "vq" in name else "kl")
+    if preset.bottleneck == "vq":
+        assert model.quantize.embedding.weight.shape == (preset.num_codes, preset.code_dim)
+        assert (model.quantize.config.codebook, model.quantize.config.beta) == (cfg.vq.codebook, cfg.vq.beta)
+    else:
+        assert model.encoder.conv_out.out_channels == 2 * preset.latent_channels  # mean and log-variance
 
 
 def test_diffusability_recipes(tmp_path):

@@ -154,7 +154,7 @@ def test_unreadable_file_is_skipped(folder, caplog):
     (folder / "broken.png").write_bytes(b"not a png")
     train, val = build_datasets(DataConfig(source=str(folder), resolution=16, val_fraction=0.0), seed=0)
     ds = train if any(p.endswith("broken.png") for p in train.paths()) else val
-    with caplog.at_level("WARNING", logger="training.data"):
+    with caplog.at_level("WARNING", logger="common.data"):
         xs = [ds[i] for i in range(len(ds))]
     assert all(x.shape == (3, 16, 16) for x in xs)
     assert "broken.png" in caplog.text

@@ -12,7 +12,7 @@ from kl_autoencoder import Autoencoder
 from .conftest import TINY_RUN, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-# a 16-channel f8 model on 32 px crops: a step takes well under a second on 2 cores
+# a 16-channel f4 model on 32 px crops: a step takes well under a second on 2 cores
 TINY = [
     *TINY_RUN,
     "train.log_every=1",
@@ -191,3 +191,100 @@ def test_gradient_accumulation_covers_both_models(tmp_path):
     assert state["batches_seen"] == 6
     d_state = torch.load(out / "checkpoints" / "step_0000003" / "optimizer_1.bin", weights_only=True)["state"]
     assert all(int(s["step"]) == 2 for s in d_state.values())  # D stepped at steps 2 and 3 (disc_start=1)
+
+
+# --- the GAN's wiring in real steps: the discriminator on from step 0, the log-variance learned
+GAN = [*TINY, "train.max_steps=3", "train.tracker=none", "train.mixed_precision=no", "loss.disc_start=0",
+       "loss.disc_ramp=0", "loss.learn_logvar=true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory):
+    """One 3-step run, watched: the autoencoder built, the input of its decoder's last conv at each forward,
+    and every `adaptive_weight` call the trainer makes (all observed, none changed)."""
+    import training.step
+    import training.train
+    from training.config import load_config
+
+    out = tmp_path_factory.mktemp("gan") / "run"
+    built, last_input, calls = [], {}, []
+    real_build, real_weight = training.train.build_autoencoder, training.step.adaptive_weight
+
+    def build(cfg):
+        model = real_build(cfg)
+        model.decoder.conv_out.register_forward_hook(lambda m, args, y: last_input.update(h=args[0].detach()))
+        built.append(model)
+        return model
+
+    def weight(recon, grad_nll, grad_adv, last_layer, **kwargs):
+        value = real_weight(recon, grad_nll, grad_adv, last_layer, **kwargs)
+        calls.append(dict(last_layer=last_layer, h=last_input["h"], grad_nll=grad_nll.detach(),
+                          grad_adv=grad_adv.detach(), value=value))  # fmt: skip
+        return value
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training.train, "build_autoencoder", build)
+        mp.setattr(training.step, "adaptive_weight", weight)
+        cfg = load_config(None, [*GAN, f"out_dir={out}"])
+        summary = training.train.main(cfg)
+    return dict(out=out, cfg=cfg, summary=summary, model=built[0], calls=calls, rows=read_jsonl(out / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_adaptive_weight_is_taken_at_the_decoders_last_layer(gan_run):
+    """The logged train/d_weight is LDM's norm ratio at the decoder's conv_out, recomputed here by hand."""
+    model, calls, rows = gan_run["model"], gan_run["calls"], gan_run["rows"]
+    conv_out = model.decoder.conv_out
+    assert len(calls) == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    for call, row in zip(calls, rows):
+        assert call["last_layer"] is conv_out.weight is model.last_layer
+        # the weight gradient of the conv that outputs the reconstruction, from its input and d(loss)/d(recon)
+        at_w = [torch.nn.grad.conv2d_weight(call["h"], conv_out.weight.shape, g, padding=1)
+                for g in (call["grad_nll"], call["grad_adv"])]  # fmt: skip
+        ratio = (at_w[0].norm() / (at_w[1].norm() + 1e-4)).clamp(0, 1e4).item()
+        assert call["value"].item() == pytest.approx(ratio, rel=1e-4)
+        assert row["train/d_weight"] == pytest.approx(ratio * gan_run["cfg"].loss.disc_weight, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_learned_logvar_is_optimized_in_a_real_run(gan_run):
+    """loss.learn_logvar=true: the 0-dim logvar has AdamW state in the prepared optimizer, and it moves."""
+    from safetensors.torch import load_file
+
+    assert gan_run["cfg"].loss.logvar_init == 0.0
+    logvars = [r["train/logvar"] for r in gan_run["rows"]]
+    assert 0.0 not in logvars and len(set(logvars)) == 3  # every step moved it
+    ckpt = gan_run["out"] / "checkpoints" / "step_0000003"
+    assert load_file(ckpt / "model.safetensors")["logvar"].item() != 0.0
+    state = torch.load(ckpt / "optimizer.bin", weights_only=True)["state"]
+    assert sum(s["exp_avg"].dim() == 0 for s in state.values()) == 1  # logvar, the only 0-dim parameter
+    assert all(int(s["step"]) == 3 for s in state.values())
+
+
+@pytest.mark.slow
+def test_a_skipped_discriminator_step_still_updates_the_autoencoder_and_its_ema(gan_run, tmp_path, monkeypatch):
+    """Non-finite discriminator gradients at the last step skip the discriminator's update only: the autoencoder
+    and its EMA end bit-identical to the run without them, and the step counts as a discriminator skip."""
+    import training.train
+    from tests.test_operations import checkpoint_tensors
+    from training.config import load_config
+
+    real, calls = training.train.discriminator_objective, []
+
+    def nan_at_step_3(*args, **kwargs):
+        loss, logs = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), logs) if len(calls) == 3 else (loss, logs)
+
+    monkeypatch.setattr(training.train, "discriminator_objective", nan_at_step_3)
+    out = tmp_path / "nan_d"
+    summary = training.train.main(load_config(None, [*GAN, f"out_dir={out}"]))
+    assert summary["nonfinite_steps"] == 0 and summary["nonfinite_discriminator_steps"] == 1
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert "train/loss" in rows[2] and "train/d_loss" not in rows[2]  # each model's logs masked by its own step
+    assert all(v == v for r in rows for v in r.values())  # no NaN logged
+    clean = checkpoint_tensors(gan_run["out"] / "checkpoints" / "step_0000003")
+    nan_d = checkpoint_tensors(out / "checkpoints" / "step_0000003")
+    same = [k for k in clean if k.startswith(("model/", "ema/")) and torch.equal(clean[k], nan_d[k])]
+    assert len(same) == len([k for k in clean if k.startswith(("model/", "ema/"))])
+    assert any(not torch.equal(clean[k], nan_d[k]) for k in clean if k.startswith("model_1/"))  # D skipped

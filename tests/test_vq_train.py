@@ -65,6 +65,33 @@ def test_two_processes_keep_one_codebook(tmp_path):
     assert summary["num_processes"] == 2 and summary["replicas_identical"] is True  # codebook included
 
 
+@pytest.mark.slow
+def test_decoder_only_training_keeps_the_codebook_bit_identical(tmp_path):
+    """train.trainable=decoder on a VQ model: no gradient, EMA step or restart moves a code (restarts after one
+    unused forward would, vq.dead_after=1), and the encoder stays as it was, while the decoder trains."""
+    from diffusers import VQModel
+    from safetensors.torch import load_file
+
+    base, tuned = tmp_path / "base", tmp_path / "ft"
+    assert kl_ae(["train", "--out", str(base), "--max-steps", "2", *TINY_VQ]) == 0
+    start = Autoencoder.from_pretrained(base)
+    args = [*TINY_VQ, f"model.init_from={base}", "train.trainable=decoder", "vq.dead_after=1", "loss.disc_start=0"]
+    assert kl_ae(["train", "--out", str(tuned), "--max-steps", "3", *args]) == 0
+    codebook = start.quantize.embedding.weight
+    live = load_file(tuned / "checkpoints" / "step_0000003" / "model.safetensors")
+    assert torch.equal(live["autoencoder.quantize.embedding.weight"], codebook)
+    exported = Autoencoder.from_pretrained(tuned)  # the EMA weights
+    assert torch.equal(exported.quantize.embedding.weight, codebook)
+    assert torch.equal(VQModel.from_pretrained(tuned / "diffusers").quantize.embedding.weight, codebook)
+    for name in ("encoder", "quant_conv"):
+        a, b = getattr(start, name).state_dict(), getattr(exported, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(not torch.equal(a, b) for a, b in zip(start.decoder.parameters(), exported.decoder.parameters()))
+    rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["vq/dead_codes"] > 0 for r in rows)  # codes a live quantizer would have restarted
+    assert all(r["vq/usage"] > 0 for r in rows) and rows[-1]["vq/restarts"] == 0  # usage is still counted
+
+
 def test_vq_options_on_a_kl_model_are_an_error():
     with pytest.raises(ConfigError, match=r"^model\.num_codes: a VQ option, but model.preset tiny is a KL model"):
         load_config(None, ["model.num_codes=64"])
