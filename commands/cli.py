@@ -7,6 +7,7 @@ kl-ae reconstruct IMAGE --model PATH --out FILE [--tile N]
 kl-ae encode --model PATH --data SPEC --out DIR [--resolution N] [--batch-size N] [--sample]
 kl-ae decode --model PATH --latents DIR --out FOLDER
 kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PATH2] [--lpips MODE] ...
+kl-ae probe  --model PATH --data SPEC [--out DIR] [--steps N] [--compare PATH2] [--seed N] [--batch-size N] ...
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
 kl-ae study  [--variants plain,eq,noise,mask] [--seeds 0,1,2] [--max-steps N] [--probe-steps N] [--out DIR]
@@ -123,6 +124,20 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
     p.add_argument("--seed", type=int, default=0, help="posterior noise and the prior-comparison subsamples")
 
+    p = sub.add_parser("probe", help="diffusability: train a small latent DiT on the model's latents, report its loss")
+    p.add_argument("--model", required=True, help="a run folder, a checkpoint folder or a diffusers folder")
+    p.add_argument("--data", required=True, help="a folder, 'sample' or a hub dataset name (its train and val splits)")
+    p.add_argument("--out", help="where metrics.json, report.html and the latents go (default MODEL/probe)")
+    p.add_argument("--steps", type=int, default=600, help="denoiser training steps (default 600)")
+    p.add_argument("--compare", help="a second model, probed on the same images, seeds and budget")
+    p.add_argument("--seed", type=int, default=0, help="every random draw of the probe (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="latents per step over all processes (default 32)")
+    p.add_argument("--resolution", type=int, help="crop size in px (default: the run's data.resolution)")
+    p.add_argument("--resize", type=int, help="shorter side before cropping (default: the run's data.resize)")
+    p.add_argument("--crops", type=int, default=4, help="a k x k grid of crops per image, each mirrored (default 4)")
+    p.add_argument("--max-images", type=int, help="at most N images per split")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default steps / 8)")
+
     p = sub.add_parser("rd", help="rate-distortion curve: train and evaluate one model per kl_weight")
     p.add_argument("--kl-weights", default="1e-6,1e-2,1", help="comma-separated loss.kl_weight values")
     p.add_argument("--max-steps", type=int, default=300, help="training steps per weight (default 300)")
@@ -142,6 +157,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
         fields = ("model", "data", "split", "out", "resolution", "batch_size", "compare", "lpips", "max_images", "seed")
         evaluate(EvalConfig(**{k: getattr(args, k) for k in fields}))
+        return 0
+    if args.command == "probe":
+        from eval.probe import ProbeConfig, probe
+
+        fields = ("model", "data", "out", "steps", "compare", "seed", "batch_size", "resolution", "resize", "crops",
+                  "max_images", "eval_every")  # fmt: skip
+        probe(ProbeConfig(**{k: getattr(args, k) for k in fields}))
         return 0
     if args.command == "rd":
         import json

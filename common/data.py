@@ -294,6 +294,10 @@ class EvalImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
+    def row(self, i: int) -> int:
+        """The table row of item `i` (`common.crops.GridCrops` cuts several items from one row)."""
+        return i
+
     def __getitem__(self, i: int) -> torch.Tensor:
         img = to_rgb(datasets.Image().decode_example(_row(self.table[i][self.column])))
         if self.resolution is not None:
@@ -340,12 +344,14 @@ def load_images(
     resolution: int | None = None,
     max_images: int | None = None,
     seed: int = 0,
+    folder_split: bool = False,
 ) -> EvalImages:
     """A fixed image set (evaluation, export, encoding): every image of a folder; the held-out (`split="val"`)
-    or training (`"train"`) split of `sample` or a hub dataset. Errors name the command's `--data` / `--split`."""
+    or training (`"train"`) split of `sample` or a hub dataset. `folder_split`: a folder is split too, as the
+    trainer splits it (seeded by `seed`). Errors name the command's `--data` / `--split`."""
     folder = Path(data).expanduser()
     try:
-        if data != "sample" and folder.is_dir():
+        if data != "sample" and folder.is_dir() and not folder_split:
             if split != "val":
                 raise ConfigError("--split: a folder is evaluated whole; --split train is for 'sample' or a hub name")
             files = list_images(folder)

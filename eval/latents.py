@@ -3,7 +3,8 @@
 encode writes `latents = (z - shift_factor) * scaling_factor` (z the posterior mean, or with `sample` a
 posterior sample; VQ: the latents before quantization), the factors read from the model's config, as a
 `datasets` dataset on disk (`datasets.load_from_disk(out)`; columns `latent` (C, h, w) float32, `index`,
-`path`). The factors and settings are recorded in `out/latents_config.json` and the dataset's description.
+`path`; with a crop grid, `index` numbers the crops and `path` names the image each is cut from). The factors and
+settings are recorded in `out/latents_config.json` and the dataset's description.
 
 Under `accelerate launch` every process encodes a contiguous shard of the images and saves it as
 `<out>.shards/shard_<rank>` (written to a temporary folder, then renamed, so a folder there is complete);
@@ -26,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from common.config import ConfigError
+from common.crops import CropGrid, GridCrops
 from common.data import load_images
 from kl_autoencoder import Autoencoder
 
@@ -67,8 +69,16 @@ def encode_dataset(
     batch_size: int = 8,
     sample: bool = False,
     seed: int = 0,
+    split: str | None = None,
+    grid: CropGrid | None = None,
+    max_images: int | None = None,
+    split_seed: int = 0,
 ) -> Path:
-    """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`."""
+    """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`.
+
+    `split` ("train" | "val"): that split of the trainer's split of `data` (seeded by `split_seed`), folders
+    included. `grid`: several fixed crops per image (`common.crops.CropGrid`). `max_images`: the first N images.
+    """
     out = Path(out)
     accelerator = Accelerator()
     if (out / CONFIG_FILE).is_file():
@@ -80,8 +90,13 @@ def encode_dataset(
         raise ConfigError(f"--resolution: {resolution} is not a positive multiple of the factor {factor}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
-    images = load_images(data, factor, resolution=resolution)
-    paths = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
+    if split not in (None, "train", "val"):
+        raise ConfigError(f"--split: must be 'train' or 'val', got {split!r}")
+    images = load_images(data, factor, split or "val", resolution, max_images, split_seed, split is not None)
+    if grid is not None:
+        images = GridCrops(images, grid)
+    rows = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
+    paths = [rows[images.row(i)] for i in range(len(images))]
     scale, shift = latent_factors(model)
     settings = {
         "model": str(model_path),
@@ -92,8 +107,12 @@ def encode_dataset(
         "scaling_factor": scale,
         "shift_factor": shift,
         "formula": "latent = (z - shift_factor) * scaling_factor; z = latent / scaling_factor + shift_factor",
-        "num_images": len(images),
+        "num_images": len(images.table),
+        "num_latents": len(images),
     }
+    if split is not None or grid is not None or max_images is not None:
+        settings |= {"split": split, "split_seed": split_seed, "max_images": max_images}
+        settings["crops"] = None if grid is None else {"k": grid.k, "resize": grid.resize, "hflip": grid.hflip}
     if model.config.bottleneck == "vq":
         settings["latent"] = "latents before quantization"
 
@@ -142,7 +161,8 @@ def read_latents(path: str | Path) -> tuple[datasets.Dataset, dict]:
     return datasets.load_from_disk(str(path)), json.loads((path / CONFIG_FILE).read_text())
 
 
-def _decode(model: Autoencoder, z: torch.Tensor) -> torch.Tensor:
+def decode_z(model: Autoencoder, z: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents (B, C, h, w) -> images in [-1, 1]; VQ latents stored before quantization are quantized."""
     if model.config.bottleneck == "vq":  # the latents were stored before quantization, as LDM diffuses them
         z = model.quantize(z).z_q
     return model.decode(z)
@@ -161,7 +181,7 @@ def decode_latents(model: Autoencoder, table: datasets.Dataset, settings: dict, 
             batches = [torch.from_numpy(np.asarray(v, dtype=np.float32))[None] for v in latents]
         else:
             batches = [torch.from_numpy(latents.astype(np.float32))]
-        images = torch.cat([_decode(model, z.to(device) / scale + shift).float().cpu() for z in batches])
+        images = torch.cat([decode_z(model, z.to(device) / scale + shift).float().cpu() for z in batches])
         for index, path, image in zip(rows["index"], rows["path"], images):
             yield int(index), path, image
 

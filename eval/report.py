@@ -19,7 +19,7 @@ ERROR_GAIN = 5.0  # |x - x_hat| is multiplied by this in the error maps, so smal
 MIN_TILE = 128  # smaller grid tiles are enlarged (nearest neighbour) to at least this many pixels
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -52,21 +52,22 @@ def save_reconstruction_grid(x: list[Tensor], x_hat: list[Tensor], path: Path, s
         [thumbnail(b, size) for b in x_hat],
         [thumbnail(((a - b).abs() * ERROR_GAIN).clamp(0, 1), size) for a, b in zip(x, x_hat)],
     ]
-    _save_grid(torch.stack([t for row in rows for t in row]), len(x), path)
+    save_grid(torch.stack([t for row in rows for t in row]), len(x), path)
 
 
 def save_prior_grid(reconstructions: Tensor, prior: Tensor, aggregate: Tensor, path: Path) -> None:
     """Rows: reconstructions, decoded z ~ N(0, I), decoded z ~ N(aggregate mean, aggregate std^2); (n, 3, s, s)."""
-    _save_grid(torch.cat([reconstructions, prior, aggregate]).clamp(0, 1), len(prior), path)
+    save_grid(torch.cat([reconstructions, prior, aggregate]).clamp(0, 1), len(prior), path)
 
 
 def save_code_grid(reconstructions: Tensor, uniform: Tensor, unigram: Tensor, path: Path) -> None:
     """VQ's prior grid. Rows: reconstructions; decoded codes uniform over the used codes; decoded codes drawn from
     the code histogram (each position independently); (n, 3, s, s) in [0, 1]."""
-    _save_grid(torch.cat([reconstructions, uniform, unigram]).clamp(0, 1), len(uniform), path)
+    save_grid(torch.cat([reconstructions, uniform, unigram]).clamp(0, 1), len(uniform), path)
 
 
-def _save_grid(tiles: Tensor, nrow: int, path: Path) -> None:
+def save_grid(tiles: Tensor, nrow: int, path: Path) -> None:
+    """Tiles (n, 3, s, s) in [0, 1], `nrow` per row, small tiles enlarged to MIN_TILE px (nearest neighbour)."""
     scale = max(1, MIN_TILE // tiles.shape[-1])  # integer nearest-neighbour enlargement keeps pixels exact
     if scale > 1:
         tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
@@ -75,7 +76,7 @@ def _save_grid(tiles: Tensor, nrow: int, path: Path) -> None:
 
 def save_kl_bars(kl: dict[str, list[float]], threshold: float, path: Path) -> None:
     """Per-channel KL (nats per latent element) as bars, one colour per model, with the active-unit threshold."""
-    plt = _pyplot()
+    plt = pyplot()
     channels = max(len(v) for v in kl.values())
     width = 0.8 / len(kl)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * channels * len(kl) + 2), 3.2))
@@ -95,7 +96,7 @@ def save_kl_bars(kl: dict[str, list[float]], threshold: float, path: Path) -> No
 
 def save_code_usage(histograms: dict[str, list[int]], path: Path) -> None:
     """Code usage of VQ models: counts per code index (left) and code frequencies ranked, log scale (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -124,7 +125,7 @@ def save_code_usage(histograms: dict[str, list[int]], path: Path) -> None:
 
 def save_latent_histograms(samples: dict[str, Tensor], path: Path, max_channels: int = 16) -> None:
     """Histogram of each channel's posterior samples (N, C), per model, against the N(0, 1) density."""
-    plt = _pyplot()
+    plt = pyplot()
     channels = min(max_channels, max(v.shape[1] for v in samples.values()))
     cols = min(4, channels)
     rows = math.ceil(channels / cols)
@@ -185,7 +186,7 @@ def save_correlations(matrices: dict[str, list[list[float]]], path: Path) -> Non
 
 def save_rd_plot(points: list[dict], path: Path) -> None:
     """Distortion (MSE, and PSNR on a second panel) against rate in bits per pixel, one point per kl_weight."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     points = sorted(points, key=lambda p: p["bits_per_pixel"])
@@ -247,7 +248,18 @@ TABLE_ROWS = [
 ]
 
 
-def _cell(value) -> str:
+STYLE = """
+body { font-family: sans-serif; margin: 2em; max-width: 1400px; }
+table { border-collapse: collapse; margin-bottom: 1em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; font-size: 14px; }
+.na { color: #888; font-size: 12px; } .warn { color: #b00; }
+.row { display: flex; flex-wrap: wrap; gap: 16px; } figure { margin: 0; }
+img { max-width: 100%; image-rendering: pixelated; } figcaption { font-size: 13px; color: #444; }
+"""
+
+
+def cell(value) -> str:
+    """A table cell: numbers to 5 significant digits; an unavailable metric greyed out with its reason."""
     if isinstance(value, dict):
         if not value.get("available", True):
             return f'<span class="na">unavailable: {html.escape(str(value.get("reason", "")))}</span>'
@@ -263,7 +275,8 @@ def _lookup(result: dict, keys: tuple[str, ...]):
     return result if result != {} else "-"
 
 
-def _images(files: dict[str, str]) -> str:
+def images(files: dict[str, str]) -> str:
+    """A row of captioned figures, {caption: png file name relative to the report}."""
     cells = "".join(
         f'<figure><img src="{html.escape(f)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption>'
         "</figure>"
@@ -283,12 +296,12 @@ def write_html(path: Path, header: dict, results: dict[str, dict], figures: dict
     for label, keys in TABLE_ROWS:
         if all(_lookup(results[n], keys) == "-" for n in names):
             continue  # a row no model has: the VQ rows for KL models, the rate and prior rows for VQ models
-        cells = "".join(f"<td>{_cell(_lookup(results[n], keys))}</td>" for n in names)
+        cells = "".join(f"<td>{cell(_lookup(results[n], keys))}</td>" for n in names)
         table += f"<tr><th>{html.escape(label)}</th>{cells}</tr>"
     warnings = "".join(
         f'<p class="warn">{html.escape(n)}: {html.escape(w)}</p>' for n in names for w in results[n].get("warnings", [])
     )
-    sections = "".join(f"<h2>{html.escape(title)}</h2>{_images(files)}" for title, files in figures.items())
+    sections = "".join(f"<h2>{html.escape(title)}</h2>{images(files)}" for title, files in figures.items())
     kl = [n for n in names if "prior_distance" in results[n]]
     vq = [n for n in names if "codebook" in results[n]]
     notes = ""
@@ -321,14 +334,7 @@ codes these are textures, not images: they show what the used codes decode to.""
     Path(path).write_text(
         f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>kl-ae eval</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; font-size: 14px; }}
-.na {{ color: #888; font-size: 12px; }} .warn {{ color: #b00; }}
-.row {{ display: flex; flex-wrap: wrap; gap: 16px; }} figure {{ margin: 0; }}
-img {{ max-width: 100%; image-rendering: pixelated; }} figcaption {{ font-size: 13px; color: #444; }}
-</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>Autoencoder evaluation</h1>
 <table>{head}</table>
 <h2>Metrics</h2>

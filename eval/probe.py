@@ -1,0 +1,284 @@
+"""`kl-ae probe`: how well a small diffusion model learns an autoencoder's latents, the use the latents are for.
+
+    kl-ae probe --model RUN|CHECKPOINT|DIFFUSERS_DIR --data FOLDER|sample|HUB_NAME [--compare PATH2] [--steps N] ...
+
+For each model: the training split and the held-out split of `--data` (as the trainer splits it; `sample`: its
+12 training and 2 held-out photographs) are cut into fixed crops (`common.crops.CropGrid`: a k x k grid over
+each image resized to `resize`, and mirrors) and encoded by `eval.latents.encode_dataset` (posterior samples,
+seeded; VQ: the latents before quantization) into `OUT/latents/<model|compare>_<train|val>`, reused when the
+probe is re-run with the same settings. The latents are normalised with the model's `scaling_factor` /
+`shift_factor`; a model without measured factors (scaling_factor 1 and no shift, e.g. a checkpoint folder) gets
+them measured on its training latents (global mean and std), which metrics.json says. Then the recipe of
+`eval.denoiser` trains a small DiT on the training latents for `--steps` steps and reports its held-out
+denoising loss on a fixed timestep grid (same noise draws for every model), the curve of that loss over
+training, samples decoded through the autoencoder (DDIM, seeded), and the FID of the decoded samples against the
+held-out crops when the Inception weights are installed (otherwise "unavailable" with the reason).
+
+Defaults: a run folder's own `data.resolution` / `data.resize` (the default run: 64 px crops of images resized
+to 128 px), else the model's `sample_size` with resize = resolution; a 4 x 4 grid with mirrors (32 crops per
+image: 384 training and 64 held-out latents for `sample`); 600 steps of 32 latents. `--compare` probes a second
+model on the same crops (chosen by the flags or the first model's run), seeds and budget. Under `accelerate
+launch` encoding is sharded, the denoiser's batches are split over the processes, and held-out values are
+gathered; the main process samples and writes `metrics.json` and `report.html` (default `MODEL/probe`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from common.config import ConfigError
+from common.crops import CropGrid, GridCrops
+from common.data import load_images
+from common.metrics import build_inception, frechet_distance, inception_features, to_unit
+from common.release import run_data_config
+from common.runs import find_run
+from eval import denoiser as dn
+from eval import probe_report
+from eval.latents import decode_z, encode_dataset, read_latents
+from kl_autoencoder import Autoencoder
+from kl_autoencoder.diffusers_format import find_diffusers_folder
+
+GRID_SAMPLES = 16  # samples shown in the report
+MAX_FID_SAMPLES = 1024
+
+
+@dataclass
+class ProbeConfig:
+    model: str  # a run folder, a checkpoint folder or a diffusers AutoencoderKL / VQModel folder
+    data: str = "sample"  # a folder, "sample" or a hub name: its training split and its held-out split
+    out: str | None = None  # default <model>/probe
+    steps: int = 600  # denoiser training steps (the budget)
+    compare: str | None = None  # a second model probed on the same images, seeds and budget
+    seed: int = 0  # denoiser init, data order, training noise, held-out noise, sampling noise, posterior samples
+    batch_size: int = 32  # latents per step, over all processes
+    resolution: int | None = None  # crop size; None: the run's data.resolution, else the model's sample_size
+    resize: int | None = None  # shorter side before cropping; None: the run's data.resize (without --resolution),
+    # else the resolution
+    crops: int = 4  # k: a k x k grid of crops per image, each also mirrored
+    max_images: int | None = None  # at most N images per split
+    eval_every: int | None = None  # steps between held-out evaluations; None: steps // 8
+
+
+def _check(cfg: ProbeConfig) -> None:
+    for key in ("steps", "batch_size", "crops", "max_images", "eval_every", "resolution", "resize"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {value}")
+
+
+def _load_model(path: str) -> Autoencoder:
+    try:
+        return Autoencoder.from_pretrained(path)
+    except ValueError as e:
+        raise ConfigError(f"--model: {path}: {e}") from None
+
+
+def crop_settings(cfg: ProbeConfig, model_path: str, model: Autoencoder) -> tuple[int, CropGrid, int]:
+    """(resolution, crop grid, split seed): the flags, else the run's data section, else the model's sample_size."""
+    run = find_run(model_path)
+    data, split_seed = run_data_config(run) if run is not None else (None, 0)
+    resolution = cfg.resolution or (data.resolution if data else model.config.sample_size)
+    resize = cfg.resize or (data.resize if data and not cfg.resolution else None) or resolution
+    if resize < resolution:
+        raise ConfigError(f"--resize: must be >= the resolution {resolution}, got {resize}")
+    return resolution, CropGrid(k=cfg.crops, resize=resize, hflip=True), split_seed
+
+
+def encode_split(cfg: ProbeConfig, path: str, crops: tuple, split: str, folder: Path, accelerator: Accelerator) -> Path:
+    """The latent dataset of one split (encoded, or reused when its settings and the weights have not changed)."""
+    resolution, grid, split_seed = crops
+    expect = {"model": str(path), "data": cfg.data, "resolution": resolution, "seed": cfg.seed, "split": split,
+              "split_seed": split_seed, "max_images": cfg.max_images,
+              "crops": {"k": grid.k, "resize": grid.resize, "hflip": grid.hflip}}  # fmt: skip
+    weights = max(f.stat().st_mtime for f in find_diffusers_folder(path).iterdir())
+    if accelerator.is_main_process and (folder / "latents_config.json").is_file():
+        settings = read_latents(folder)[1]
+        stale = any(settings.get(k) != v for k, v in expect.items())
+        if stale or (folder / "latents_config.json").stat().st_mtime < weights:
+            accelerator.print(f"{folder}: other settings or newer weights; encoding again")
+            shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    try:
+        return encode_dataset(path, cfg.data, folder, resolution, batch_size=16, sample=True, seed=cfg.seed,
+                              split=split, grid=grid, max_images=cfg.max_images, split_seed=split_seed)  # fmt: skip
+    except ConfigError as e:
+        raise ConfigError(f"{e} (probe of {path}, {split} split)") from None
+
+
+def load_latents(folder: Path) -> tuple[torch.Tensor, dict]:
+    table, settings = read_latents(folder)
+    return torch.from_numpy(np.array(table.with_format("numpy")["latent"])), settings  # (N, C, h, w), a copy
+
+
+def normalise(model: Autoencoder, train: torch.Tensor, heldout: torch.Tensor, settings: dict):
+    """(train, held-out, the record): the stored latents, rescaled to the training latents' mean and std when the
+    model has no measured factors. The record's factors apply to the raw latents z: (z - shift) * scale."""
+    scale, shift = settings["scaling_factor"], settings["shift_factor"]
+    measured = not (model.config.scaling_factor == 1.0 and model.config.shift_factor is None)
+    record = {"source": "the model's config (measured at export)"}
+    if not measured:
+        mean, std = train.double().mean().item(), train.double().std(correction=0).item()
+        if std == 0:
+            raise ConfigError("--model: the training latents have zero variance; nothing to diffuse")
+        train, heldout = (train - mean) / std, (heldout - mean) / std
+        scale, shift = scale / std, shift + mean / settings["scaling_factor"]
+        record["source"] = "measured on the probe's training latents (the model has no measured factors)"
+    std = lambda x: x.double().std(correction=0).item()  # noqa: E731
+    mean = lambda x: x.double().mean().item()  # noqa: E731
+    record |= {"scaling_factor": scale, "shift_factor": shift, "train_mean": mean(train), "train_std": std(train),
+               "heldout_mean": mean(heldout), "heldout_std": std(heldout)}  # fmt: skip
+    return train, heldout, record
+
+
+def held_out_images(cfg: ProbeConfig, crops: tuple, factor: int, n: int) -> torch.Tensor:
+    """The first n held-out crops in [0, 1], the FID reference. (n, 3, r, r)"""
+    resolution, grid, split_seed = crops
+    images = GridCrops(load_images(cfg.data, factor, "val", resolution, cfg.max_images, split_seed, True), grid)
+    return torch.stack([to_unit(images[i]) for i in range(min(n, len(images)))])
+
+
+@torch.no_grad()
+def decode(model: Autoencoder, latents: torch.Tensor, factors: dict, device) -> torch.Tensor:
+    """Normalised latents (n, C, h, w) -> images in [0, 1] (n, 3, H, W), in batches of 16."""
+    out = []
+    for x in latents.split(16):
+        z = x.to(device) / factors["scaling_factor"] + factors["shift_factor"]
+        out.append(to_unit(decode_z(model, z)).cpu())
+    return torch.cat(out)
+
+
+def plan(cfg: ProbeConfig, paths: dict[str, str]) -> tuple:
+    """(resolution, crop grid, split seed) for every model, from the flags or the first model's run: the same
+    images for both. Checks what can be checked before any compute."""
+    models = {tag: _load_model(path) for tag, path in paths.items()}
+    crops = crop_settings(cfg, paths["model"], models["model"])
+    resolution, grid, split_seed = crops
+    for tag, model in models.items():
+        factor = model.config.downsample_factor
+        if resolution % factor:
+            raise ConfigError(
+                f"--resolution: {resolution} is not a multiple of the {tag}'s downsampling factor {factor}"
+            )
+    n = len(load_images(cfg.data, factor, "train", resolution, cfg.max_images, split_seed, True)) * grid.per_image
+    if n < cfg.batch_size:
+        raise ConfigError(f"--batch-size: {cfg.batch_size} is more than the {n} training latents")
+    return crops
+
+
+def probe_one(cfg: ProbeConfig, path: str, crops: tuple, tag: str, out: Path, accelerator, inception, fid_status):
+    """One model's metrics.json entry; also writes its sample grid (main process)."""
+    start = time.perf_counter()
+    model = _load_model(path).to(accelerator.device)
+    folders = {
+        s: encode_split(cfg, path, crops, s, out / "latents" / f"{tag}_{s}", accelerator) for s in ("train", "val")
+    }
+    (train, settings), (heldout, _) = load_latents(folders["train"]), load_latents(folders["val"])
+    train, heldout, factors = normalise(model, train, heldout, settings)
+    encoded = time.perf_counter()
+    eval_every = cfg.eval_every or max(1, cfg.steps // 8)
+    accelerator.print(f"probe {tag}: {len(train)} training and {len(heldout)} held-out latents of shape "
+                      f"{tuple(train.shape[1:])}; {cfg.steps} steps of {cfg.batch_size}")  # fmt: skip
+    denoiser, curve = dn.train_denoiser(
+        train, heldout, cfg.steps, cfg.batch_size, cfg.seed, accelerator, eval_every, accelerator.print
+    )
+    trained = time.perf_counter()
+    baseline = dn.gaussian_baseline(dn.noise_scheduler())
+    loss = curve[-1]["loss"]
+    result = {
+        "path": path,
+        "latent_shape": list(train.shape[1:]),
+        "num_train_latents": len(train),
+        "num_heldout_latents": len(heldout),
+        "latents": {
+            **factors,
+            "encoded": {k: str(v) for k, v in folders.items()},
+            "crops": settings.get("crops"),
+            "resolution": settings["resolution"],
+            "posterior": settings["latent"],
+        },
+        "denoiser": {
+            **dn.denoiser_size(tuple(train.shape[1:])),
+            "parameters": sum(p.numel() for p in denoiser.parameters()),
+        },
+        "heldout_loss": {
+            "per_timestep": loss,
+            "mean": sum(loss) / len(loss),
+            "ratio_to_gaussian": [v / b for v, b in zip(loss, baseline)],
+            "mean_ratio": sum(v / b for v, b in zip(loss, baseline)) / len(loss),
+        },
+        "curve": curve,
+    }
+    if accelerator.is_main_process:
+        n = min(len(heldout), MAX_FID_SAMPLES) if inception is not None else GRID_SAMPLES
+        n = max(n, GRID_SAMPLES)
+        samples = decode(model, dn.sample(denoiser, tuple(train.shape[1:]), n, cfg.seed, accelerator.device),
+                         factors, accelerator.device)  # fmt: skip
+        reference = decode(model, heldout[:8], factors, accelerator.device)  # reconstructions of held-out latents
+        probe_report.save_samples(reference, samples[:GRID_SAMPLES], out / f"samples_{tag}.png")
+        result["samples"] = f"samples_{tag}.png"
+        if inception is None:
+            result["fid"] = {"available": False, "reason": fid_status}
+        else:
+            real = held_out_images(cfg, crops, model.config.downsample_factor, len(heldout))
+            k = min(len(real), len(samples))
+            if k < 2:
+                result["fid"] = {"available": False, "reason": "needs at least 2 held-out images"}
+            else:
+                feats = [torch.cat([inception_features(inception, x.to(accelerator.device)).cpu()
+                                    for x in t[:k].split(32)]) for t in (real, samples)]  # fmt: skip
+                result["fid"] = {"available": True, "value": frechet_distance(*feats), "num_samples": k,
+                                 "weights": fid_status, "note": "FID from fewer than a few thousand samples is "
+                                 "biased upwards and noisy; compare models at the same sample count only"}  # fmt: skip
+    result["timing_s"] = {"encode": encoded - start, "train_and_eval": trained - encoded,
+                          "sample_and_fid": time.perf_counter() - trained}  # fmt: skip
+    return result
+
+
+def probe(cfg: ProbeConfig) -> dict:
+    """Probe `cfg.model` (and `cfg.compare`); writes metrics.json + report.html; returns the dict."""
+    _check(cfg)
+    start = time.perf_counter()
+    accelerator = dn.probe_accelerator(cfg.seed)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ConfigError(f"--batch-size: {cfg.batch_size} is not a multiple of the {accelerator.num_processes} "
+                          "processes (it is the batch over all of them)")  # fmt: skip
+    paths = {"model": cfg.model} | ({"compare": cfg.compare} if cfg.compare else {})
+    crops = plan(cfg, paths)  # bad values fail before any compute
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "probe"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    inception, fid_status = build_inception() if accelerator.is_main_process else (None, "")
+    if inception is not None:
+        inception.to(accelerator.device)
+    datasets.disable_progress_bars()
+    results = {t: probe_one(cfg, p, crops, t, out, accelerator, inception, fid_status) for t, p in paths.items()}
+    summary = {
+        "data": cfg.data,
+        "num_processes": accelerator.num_processes,
+        "settings": asdict(cfg),
+        "recipe": dn.RECIPE,
+        "timesteps": dn.TIMESTEPS,
+        "gaussian_baseline": dn.gaussian_baseline(dn.noise_scheduler()),
+        "wall_s": time.perf_counter() - start,
+    }
+    metrics = {**summary, **results["model"], **({"compare": results["compare"]} if cfg.compare else {})}
+    if accelerator.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+        probe_report.write_report(out, summary, results)
+        for tag, r in results.items():
+            h = r["heldout_loss"]
+            fid = f"{r['fid']['value']:.2f}" if r["fid"]["available"] else "unavailable"
+            print(f"{tag}: held-out denoising loss {h['mean']:.4f} per element ({h['mean_ratio']:.3f} x the "
+                  f"Gaussian baseline), FID {fid}")  # fmt: skip
+        print(f"report: {out / 'report.html'}")
+    accelerator.wait_for_everyone()
+    return metrics
