@@ -35,7 +35,8 @@ MEASURES = {  # name in study.json -> (where in eval's / probe's metrics.json, w
         "PSNR of decode(downscaled z) vs downscaled x (dB)",
     ),
     "hf_share": (("geometry", "spectrum", "latent_high_frequency_share"), "latent power above Nyquist / 2"),
-    "probe_loss": (("probe", "heldout_loss_mean"), "probe: held-out denoising loss per latent element"),
+    "probe_loss": (("probe", "heldout_loss", "mean"), "probe: held-out denoising loss per latent element"),
+    "probe_ratio": (("probe", "heldout_loss", "mean_ratio"), "probe: held-out loss / the Gaussian baseline's"),
 }
 
 
@@ -125,7 +126,7 @@ def run_probe(run: Path, data: str, steps: int | None) -> dict:
 
     settings = {"steps": steps} if steps else {}
     result = probe(ProbeConfig(model=str(run), data=data, out=str(run / "probe"), **settings))
-    return {"heldout_loss_mean": result["model"]["heldout_loss_mean"]}
+    return {"heldout_loss": {k: result["heldout_loss"][k] for k in ("mean", "mean_ratio")}}
 
 
 def format_table(summary: dict) -> str:

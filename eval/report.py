@@ -152,7 +152,7 @@ def save_latent_histograms(samples: dict[str, Tensor], path: Path, max_channels:
 
 def save_spectra(profiles: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
     """Radial power spectra (share of power per frequency bin, log scale): each model's latent, and the images."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for i, (name, (latent, image)) in enumerate(profiles.items()):
         freq = [(k + 0.5) * 0.5 / len(latent) for k in range(len(latent))]
@@ -171,7 +171,7 @@ def save_spectra(profiles: dict[str, tuple[list[float], list[float]]], path: Pat
 
 def save_correlations(matrices: dict[str, list[list[float]]], path: Path) -> None:
     """Correlation matrices between latent channels, one panel per model."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.2), squeeze=False)
     for ax, (name, matrix) in zip(axes[0], matrices.items()):
         image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")

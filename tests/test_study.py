@@ -25,12 +25,15 @@ def test_study_trains_and_evaluates_each_variant_and_seed(tmp_path):
 
     extra = [*TINY_RUN, "train.tracker=none", "train.eval_every=2", "train.checkpoint_every=2", "loss.lpips=off"]
     code = kl_ae(["study", "--out", str(tmp_path), "--variants", "plain,eq", "--seeds", "0,1", "--max-steps", "2",
-                  "--probe-steps", "0", "--eval-resolution", "64", *extra])  # fmt: skip
+                  "--probe-steps", "2", "--eval-resolution", "64", *extra])  # fmt: skip
     assert code == 0
     report = json.loads((tmp_path / "study.json").read_text())
     assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("plain", 0), ("plain", 1), ("eq", 0), ("eq", 1)]
     for r in report["runs"]:
-        assert isinstance(r["psnr"], float) and isinstance(r["gap_scale"], float) and r["probe_loss"] is None
+        assert isinstance(r["psnr"], float) and isinstance(r["gap_scale"], float)
+        assert r["probe_loss"] > 0 and r["probe_ratio"] > 0  # the probe's held-out loss, read from its metrics.json
+        assert json.loads((tmp_path / f"{r['variant']}_s{r['seed']}" / "probe" / "metrics.json").read_text())[
+            "heldout_loss"]["mean"] == r["probe_loss"]
     plain = [r["psnr"] for r in report["runs"] if r["variant"] == "plain"]
     assert report["summary"]["plain"]["psnr"]["mean"] == pytest.approx(sum(plain) / 2)
     assert report["summary"]["plain"]["psnr"]["n"] == 2 and report["summary"]["eq"]["psnr"]["se"] is not None
