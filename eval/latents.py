@@ -8,7 +8,8 @@ posterior sample; VQ: the latents before quantization), the factors read from th
 Under `accelerate launch` every process encodes a contiguous shard of the images and saves it as
 `<out>.shards/shard_<rank>` (written to a temporary folder, then renamed, so a folder there is complete);
 the main process then concatenates them into `out` and removes the shards. Re-running the same command
-skips the shards already written, and does nothing when `out` is complete.
+skips the shards already written, and does nothing when `out` is complete. A streamed source (shards, or a
+hub dataset with `--streaming`) is written as latent shards instead: see `eval/latent_shards.py`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def latent_factors(model: Autoencoder) -> tuple[float, float]:
     return float(model.config.scaling_factor), float(model.config.shift_factor or 0.0)
 
 
-def _features(latents: list[np.ndarray]) -> datasets.Features:
+def latent_features(latents: list[np.ndarray]) -> datasets.Features:
     """float32 latents: a fixed-shape Array3D when all share one shape (one resolution), else nested lists."""
     shapes = {z.shape for z in latents}
     if len(shapes) == 1:
@@ -67,21 +68,28 @@ def encode_dataset(
     batch_size: int = 8,
     sample: bool = False,
     seed: int = 0,
+    fmt: str | None = None,
+    per_shard: int = 1000,
+    streaming: bool = False,
 ) -> Path:
-    """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`."""
+    """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`; a stream
+    (shards, or a hub name with `streaming`) is written as latent shards (`eval.latent_shards`, format `fmt`)."""
+    from common.shards import shard_files
+
     out = Path(out)
     accelerator = Accelerator()
     if (out / CONFIG_FILE).is_file():
         accelerator.print(f"{out} is complete; nothing to do")
         return out
+    stream = streaming or shard_files(data, "--data") is not None
+    if fmt is not None and not stream:
+        raise ConfigError("--format: latent shards are written from a stream (shards, or a hub name with --streaming)")
     model = _load_model(model_path).to(accelerator.device)
     factor = model.config.downsample_factor
     if resolution is not None and (resolution <= 0 or resolution % factor):
         raise ConfigError(f"--resolution: {resolution} is not a positive multiple of the factor {factor}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
-    images = load_images(data, factor, resolution=resolution)
-    paths = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
     scale, shift = latent_factors(model)
     settings = {
         "model": str(model_path),
@@ -92,10 +100,17 @@ def encode_dataset(
         "scaling_factor": scale,
         "shift_factor": shift,
         "formula": "latent = (z - shift_factor) * scaling_factor; z = latent / scaling_factor + shift_factor",
-        "num_images": len(images),
     }
     if model.config.bottleneck == "vq":
         settings["latent"] = "latents before quantization"
+    if stream:
+        from eval.latent_shards import encode_stream
+
+        args = (resolution, batch_size, sample, seed, fmt or "parquet", per_shard)
+        return encode_stream(model, data, out, settings, accelerator, *args)
+    images = load_images(data, factor, resolution=resolution)
+    paths = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
+    settings["num_images"] = len(images)
 
     shards = out.parent / f".{out.name}.shards"
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -116,7 +131,7 @@ def encode_dataset(
                     rows["path"].append(paths[indices[i + j]])
         tmp = shards / f".tmp_shard_{rank:05d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset.from_dict(rows, features=_features(rows["latent"])).save_to_disk(str(tmp))
+        datasets.Dataset.from_dict(rows, features=latent_features(rows["latent"])).save_to_disk(str(tmp))
         os.replace(tmp, shard_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -139,7 +154,12 @@ def read_latents(path: str | Path) -> tuple[datasets.Dataset, dict]:
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise ConfigError(f"--latents: {path} is not a complete latent dataset (no {CONFIG_FILE})")
-    return datasets.load_from_disk(str(path)), json.loads((path / CONFIG_FILE).read_text())
+    settings = json.loads((path / CONFIG_FILE).read_text())
+    if "format" in settings:  # latent shards written from a stream
+        from eval.latent_shards import read_latent_shards
+
+        return read_latent_shards(path), settings
+    return datasets.load_from_disk(str(path)), settings
 
 
 def _decode(model: Autoencoder, z: torch.Tensor) -> torch.Tensor:
