@@ -1,6 +1,7 @@
 """Throughput and memory measurements: our training step against reference-style loops, bf16 against fp32,
 achieved FLOP/s against a measured GEMM peak (those two in `commands/bench_step.py`), our codec against diffusers'
-`AutoencoderKL`, the data pipeline against the trainer's consumption, and the peak memory of tiled decoding.
+`AutoencoderKL`, the data pipeline against the trainer's consumption (and JPEG shards against a folder, in
+`commands/bench_data.py`), and the peak memory of tiled decoding.
 
 Every comparison is measured in one process, interleaved (ours, baseline, ours, ...), and reported as a median;
 on a shared machine only the ratios are meaningful. LPIPS runs with a RANDOM VGG backbone (no weights offline):
@@ -20,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from commands.bench_data import bench_shards
 from commands.bench_step import (
     autocast,
     bench_optim,
@@ -207,6 +209,7 @@ def bench_data(cfg: BenchConfig) -> dict:
         "data_over_consumption": 1 / cold / consume,
         "data_cached_over_consumption": 1 / warm / consume,
         "config": f"sample source, {data_cfg.resolution} px crops from {data_cfg.resize} px, num_workers 0",
+        "shards_vs_folder": bench_shards(cfg.preset, cfg.resolution, cfg.batch_size, cfg.steps, cfg.repeats, cfg.seed),
     }
 
 
@@ -251,9 +254,8 @@ def bench_tiled(cfg: BenchConfig) -> dict:
         out[f"tiled_{size}"] = _child(f"tiled_child{args!r}", timeout=24 * 3600)
     args = (cfg.preset, first, cfg.tile, cfg.overlap, cfg.tiled_exact, False, cfg.seed)
     out[f"untiled_{first}"] = _child(f"tiled_child{args!r}", timeout=24 * 3600)
-    out["settings"] = (
-        f"{cfg.preset}, tile {cfg.tile} px, overlap {cfg.overlap} px, "
-        + ("whole-image GroupNorm statistics" if cfg.tiled_exact else "per-tile GroupNorm statistics")
+    out["settings"] = f"{cfg.preset}, tile {cfg.tile} px, overlap {cfg.overlap} px, " + (
+        "whole-image GroupNorm statistics" if cfg.tiled_exact else "per-tile GroupNorm statistics"
     )
     return out
 

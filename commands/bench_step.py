@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 BASELINES = ("reference", "fixed")
 
 
-def autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def autocast(bf16: bool, device: str = "cpu"):
+    return torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def interleaved(fns: dict, steps: int, repeats: int) -> dict[str, float]:
@@ -101,7 +101,8 @@ def _disc(seed: int):
 
 
 def our_step_fn(autoencoder, x: torch.Tensor, bf16: bool, gan: bool, lpips, ema: bool = True):
-    """One step of OUR trainer (training/train.py), with the default recipe's EMA."""
+    """One step of OUR trainer (training/train.py), with the default recipe's EMA, on the device of `x` (and of the
+    autoencoder and LPIPS)."""
     from training.config import LossConfig
     from training.step import (
         Generator,
@@ -114,14 +115,14 @@ def our_step_fn(autoencoder, x: torch.Tensor, bf16: bool, gan: bool, lpips, ema:
 
     loss_cfg = LossConfig(disc_start=0 if gan else 10**9, disc_norm="group")
     gen = Generator(autoencoder, learn_logvar=False, logvar_init=0.0).train()
-    disc = _disc(0).train()
+    disc = _disc(0).to(x.device).train()
     params_g = [p for p in gen.parameters() if p.requires_grad]
     opt_g = adamw(params_g, lr=1e-4, betas=(0.5, 0.9))
     opt_d = adamw(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
     average = GuardedEMA(autoencoder.parameters(), decay=0.999, use_ema_warmup=True) if ema else None
 
     def step() -> None:
-        with autocast(bf16):
+        with autocast(bf16, x.device.type):
             recon, posterior, _ = gen(x)
             loss, _, factor = generator_objective(
                 x, recon, posterior, gen.logvar, lpips, disc, autoencoder.last_layer, loss_cfg, step=1
@@ -129,7 +130,7 @@ def our_step_fn(autoencoder, x: torch.Tensor, bf16: bool, gan: bool, lpips, ema:
         loss.backward()
         ok, _ = guarded_step(_Single, opt_g, params_g, 1.0, False)
         if factor > 0:
-            with autocast(bf16):
+            with autocast(bf16, x.device.type):
                 d_loss, _ = discriminator_objective(x, recon, disc, loss_cfg, factor)
             d_loss.backward()
             guarded_step(_Single, opt_d, list(disc.parameters()), 1.0, False)

@@ -5,6 +5,8 @@ kl-ae train  [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [sec
 kl-ae export RUN_DIR --out DIR [--data SPEC] [--fp16-variant] [--max-images N]
 kl-ae reconstruct IMAGE --model PATH --out FILE [--tile N]
 kl-ae encode --model PATH --data SPEC --out DIR [--resolution N] [--batch-size N] [--sample]
+             [--format parquet|webdataset] [--per-shard N] [--streaming]
+kl-ae shards FOLDER --out DIR [--per-shard N]
 kl-ae decode --model PATH --latents DIR --out FOLDER
 kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PATH2] [--lpips MODE] ...
 kl-ae probe  --model PATH --data SPEC [--out DIR] [--steps N] [--compare PATH2] [--seed N] [--batch-size N] ...
@@ -67,7 +69,7 @@ def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) 
 
 
 def add_latent_commands(sub) -> None:
-    """reconstruct, encode and decode: using a trained model."""
+    """reconstruct, encode and decode: using a trained model; shards: preparing data for a stream."""
     p = sub.add_parser("reconstruct", help="encode and decode one image (tiled with --tile) and write a PNG")
     p.add_argument("image")
     p.add_argument("--model", required=True, help="a run folder, a checkpoint folder or a diffusers folder")
@@ -76,12 +78,22 @@ def add_latent_commands(sub) -> None:
 
     p = sub.add_parser("encode", help="write scaled latents of a data set as a datasets folder (load_from_disk)")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="a folder (all its images), 'sample' or a hub dataset name")
+    p.add_argument("--data", required=True, help="a folder (all its images), shards, 'sample' or a hub dataset name")
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, help="resize the shorter side and centre-crop to N (default: own size)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sample", action="store_true", help="posterior samples instead of the posterior mean")
     p.add_argument("--seed", type=int, default=0, help="posterior noise with --sample")
+    p.add_argument(
+        "--format", choices=["parquet", "webdataset"], help="a stream's latent shards: parquet (default) or .tar"
+    )
+    p.add_argument("--per-shard", type=int, default=1000, help="a stream's latents per shard file (default 1000)")
+    p.add_argument("--streaming", action="store_true", help="stream a hub dataset (its train split) into shards")
+
+    p = sub.add_parser("shards", help="write a folder of images as webdataset .tar shards (for --data)")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True, help="the folder the shards go to (00000.tar, 00001.tar, ...)")
+    p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default 1000)")
 
     p = sub.add_parser("decode", help="decode a latent folder written by `kl-ae encode` back to PNG images")
     p.add_argument("--model", required=True)
@@ -96,8 +108,21 @@ def run_latent_command(args: argparse.Namespace) -> int:
     elif args.command == "encode":
         from eval.latents import encode_dataset
 
-        out = encode_dataset(args.model, args.data, args.out, args.resolution, args.batch_size, args.sample, args.seed)
-        print(f"latents: {out}")
+        options = (
+            args.resolution,
+            args.batch_size,
+            args.sample,
+            args.seed,
+            args.format,
+            args.per_shard,
+            args.streaming,
+        )
+        print(f"latents: {encode_dataset(args.model, args.data, args.out, *options)}")
+    elif args.command == "shards":
+        from common.shards import write_shards
+
+        pattern = write_shards(args.folder, args.out, args.per_shard)
+        print(f"shards: {pattern}\ntrain on them with --data '{pattern}'")
     else:
         from eval.latents import decode_dataset
 
@@ -274,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             out = export(args.run_dir, args.out, args.data, args.fp16_variant, args.max_images)
             print(f"diffusers folder: {out}")
-        elif args.command in ("reconstruct", "encode", "decode"):
+        elif args.command in ("reconstruct", "encode", "decode", "shards"):
             return run_latent_command(args)
         elif args.command == "bench":
             return run_bench_command(args)

@@ -164,7 +164,8 @@ def check_writable(key: str, path: Path) -> None:
 class DataConfig:
     """Where the images come from and how they are cropped (the trainer's default run overrides some defaults)."""
 
-    # "sample", a local folder, or a hub dataset name (e.g. "user/name")
+    # "sample", a local folder, a hub dataset name (e.g. "user/name"), or shards: a glob or brace pattern /
+    # list of URLs of webdataset .tar or .parquet files ("shards/{00000..00127}.tar"), always streamed
     source: str = "sample"
     resolution: int = 256  # crop size
     resize: int | None = None  # shorter side before cropping; None = resolution
@@ -173,9 +174,17 @@ class DataConfig:
     batch_size: int = 8  # per process
     num_workers: int = 0
     # held-out images: a seeded split of the file list, at least 1, never trained on
-    # (the "sample" source uses a fixed split instead)
+    # (the "sample" source uses a fixed split instead; none is held out with val_source)
     val_fraction: float = 0.1
     val_max: int = 256
+    # a fixed validation set of its own: a folder, "sample", shards, or a hub dataset "name" / "name:split"
+    # (at most val_max images). Required by streamed sources, which hold nothing out
+    val_source: str | None = None
+    # hub datasets (and local hub-style folders): stream them instead of downloading them whole first
+    streaming: bool = False
+    # streamed sources: samples are read in blocks of this many and each block is yielded in a seeded random
+    # order (0: stream order); shard order is reshuffled every epoch
+    shuffle_buffer: int = 1000
     image_column: str = "image"  # hub sources only
     hub_split: str = "train"  # hub sources only
     # visits of each training image per epoch; each visit draws a fresh crop (tiny sets)
@@ -213,3 +222,7 @@ class DataConfig:
             raise bad("small_images", f"must be 'upscale' or 'skip', got {self.small_images!r}")
         if self.max_pixels <= 0:
             raise bad("max_pixels", f"must be > 0, got {self.max_pixels}")
+        if self.shuffle_buffer < 0:
+            raise bad("shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        if self.val_source is not None and not self.val_source.strip():
+            raise bad("val_source", "must be a folder, 'sample', shards or a hub dataset name, or null")

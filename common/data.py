@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 from pathlib import Path
 
 import datasets
@@ -45,8 +44,8 @@ from common.images import (
     DECODE_ERRORS,
     SAMPLE_TRAIN,
     SAMPLE_VAL,
+    append_skips,
     list_images,
-    one_line,
     open_image,
     path_of,
     pixel_limit_lifted,
@@ -56,6 +55,7 @@ from common.images import (
     sample_dir,
     to_rgb,
 )
+from common.shards import files_table, fixed_table, looks_like_hub_name, shard_files
 
 CACHE_MAX_IMAGES = 512  # below this, decoded+resized images are kept in memory
 
@@ -126,10 +126,7 @@ class ImageDataset(torch.utils.data.Dataset):
         """
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        with pixel_limit_lifted():
-            img = open_image(self.table[index][self.column], self.max_pixels, self.min_side)
-            img = resize_shorter(to_rgb(img), self.resize)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
+        x = decode_resized(self.table[index][self.column], self.resize, self.max_pixels, self.min_side)
         if self.cache is not None:
             self.cache[index] = x
         return x
@@ -174,14 +171,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def _flush_skips(self) -> None:
         if self._skip_log is None or not self._unlogged:
             return
-        lines = "".join(f"{one_line(p)}\t{one_line(r)[:500]}\n" for p, r in self._unlogged.items())
         try:
-            # one write to an O_APPEND descriptor: lines from DataLoader workers and ranks do not interleave
-            fd = os.open(self._skip_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, lines.encode("utf-8", "replace"))
-            finally:
-                os.close(fd)
+            append_skips(self._skip_log, self._unlogged)
         except OSError as e:  # a full disk must not end the run either; retried at the next skip
             log.warning("data: cannot write the skip log %s: %s", self._skip_log, e)
             return
@@ -189,18 +180,30 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         x = self._load_or_skip(i % len(self.table))
-        _, h, w = x.shape
-        r = self.resolution
-        rng = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
-        if self.random_crop:
-            top = int(torch.randint(0, h - r + 1, (), generator=rng))
-            left = int(torch.randint(0, w - r + 1, (), generator=rng))
-        else:
-            top, left = (h - r) // 2, (w - r) // 2
-        x = x[:, top : top + r, left : left + r]
-        if self.hflip and bool(torch.rand((), generator=rng) < 0.5):
-            x = x.flip(-1)
-        return x.float().div_(127.5).sub_(1.0)  # (3, r, r) in [-1, 1]
+        seed = hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF  # ints hash alike in every process
+        return crop_flip(x, self.resolution, self.random_crop, self.hflip, seed)
+
+
+def decode_resized(value, resize: int, max_pixels: int, min_side: int = 0) -> torch.Tensor:
+    """An undecoded image -> uint8 (3, H, W), upright RGB, shorter side `resize`; raises one of DECODE_ERRORS."""
+    with pixel_limit_lifted():
+        img = resize_shorter(to_rgb(open_image(value, max_pixels, min_side)), resize)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def crop_flip(x: torch.Tensor, r: int, random_crop: bool, hflip: bool, seed: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> float (3, r, r) in [-1, 1]: a random (or centre) crop and flip drawn from `seed` alone."""
+    _, h, w = x.shape
+    rng = torch.Generator().manual_seed(seed)
+    if random_crop:
+        top = int(torch.randint(0, h - r + 1, (), generator=rng))
+        left = int(torch.randint(0, w - r + 1, (), generator=rng))
+    else:
+        top, left = (h - r) // 2, (w - r) // 2
+    x = x[:, top : top + r, left : left + r]
+    if hflip and bool(torch.rand((), generator=rng) < 0.5):
+        x = x.flip(-1)
+    return x.float().div_(127.5).sub_(1.0)  # (3, r, r) in [-1, 1]
 
 
 def _check_usable(ds: ImageDataset, split: str, source: str) -> None:
@@ -225,15 +228,6 @@ def _seeded_split(n: int, cfg: DataConfig, seed: int) -> tuple[list[int], list[i
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
-def _files_table(paths: list[Path]) -> datasets.Dataset:
-    table = datasets.Dataset.from_dict({"image": [str(p) for p in paths]})
-    return table.cast_column("image", datasets.Image(decode=False))
-
-
-def _looks_like_hub_name(source: str) -> bool:
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None and not source.startswith(".")
-
-
 def _load_hub(cfg: DataConfig) -> datasets.Dataset:
     try:
         table = datasets.load_dataset(cfg.source, split=cfg.hub_split)
@@ -251,35 +245,48 @@ def _load_hub(cfg: DataConfig) -> datasets.Dataset:
 
 
 def build_datasets(cfg: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
-    """(train, val) torch datasets for `cfg.source`; the split depends only on `seed` and the files."""
+    """(train, val) torch datasets for `cfg.source`; the split depends only on `seed` and the files. With
+    `cfg.val_source` nothing is held out: validation is that fixed set."""
     cfg.validate()
     column = "image"
+    held_out = cfg.val_source is None
     if cfg.source == "sample":
-        train_table = _files_table([sample_dir() / n for n in SAMPLE_TRAIN])
-        val_table = _files_table([sample_dir() / n for n in SAMPLE_VAL])
+        train_table = files_table([sample_dir() / n for n in SAMPLE_TRAIN])
+        val_table = files_table([sample_dir() / n for n in SAMPLE_VAL])
     else:
         folder = Path(cfg.source).expanduser()
         if folder.is_dir():
             files = list_images(folder)
             if not files:
-                raise ValueError(f"data.source: no images found in {folder}")
-            train_idx, val_idx = _seeded_split(len(files), cfg, seed)
-            train_table = _files_table([files[i] for i in train_idx])
-            val_table = _files_table([files[i] for i in val_idx])
+                tars = any(folder.glob("*.tar"))
+                hint = "; it holds .tar shards: pass them as a pattern, e.g. DIR/*.tar" if tars else ""
+                raise ValueError(f"data.source: no images found in {folder}{hint}")
+            train_idx, val_idx = _seeded_split(len(files), cfg, seed) if held_out else (range(len(files)), [])
+            train_table = files_table([files[i] for i in train_idx])
+            val_table = files_table([files[i] for i in val_idx])
         elif folder.exists():
             raise ValueError(f"data.source: {folder} is a file, expected a folder of images")
-        elif not _looks_like_hub_name(cfg.source):
+        elif not looks_like_hub_name(cfg.source):
             raise FileNotFoundError(f"data.source: folder {folder} does not exist")
         else:
             table = _load_hub(cfg)
             column = cfg.image_column
-            train_idx, val_idx = _seeded_split(len(table), cfg, seed)
+            train_idx, val_idx = _seeded_split(len(table), cfg, seed) if held_out else (range(len(table)), [])
             train_table, val_table = table.select(train_idx), table.select(val_idx)
     train = ImageDataset(train_table, cfg, True, column, seed)
-    val = ImageDataset(val_table, cfg, False, column, seed)
     _check_usable(train, "train", cfg.source)
+    if not held_out:
+        return train, build_val(cfg, seed)
+    val = ImageDataset(val_table, cfg, False, column, seed)
     _check_usable(val, "val", cfg.source)
     return train, val
+
+
+def build_val(cfg: DataConfig, seed: int) -> ImageDataset:
+    """The validation set of `cfg.val_source`, checked to hold a usable image."""
+    val = ImageDataset(fixed_table(cfg.val_source, cfg), cfg, False, "image", seed)
+    _check_usable(val, "val", cfg.val_source)
+    return val
 
 
 # ----------------------------------------------------------------------------- fixed image sets
@@ -346,12 +353,19 @@ def load_images(
     seed: int = 0,
     folder_split: bool = False,
 ) -> EvalImages:
-    """A fixed image set (evaluation, export, encoding): every image of a folder; the held-out (`split="val"`)
-    or training (`"train"`) split of `sample` or a hub dataset. `folder_split`: a folder is split too, as the
-    trainer splits it (seeded by `seed`). Errors name the command's `--data` / `--split`."""
+    """A fixed image set (evaluation, export, encoding): every image of a folder; the first `max_images` (default
+    256) of shards; the held-out (`split="val"`) or training (`"train"`) split of `sample` or a hub dataset.
+    `folder_split`: a folder is split too, as the trainer splits it (seeded by `seed`). Errors name the command's
+    `--data` / `--split`."""
     folder = Path(data).expanduser()
     try:
-        if data != "sample" and folder.is_dir() and not folder_split:
+        if shard_files(data, "--data") is not None:  # shards: the first images of the stream
+            if split != "val":
+                raise ConfigError(
+                    "--split: shards are evaluated as a fixed set; --split train is for 'sample' or a hub name"
+                )
+            table, column = fixed_table(data, DataConfig(val_max=max_images or DataConfig.val_max), "--data"), "image"
+        elif data != "sample" and folder.is_dir() and not folder_split:
             if split != "val":
                 raise ConfigError("--split: a folder is evaluated whole; --split train is for 'sample' or a hub name")
             files = list_images(folder)

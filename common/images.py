@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # photographs in skimage/data; grayscale ones are converted to RGB. motorcycle_right.png is
@@ -93,6 +93,17 @@ def read_skipped(path: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def append_skips(path: str | os.PathLike, skips: dict[str, str]) -> None:
+    """Append a "<label><TAB><reason>" line per skip; raises OSError (a full disk) for the caller to judge."""
+    lines = "".join(f"{one_line(label)}\t{one_line(why)[:500]}\n" for label, why in skips.items())
+    # one write to an O_APPEND descriptor: lines from DataLoader workers and ranks do not interleave
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, lines.encode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+
+
 class Unusable(ValueError):
     """An image we refuse on purpose (too big, too small, empty); its message is the whole reason."""
 
@@ -148,7 +159,14 @@ def open_image(value, max_pixels: int, min_side: int = 0) -> Image.Image:
         raise ValueError(f"cannot read an image from {type(value).__name__}")
     if (len(value.getbuffer()) if isinstance(value, io.BytesIO) else os.path.getsize(value)) == 0:
         raise Unusable("empty file (0 bytes)")
-    with Image.open(value) as img:  # reads the header only
+    try:
+        img = Image.open(value)  # reads the header only
+    except UnidentifiedImageError:
+        if isinstance(value, str):
+            raise
+        # PIL names the buffer object by its address: a skip log line would differ from run to run
+        raise UnidentifiedImageError("cannot identify image data") from None
+    with img:
         _check_size(img.size, max_pixels, min_side)
         img.load()  # decode now so the file handle closes
         return img

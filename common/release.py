@@ -23,7 +23,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import ConfigError, DataConfig, merge
-from common.data import build_datasets, load_images
+from common.data import build_datasets, build_val, load_images
 from common.latent_stats import channel_moments, latent_statistics
 from common.runs import find_run, latest_weights
 from kl_autoencoder import Autoencoder
@@ -42,13 +42,14 @@ def held_out_images(run: Path | None, data: str | None, resolution: int, max_ima
     if run is None:
         raise ConfigError("export: not inside a training run (no config.yaml found); pass --data SPEC")
     data_cfg, seed = run_data_config(run)
-    try:
-        val = build_datasets(data_cfg, seed)[1]
-    except ValueError as e:
+    try:  # a fixed validation set of its own is read without the (maybe streamed) training source
+        val = build_val(data_cfg, seed) if data_cfg.val_source else build_datasets(data_cfg, seed)[1]
+    except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"export: the run's data ({data_cfg.source}) cannot be read: {e}") from None
     if max_images is not None and len(val) > max_images:
         val = torch.utils.data.Subset(val, range(max_images))
-    return val, f"validation split of {data_cfg.source} ({len(val)} images at {data_cfg.resolution}px)"
+    name = f"validation set {data_cfg.val_source}" if data_cfg.val_source else f"validation split of {data_cfg.source}"
+    return val, f"{name} ({len(val)} images at {data_cfg.resolution}px)"
 
 
 def run_data_config(run: Path) -> tuple[DataConfig, int]:

@@ -155,4 +155,3 @@ def geometry_row(decode, x: Tensor, z_mode: Tensor, z_sample: Tensor, recon: Ten
     row["geo/image_spectrum"] = radial_power(x)
     row["geo/corr_count"], row["geo/corr_sums"], row["geo/corr_products"] = channel_products(z_sample)
     return row
-

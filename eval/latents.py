@@ -9,7 +9,8 @@ settings are recorded in `out/latents_config.json` and the dataset's description
 Under `accelerate launch` every process encodes a contiguous shard of the images and saves it as
 `<out>.shards/shard_<rank>` (written to a temporary folder, then renamed, so a folder there is complete);
 the main process then concatenates them into `out` and removes the shards. Re-running the same command
-skips the shards already written, and does nothing when `out` is complete.
+skips the shards already written, and does nothing when `out` is complete. A streamed source (shards, or a
+hub dataset with `--streaming`) is written as latent shards instead: see `eval/latent_shards.py`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def latent_factors(model: Autoencoder) -> tuple[float, float]:
     return float(model.config.scaling_factor), float(model.config.shift_factor or 0.0)
 
 
-def _features(latents: list[np.ndarray]) -> datasets.Features:
+def latent_features(latents: list[np.ndarray]) -> datasets.Features:
     """float32 latents: a fixed-shape Array3D when all share one shape (one resolution), else nested lists."""
     shapes = {z.shape for z in latents}
     if len(shapes) == 1:
@@ -73,17 +74,27 @@ def encode_dataset(
     grid: CropGrid | None = None,
     max_images: int | None = None,
     split_seed: int = 0,
+    fmt: str | None = None,
+    per_shard: int = 1000,
+    streaming: bool = False,
 ) -> Path:
     """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`.
 
     `split` ("train" | "val"): that split of the trainer's split of `data` (seeded by `split_seed`), folders
     included. `grid`: several fixed crops per image (`common.crops.CropGrid`). `max_images`: the first N images.
+    A stream (shards, or a hub name with `streaming`) is written as latent shards (`eval.latent_shards`, format
+    `fmt`).
     """
+    from common.shards import shard_files
+
     out = Path(out)
     accelerator = Accelerator()
     if (out / CONFIG_FILE).is_file():
         accelerator.print(f"{out} is complete; nothing to do")
         return out
+    stream = streaming or shard_files(data, "--data") is not None
+    if fmt is not None and not stream:
+        raise ConfigError("--format: latent shards are written from a stream (shards, or a hub name with --streaming)")
     model = _load_model(model_path).to(accelerator.device)
     factor = model.config.downsample_factor
     if resolution is not None and (resolution <= 0 or resolution % factor):
@@ -92,11 +103,8 @@ def encode_dataset(
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     if split not in (None, "train", "val"):
         raise ConfigError(f"--split: must be 'train' or 'val', got {split!r}")
-    images = load_images(data, factor, split or "val", resolution, max_images, split_seed, split is not None)
-    if grid is not None:
-        images = GridCrops(images, grid)
-    rows = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
-    paths = [rows[images.row(i)] for i in range(len(images))]
+    if stream and (split is not None or grid is not None):
+        raise ConfigError("--split / crops: a stream is encoded as it comes; split or crop a folder or hub dataset")
     scale, shift = latent_factors(model)
     settings = {
         "model": str(model_path),
@@ -107,14 +115,23 @@ def encode_dataset(
         "scaling_factor": scale,
         "shift_factor": shift,
         "formula": "latent = (z - shift_factor) * scaling_factor; z = latent / scaling_factor + shift_factor",
-        "num_images": len(images.table),
-        "num_latents": len(images),
     }
     if split is not None or grid is not None or max_images is not None:
         settings |= {"split": split, "split_seed": split_seed, "max_images": max_images}
         settings["crops"] = None if grid is None else {"k": grid.k, "resize": grid.resize, "hflip": grid.hflip}
     if model.config.bottleneck == "vq":
         settings["latent"] = "latents before quantization"
+    if stream:
+        from eval.latent_shards import encode_stream
+
+        args = (resolution, batch_size, sample, seed, fmt or "parquet", per_shard)
+        return encode_stream(model, data, out, settings, accelerator, *args)
+    images = load_images(data, factor, split or "val", resolution, max_images, split_seed, split is not None)
+    if grid is not None:
+        images = GridCrops(images, grid)
+    rows = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
+    paths = [rows[images.row(i)] for i in range(len(images))]
+    settings |= {"num_images": len(images.table), "num_latents": len(images)}
 
     shards = out.parent / f".{out.name}.shards"
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -135,7 +152,7 @@ def encode_dataset(
                     rows["path"].append(paths[indices[i + j]])
         tmp = shards / f".tmp_shard_{rank:05d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset.from_dict(rows, features=_features(rows["latent"])).save_to_disk(str(tmp))
+        datasets.Dataset.from_dict(rows, features=latent_features(rows["latent"])).save_to_disk(str(tmp))
         os.replace(tmp, shard_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -158,7 +175,12 @@ def read_latents(path: str | Path) -> tuple[datasets.Dataset, dict]:
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise ConfigError(f"--latents: {path} is not a complete latent dataset (no {CONFIG_FILE})")
-    return datasets.load_from_disk(str(path)), json.loads((path / CONFIG_FILE).read_text())
+    settings = json.loads((path / CONFIG_FILE).read_text())
+    if "format" in settings:  # latent shards written from a stream
+        from eval.latent_shards import read_latent_shards
+
+        return read_latent_shards(path), settings
+    return datasets.load_from_disk(str(path)), settings
 
 
 def decode_z(model: Autoencoder, z: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ def test_study_trains_and_evaluates_each_variant_and_seed(tmp_path):
     for r in report["runs"]:
         assert isinstance(r["psnr"], float) and isinstance(r["gap_scale"], float)
         assert r["probe_loss"] > 0 and r["probe_ratio"] > 0  # the probe's held-out loss, read from its metrics.json
-        assert json.loads((tmp_path / f"{r['variant']}_s{r['seed']}" / "probe" / "metrics.json").read_text())[
-            "heldout_loss"]["mean"] == r["probe_loss"]
+        probe = json.loads((tmp_path / f"{r['variant']}_s{r['seed']}" / "probe" / "metrics.json").read_text())
+        assert probe["heldout_loss"]["mean"] == r["probe_loss"]
     plain = [r["psnr"] for r in report["runs"] if r["variant"] == "plain"]
     assert report["summary"]["plain"]["psnr"]["mean"] == pytest.approx(sum(plain) / 2)
     assert report["summary"]["plain"]["psnr"]["n"] == 2 and report["summary"]["eq"]["psnr"]["se"] is not None

@@ -7,7 +7,8 @@ the same command resumes from it. (k-diffusion's `_state.json` pointer, made cra
 
 A checkpoint holds accelerate's state (models, optimizers, schedulers, scaler, RNG states, the EMA
 registered for checkpointing), `trainer_state.json` (step, batches seen, history), a VQ model's codebook
-statistics (`quantizer.pt`) and the weights to use as a diffusers folder (`autoencoder/`).
+statistics (`quantizer.pt`), for a streamed source each process's stream position (`data_state_<process>.pt`)
+and the weights to use as a diffusers folder (`autoencoder/`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kl_autoencoder import Autoencoder
 from kl_autoencoder.diffusers_format import save_diffusers
 
 QUANTIZER_FILE = "quantizer.pt"  # a VQ model's codebook statistics, which its state dict leaves out
+DATA_STATE = "data_state_{}.pt"  # a streamed source's position, one per process
 
 
 class NonFiniteError(RuntimeError):
@@ -88,10 +90,18 @@ def commit(root: Path, tmp: Path, step: int, keep: int) -> Path:
 
 
 def save(
-    accelerator: Accelerator, out: Path, step: int, state: dict, weights: Autoencoder, live: Autoencoder, keep: int
+    accelerator: Accelerator,
+    out: Path,
+    step: int,
+    state: dict,
+    weights: Autoencoder,
+    live: Autoencoder,
+    keep: int,
+    data_state: dict | None = None,
 ) -> None:
     """Write the checkpoint of `step` crash-safely (all processes call this). `state` goes to trainer_state.json,
-    `weights` (the EMA ones, or the live model) to `autoencoder/`; `live` gives a VQ model's codebook statistics.
+    `weights` (the EMA ones, or the live model) to `autoencoder/`; `live` gives a VQ model's codebook statistics;
+    `data_state` (a stream's position, which differs per process) to `data_state_<process>.pt`.
 
     A full disk or a permission error removes the half-written checkpoint and raises CheckpointWriteError: the
     previous checkpoint and `latest` stay intact.
@@ -101,6 +111,9 @@ def save(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if data_state is not None:
+            torch.save(data_state, tmp / DATA_STATE.format(accelerator.process_index))
+        accelerator.wait_for_everyone()  # every process's files are written before the folder is renamed
         if accelerator.is_main_process:
             save_diffusers(weights, tmp / "autoencoder")
             if live.config.bottleneck == "vq":
@@ -120,8 +133,8 @@ def save(
 
 def resume(accelerator: Accelerator, out: Path, ema, live: Autoencoder) -> dict | None:
     """Load the latest complete checkpoint of `out` into the prepared objects; returns its trainer state
-    (step, batches_seen, history), or None when there is none. A checkpoint that cannot be loaded is a
-    ConfigError naming it."""
+    (step, batches_seen, history, and this process's `data_state` or None), or None when there is none. A
+    checkpoint that cannot be loaded is a ConfigError naming it."""
     latest = find_latest_checkpoint(out)
     if latest is None:
         return None
@@ -139,6 +152,8 @@ def resume(accelerator: Accelerator, out: Path, ema, live: Autoencoder) -> dict 
         stats = torch.load(latest / QUANTIZER_FILE, map_location=accelerator.device, weights_only=True)
         live.load_quantizer_state(stats)
     state = json.loads((latest / STATE_FILE).read_text())
+    data_state = latest / DATA_STATE.format(accelerator.process_index)
+    state["data_state"] = torch.load(data_state, weights_only=True) if data_state.is_file() else None
     accelerator.print(f"resumed from {latest} at step {state['step']}")
     return state
 

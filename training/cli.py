@@ -15,7 +15,7 @@ from training.config import TrainConfig, load_config
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a recipe name (tiny, kl-f8, ...) or a YAML file")
-    parser.add_argument("--data", help="a folder of images, a hub dataset name, or 'sample'")
+    parser.add_argument("--data", help="a folder of images, shards ('DIR/{00000..00127}.tar'), a hub name, or 'sample'")
     parser.add_argument("--out", help="the run folder (default runs/default)")
     parser.add_argument("--max-steps", type=int, help="shorthand for train.max_steps=N")
     parser.add_argument(

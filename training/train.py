@@ -33,10 +33,12 @@ from common.data import build_datasets, read_skipped
 from common.lpips import autocast_dtype, build_lpips
 from common.release import export_after_training
 from common.runs import find_latest_checkpoint
+from common.stream import build_stream, is_stream
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.ldm import load_ldm_checkpoint
 from training import checkpoint, shaping
 from training.align import build_align
+from training.batches import EpochBatches, StreamBatches
 from training.checkpoint import NonFiniteError, StopSignal
 from training.config import TrainConfig, save_config
 from training.discriminator import PatchDiscriminator
@@ -181,23 +183,32 @@ def main(cfg: TrainConfig) -> dict:
         accelerator.register_for_checkpointing(ema)
     set_seed(cfg.train.seed, device_specific=True)  # different posterior noise per process
 
-    # --- data
+    # --- data: a map-style table (folder, sample, hub) or a stream (shards, data.streaming), see training/batches.py
+    stream = is_stream(cfg.data)
     try:
-        train_ds, val_ds = build_datasets(cfg.data, cfg.train.seed)
+        if stream:
+            rank, world = accelerator.process_index, accelerator.num_processes
+            train_ds, val_ds, plan = build_stream(cfg.data, cfg.train.seed, rank, world)
+            log(plan)
+        else:
+            train_ds, val_ds = build_datasets(cfg.data, cfg.train.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    train_dl = DataLoader(
-        train_ds,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-        generator=torch.Generator().manual_seed(cfg.train.seed),  # iterator seeding stays off the global RNG
-    )
+    if not stream:
+        train_dl = DataLoader(
+            train_ds,
+            batch_size=cfg.data.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+            generator=torch.Generator().manual_seed(cfg.train.seed),  # iterator seeding stays off the global RNG
+        )
+        per_epoch = len(train_ds) // (cfg.data.batch_size * accelerator.num_processes)
+        if per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size: {cfg.data.batch_size} per process is more than the {len(train_ds)} images"
+            )
     val_dl = DataLoader(val_ds, batch_size=cfg.data.batch_size, generator=torch.Generator().manual_seed(0))
-    per_epoch = len(train_ds) // (cfg.data.batch_size * accelerator.num_processes)
-    if per_epoch == 0:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per process is more than the {len(train_ds)} images")
     sample_batch = torch.stack([val_ds[i] for i in range(min(8, len(val_ds)))])  # for the reconstruction grids
     if is_main:  # only now, once every input has been checked, is anything written
         for folder in (out, out / "samples", out / "checkpoints"):
@@ -224,9 +235,16 @@ def main(cfg: TrainConfig) -> dict:
                        min_ratio=o.min_lr_ratio)  # fmt: skip
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, schedule)
-    generator, discriminator, opt_g, opt_d, sched_g, sched_d, train_dl, val_dl = accelerator.prepare(
-        generator, discriminator, opt_g, opt_d, sched_g, sched_d, train_dl, val_dl
+    loaders = (val_dl,) if stream else (train_dl, val_dl)  # a stream is split by node already: not prepared
+    generator, discriminator, opt_g, opt_d, sched_g, sched_d, *loaders = accelerator.prepare(
+        generator, discriminator, opt_g, opt_d, sched_g, sched_d, *loaders
     )
+    if stream:
+        (val_dl,) = loaders
+        batches = StreamBatches(train_ds, cfg.data, accelerator.device, accelerator.num_processes, cfg.train.seed)
+    else:
+        train_dl, val_dl = loaders
+        batches = EpochBatches(accelerator, train_dl, train_ds, per_epoch)
     if ema is not None:  # the EMA lives where the weights now are
         ema.to(accelerator.device)
         ema_model.to(accelerator.device)
@@ -241,6 +259,7 @@ def main(cfg: TrainConfig) -> dict:
     step, batches_seen, history = 0, 0, {"first_eval": None, "last_eval": None, "wall_s": 0.0, "nonfinite_steps": 0}
     if state is not None:
         step, batches_seen, history = state["step"], state["batches_seen"], state["history"]
+        batches.load_state_dict(state["data_state"])
     if is_main:  # rows a killed run logged after its checkpoint (or before any) are about to be logged again
         for name in ("metrics.jsonl", "val.jsonl"):
             checkpoint.trim_log(out / name, step if state is not None else -1)
@@ -253,7 +272,9 @@ def main(cfg: TrainConfig) -> dict:
 
     def save() -> None:
         trainer_state = {"step": step, "batches_seen": batches_seen, "history": history}
-        checkpoint.save(accelerator, out, step, trainer_state, use_weights(), live, cfg.train.keep_checkpoints)
+        checkpoint.save(
+            accelerator, out, step, trainer_state, use_weights(), live, cfg.train.keep_checkpoints, batches.state_dict()
+        )
 
     # --- the loop. Nothing in a step waits for the device: skipped steps and the logged means are counted
     # there, and read at logging and checkpoint steps
@@ -270,11 +291,7 @@ def main(cfg: TrainConfig) -> dict:
     # the bar is a context too: an error message then starts on a line of its own
     with StopSignal() as stop, bar:
         while step < cfg.train.max_steps and not interrupted:
-            epoch = batches_seen // per_epoch
-            train_dl.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
-            skip = batches_seen - epoch * per_epoch
-            for x in accelerator.skip_first_batches(train_dl, skip) if skip else train_dl:
+            for x in batches.epoch(batches_seen):
                 batches_seen += 1
                 with accelerator.accumulate(generator, discriminator):
                     shape = shaping.draw(cfg.loss, cfg.train.seed, step, live.config.latent_channels)
