@@ -2,13 +2,15 @@
 `training` and `eval` (`rd.py` does too).
 
 kl-ae train  [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [section.key=value ...]
-kl-ae export RUN_DIR --out DIR [--data SPEC] [--fp16-variant] [--max-images N]
-kl-ae reconstruct IMAGE --model PATH --out FILE [--tile N]
-kl-ae encode --model PATH --data SPEC --out DIR [--resolution N] [--batch-size N] [--sample]
+kl-ae export RUN_DIR --out DIR [--data SPEC] [--fp16-variant] [--max-images N] [--push-to-hub REPO_ID [--private]]
+kl-ae fetch-weights [--config NAME] [--what lpips,fid]
+kl-ae reconstruct IMAGE --model PATH [--subfolder SUB] --out FILE [--tile N]
+kl-ae encode --model PATH [--subfolder SUB] --data SPEC --out DIR [--resolution N] [--batch-size N] [--sample]
              [--format parquet|webdataset] [--per-shard N] [--streaming]
 kl-ae shards FOLDER --out DIR [--per-shard N]
-kl-ae decode --model PATH --latents DIR --out FOLDER
-kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PATH2] [--lpips MODE] ...
+kl-ae decode --model PATH [--subfolder SUB] --latents DIR --out FOLDER
+kl-ae eval   --model PATH [--subfolder SUB] --data SPEC [--out DIR] [--resolution N] [--protocol torchvision|adm]
+             [--posterior mode|sample] [--compare PATH2] [--lpips MODE] ...
 kl-ae probe  --model PATH --data SPEC [--out DIR] [--steps N] [--compare PATH2] [--seed N] [--batch-size N] ...
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
@@ -16,6 +18,9 @@ kl-ae study  [--variants plain,eq,noise,mask] [--seeds 0,1,2] [--max-steps N] [-
 kl-ae bench  [--preset kl-f8] [--resolution 128] [--batch-size 2] [--steps N] [--precision fp32|bf16|both]
              [--what train,codec,data,peak,optim,tiled] [--tiled-sizes 2048,4096] [--tiled-exact] [--model RUN]
              [--json FILE]
+
+PATH / --model everywhere: a run, checkpoint or diffusers folder, or a hub model name (org/name; with
+--subfolder vae the VAE inside a pipeline repo). The arguments are defined in commands/args.py.
 """
 
 from __future__ import annotations
@@ -24,18 +29,44 @@ import argparse
 import sys
 from pathlib import Path
 
-from commands.study import add_study_command, run_study_command
+from commands.args import build_parser, model_of
+from commands.study import run_study_command
 from common.config import ConfigError
 from training.checkpoint import CheckpointWriteError, NonFiniteError
 
 
-def export(run_dir: str, out: str, data: str | None = None, fp16_variant: bool = False, max_images: int = 256) -> Path:
-    """A complete diffusers folder (measured latent factors, force_upcast, model card) from a run's latest
-    checkpoint (its EMA weights), or from a checkpoint or diffusers folder."""
+def export(
+    run_dir: str,
+    out: str,
+    data: str | None = None,
+    fp16_variant: bool = False,
+    max_images: int = 256,
+    license: str = "apache-2.0",
+) -> Path:
+    """A complete diffusers folder (measured latent factors, force_upcast, model card with hub metadata) from a
+    run's latest checkpoint (its EMA weights), or from a checkpoint or diffusers folder."""
     from common.release import export_run
     from common.runs import latest_weights
 
-    return export_run(latest_weights(run_dir), out, data=data, fp16_variant=fp16_variant, max_images=max_images)
+    source = latest_weights(run_dir)
+    return export_run(source, out, data=data, fp16_variant=fp16_variant, max_images=max_images, license=license)
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    from common.release import PushError, push_to_hub
+
+    if args.private and not args.push_to_hub:
+        raise ConfigError("--private: only with --push-to-hub REPO_ID")
+    out = export(args.run_dir, args.out, args.data, args.fp16_variant, args.max_images, args.license)
+    print(f"diffusers folder: {out}")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+        except PushError as e:  # the folder is written; only the upload is missing
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"uploaded: {url}")
+    return 0
 
 
 def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) -> Path:
@@ -68,56 +99,16 @@ def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) 
     return Path(out)
 
 
-def add_latent_commands(sub) -> None:
-    """reconstruct, encode and decode: using a trained model; shards: preparing data for a stream."""
-    p = sub.add_parser("reconstruct", help="encode and decode one image (tiled with --tile) and write a PNG")
-    p.add_argument("image")
-    p.add_argument("--model", required=True, help="a run folder, a checkpoint folder or a diffusers folder")
-    p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--tile", type=int, help="tile size in pixels (a multiple of the downsampling factor)")
-
-    p = sub.add_parser("encode", help="write scaled latents of a data set as a datasets folder (load_from_disk)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="a folder (all its images), shards, 'sample' or a hub dataset name")
-    p.add_argument("--out", required=True)
-    p.add_argument("--resolution", type=int, help="resize the shorter side and centre-crop to N (default: own size)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--sample", action="store_true", help="posterior samples instead of the posterior mean")
-    p.add_argument("--seed", type=int, default=0, help="posterior noise with --sample")
-    p.add_argument(
-        "--format", choices=["parquet", "webdataset"], help="a stream's latent shards: parquet (default) or .tar"
-    )
-    p.add_argument("--per-shard", type=int, default=1000, help="a stream's latents per shard file (default 1000)")
-    p.add_argument("--streaming", action="store_true", help="stream a hub dataset (its train split) into shards")
-
-    p = sub.add_parser("shards", help="write a folder of images as webdataset .tar shards (for --data)")
-    p.add_argument("folder")
-    p.add_argument("--out", required=True, help="the folder the shards go to (00000.tar, 00001.tar, ...)")
-    p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default 1000)")
-
-    p = sub.add_parser("decode", help="decode a latent folder written by `kl-ae encode` back to PNG images")
-    p.add_argument("--model", required=True)
-    p.add_argument("--latents", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-
-
 def run_latent_command(args: argparse.Namespace) -> int:
+    model = model_of(args)
     if args.command == "reconstruct":
-        print(f"reconstruction: {reconstruct(args.image, args.model, args.out, args.tile)}")
+        print(f"reconstruction: {reconstruct(args.image, model, args.out, args.tile)}")
     elif args.command == "encode":
         from eval.latents import encode_dataset
 
-        options = (
-            args.resolution,
-            args.batch_size,
-            args.sample,
-            args.seed,
-            args.format,
-            args.per_shard,
-            args.streaming,
-        )
-        print(f"latents: {encode_dataset(args.model, args.data, args.out, *options)}")
+        options = (args.resolution, args.batch_size, args.sample, args.seed)
+        shards = dict(fmt=args.format, per_shard=args.per_shard, streaming=args.streaming)
+        print(f"latents: {encode_dataset(model, args.data, args.out, *options, **shards)}")
     elif args.command == "shards":
         from common.shards import write_shards
 
@@ -126,69 +117,24 @@ def run_latent_command(args: argparse.Namespace) -> int:
     else:
         from eval.latents import decode_dataset
 
-        print(f"images: {decode_dataset(args.model, args.latents, args.out, args.batch_size)}")
+        print(f"images: {decode_dataset(model, args.latents, args.out, args.batch_size)}")
     return 0
-
-
-def add_eval_commands(sub) -> None:
-    """The evaluation subcommands: eval, rd, sanity (their packages are imported only when they run)."""
-    p = sub.add_parser("eval", help="metrics, latent statistics, VAE diagnostics and an HTML report")
-    p.add_argument("--model", required=True, help="a run folder, a checkpoint folder or a diffusers folder")
-    p.add_argument("--data", required=True, help="a folder (all its images), 'sample' or a hub dataset name")
-    p.add_argument(
-        "--split",
-        choices=["val", "train"],
-        default="val",
-        help="'sample' or a hub dataset: the held-out images (default) or the training ones",
-    )
-    p.add_argument("--out", help="where metrics.json and report.html go (default MODEL/eval)")
-    p.add_argument("--resolution", type=int, help="resize the shorter side and centre-crop to N (default: own size)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch and process (default 8)")
-    p.add_argument("--compare", help="a second model, evaluated on the same images and shown side by side")
-    p.add_argument("--lpips", choices=["required", "auto", "off"], default="auto")
-    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
-    p.add_argument("--seed", type=int, default=0, help="posterior noise and the prior-comparison subsamples")
-
-    p = sub.add_parser("probe", help="diffusability: train a small latent DiT on the model's latents, report its loss")
-    p.add_argument("--model", required=True, help="a run folder, a checkpoint folder or a diffusers folder")
-    p.add_argument("--data", required=True, help="a folder, 'sample' or a hub dataset name (its train and val splits)")
-    p.add_argument("--out", help="where metrics.json, report.html and the latents go (default MODEL/probe)")
-    p.add_argument("--steps", type=int, default=600, help="denoiser training steps (default 600)")
-    p.add_argument("--compare", help="a second model, probed on the same images, seeds and budget")
-    p.add_argument("--seed", type=int, default=0, help="every random draw of the probe (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="latents per step over all processes (default 32)")
-    p.add_argument("--resolution", type=int, help="crop size in px (default: the run's data.resolution)")
-    p.add_argument("--resize", type=int, help="shorter side before cropping (default: the run's data.resize)")
-    p.add_argument("--crops", type=int, default=4, help="a k x k grid of crops per image, each mirrored (default 4)")
-    p.add_argument("--max-images", type=int, help="at most N images per split")
-    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default steps / 8)")
-
-    p = sub.add_parser("rd", help="rate-distortion curve: train and evaluate one model per kl_weight")
-    p.add_argument("--kl-weights", default="1e-6,1e-2,1", help="comma-separated loss.kl_weight values")
-    p.add_argument("--max-steps", type=int, default=300, help="training steps per weight (default 300)")
-    p.add_argument("--out", default="runs/rd", help="runs go to OUT/kl_<weight>, the curve to OUT/rd.png")
-    p.add_argument("--config", help="a recipe name or YAML file for every run (default: the tiny CPU recipe)")
-    p.add_argument("--data", help="shorthand for data.source=SPEC")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-
-    p = sub.add_parser("sanity", help="a linear VAE trained with our losses must recover probabilistic PCA")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500, help="full-batch Adam steps (default 1500)")
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from eval.evaluate import EvalConfig, evaluate
 
-        fields = ("model", "data", "split", "out", "resolution", "batch_size", "compare", "lpips", "max_images", "seed")
-        evaluate(EvalConfig(**{k: getattr(args, k) for k in fields}))
+        fields = ("data", "split", "out", "resolution", "protocol", "posterior", "batch_size", "compare", "lpips",
+                  "max_images", "seed")  # fmt: skip
+        evaluate(EvalConfig(model=model_of(args), **{k: getattr(args, k) for k in fields}))
         return 0
     if args.command == "probe":
         from eval.probe import ProbeConfig, probe
 
-        fields = ("model", "data", "out", "steps", "compare", "seed", "batch_size", "resolution", "resize", "crops",
+        fields = ("data", "out", "steps", "compare", "seed", "batch_size", "resolution", "resize", "crops",
                   "max_images", "eval_every")  # fmt: skip
-        probe(ProbeConfig(**{k: getattr(args, k) for k in fields}))
+        probe(ProbeConfig(model=model_of(args), **{k: getattr(args, k) for k in fields}))
         return 0
     if args.command == "rd":
         import json
@@ -217,25 +163,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0 if r["passed"] else 1
 
 
-def add_bench_command(sub) -> None:
-    p = sub.add_parser("bench", help="training-step, codec and data throughput against baselines in the same run")
-    p.add_argument("--preset", default="kl-f8")
-    p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (default 2)")
-    p.add_argument(
-        "--repeats", type=int, default=3, help="interleaved repetitions; medians are reported (FLOP fraction: the best)"
-    )
-    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
-    p.add_argument("--what", default="train,codec,data,peak,optim", help="comma-separated sections (also: tiled)")
-    p.add_argument("--tiled-sizes", default="2048", help="tiled section: output sizes in px, comma-separated")
-    p.add_argument("--tile", type=int, default=512, help="tiled section: tile size in output px")
-    p.add_argument("--overlap", type=int, default=64, help="tiled section: tile overlap in output px")
-    p.add_argument("--tiled-exact", action="store_true", help="tiled section: whole-image GroupNorm statistics")
-    p.add_argument("--model", help="codec section: a trained KL model (run or folder), on the bundled photographs")
-    p.add_argument("--json", help="also write the results to this file")
-
-
 def run_bench_command(args: argparse.Namespace) -> int:
     import json
 
@@ -257,7 +184,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tiled-sizes: positive multiples of the downsampling factor {f}, got {args.tiled_sizes}")
     fields = dict(preset=args.preset, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
                   tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_exact=args.tiled_exact,
-                  model=args.model)  # fmt: skip
+                  model=model_of(args))  # fmt: skip
     try:
         result = run_bench(BenchConfig(**fields, repeats=args.repeats, precision=args.precision, what=what))
     except ValueError as e:
@@ -272,23 +199,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kl-ae", description="Train and export latent-diffusion autoencoders.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    from training.cli import add_train_arguments
-
-    add_train_arguments(sub.add_parser("train", help="train an autoencoder (re-run the same command to resume)"))
-    p_export = sub.add_parser("export", help="a diffusers folder with measured latent factors and a model card")
-    p_export.add_argument("run_dir")
-    p_export.add_argument("--out", required=True)
-    p_export.add_argument("--data", help="measure the latent factors on SPEC (default: the run's validation split)")
-    p_export.add_argument("--fp16-variant", action="store_true", help="also write diffusion_pytorch_model.fp16")
-    p_export.add_argument("--max-images", type=int, default=256, help="held-out images to measure (default 256)")
-    add_eval_commands(sub)
-    add_latent_commands(sub)
-    add_bench_command(sub)
-    add_study_command(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     try:
         if args.command == "train":
@@ -297,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
             train(config_from_args(args))
         elif args.command == "export":
-            out = export(args.run_dir, args.out, args.data, args.fp16_variant, args.max_images)
-            print(f"diffusers folder: {out}")
+            return run_export_command(args)
+        elif args.command == "fetch-weights":
+            from commands.fetch_weights import fetch_weights
+
+            return 0 if fetch_weights(args.config, args.what) else 1
         elif args.command in ("reconstruct", "encode", "decode", "shards"):
             return run_latent_command(args)
         elif args.command == "bench":

@@ -292,11 +292,41 @@ def build_val(cfg: DataConfig, seed: int) -> ImageDataset:
 # ----------------------------------------------------------------------------- fixed image sets
 
 
-class EvalImages(torch.utils.data.Dataset):
-    """A fixed set: rows of an image table -> (3, H, W) in [-1, 1], at own size or resized and centre-cropped."""
+# how a fixed set is brought to N x N; published rFID / PSNR tables differ mostly here
+PROTOCOLS = {
+    "torchvision": "torchvision Resize(N) (bilinear, antialiased; shorter side to N) then CenterCrop(N)",
+    "adm": "ADM center_crop_arr: BOX halvings while the shorter side >= 2N, BICUBIC to N, centre crop",
+}
 
-    def __init__(self, table: datasets.Dataset, column: str, factor: int, resolution: int | None):
+
+def resize_and_crop(img: Image.Image, size: int, protocol: str) -> Image.Image:
+    """`img` as `protocol` brings it to size x size (see PROTOCOLS)."""
+    if protocol == "adm":
+        # guided-diffusion's image_datasets.center_crop_arr (ADM; LlamaGen, REPA and LightningDiT reuse it)
+        while min(img.size) >= 2 * size:
+            img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+        scale = size / min(img.size)
+        img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    if protocol == "torchvision":
+        from torchvision.transforms.v2 import functional as tvf
+
+        return tvf.center_crop(tvf.resize(img, size), size)
+    raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """A fixed set: rows of an image table -> (3, H, W) in [-1, 1], at own size (centre-cropped to a multiple of
+    the factor) or brought to resolution x resolution by `protocol` (see PROTOCOLS)."""
+
+    def __init__(
+        self, table: datasets.Dataset, column: str, factor: int, resolution: int | None, protocol: str = "torchvision"
+    ):
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"--protocol: unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
         self.table, self.column, self.factor, self.resolution = table, column, factor, resolution
+        self.protocol = protocol
 
     def __len__(self) -> int:
         return len(self.table)
@@ -308,7 +338,7 @@ class EvalImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         img = to_rgb(datasets.Image().decode_example(_row(self.table[i][self.column])))
         if self.resolution is not None:
-            img = resize_shorter(img, self.resolution)
+            img = resize_and_crop(img, self.resolution, self.protocol)
         w, h = img.size
         th, tw = self.target_size(h, w)
         if th == 0 or tw == 0:
@@ -352,11 +382,12 @@ def load_images(
     max_images: int | None = None,
     seed: int = 0,
     folder_split: bool = False,
+    protocol: str = "torchvision",
 ) -> EvalImages:
     """A fixed image set (evaluation, export, encoding): every image of a folder; the first `max_images` (default
-    256) of shards; the held-out (`split="val"`) or training (`"train"`) split of `sample` or a hub dataset.
-    `folder_split`: a folder is split too, as the trainer splits it (seeded by `seed`). Errors name the command's
-    `--data` / `--split`."""
+    256) of shards; the held-out (`split="val"`) or training (`"train"`) split of `sample` or a hub dataset, brought
+    to `resolution` by `protocol` (PROTOCOLS). `folder_split`: a folder is split too, as the trainer splits it
+    (seeded by `seed`). Errors name the command's `--data` / `--split`."""
     folder = Path(data).expanduser()
     try:
         if shard_files(data, "--data") is not None:  # shards: the first images of the stream
@@ -381,4 +412,4 @@ def load_images(
         raise ConfigError(str(e).replace("data.source", "--data")) from None
     if max_images is not None:
         table = table.select(range(min(max_images, len(table))))
-    return EvalImages(table, column, factor, resolution)
+    return EvalImages(table, column, factor, resolution, protocol)

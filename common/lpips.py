@@ -1,10 +1,11 @@
 """LPIPS perceptual distance: a thin, frozen, fp32 wrapper over the `lpips` package.
 
 The `lpips` package ships its calibrated linear heads but fetches the ImageNet backbone
-(torchvision VGG16 / AlexNet) from the internet. We build it offline with a random
-backbone and then load the torchvision file ourselves, from an explicit path or the torch
-hub cache, strictly, so a wrong or truncated file is an error rather than a silently
-random trunk (taming / latent-diffusion load with strict=False).
+(torchvision VGG16 / AlexNet) itself. We build it with a random backbone and then load the
+torchvision file ourselves, from an explicit path or the torch hub cache (downloaded there
+with its hash checked on first use, unless offline: `common.weights`), strictly, so a wrong
+or truncated file is an error rather than a silently random trunk (taming / latent-diffusion
+load with strict=False).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import weights
+
 # torchvision's file names (the hash suffix is part of the name torch.hub looks for)
-BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+BACKBONE_FILES = {net: weights.KNOWN[f"lpips-{net}"].file for net in ("vgg", "alex")}
 MODES = ("required", "auto", "off")
 
 
 def _hub_checkpoints() -> Path:
-    # torch.hub.get_dir() honours torch.hub.set_dir(), then $TORCH_HOME/hub, then ~/.cache
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    return weights.cache_dir()
 
 
 def _check_net(net: str) -> str:
@@ -32,27 +34,31 @@ def _check_net(net: str) -> str:
     return BACKBONE_FILES[net]
 
 
-def resolve_backbone(net: str, weights_path: str | None = None) -> Path | None:
-    """Return the torchvision backbone file for `net`, or None when it is not on disk."""
-    file = _check_net(net)
+def find_backbone(net: str, weights_path: str | None = None, download: bool = True) -> tuple[Path | None, str]:
+    """(the torchvision backbone file for `net`, "") or (None, why it is not there); fetched when allowed."""
+    _check_net(net)
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"loss.lpips_weights: {path} does not exist")
-        return path
-    path = _hub_checkpoints() / file
-    return path if path.is_file() else None
+        return path, ""
+    return weights.fetch(f"lpips-{net}", download)
 
 
-def missing_weights_message(net: str, weights_path: str | None = None) -> str:
-    """One message that says exactly which file is missing, where it goes and where it comes from."""
+def resolve_backbone(net: str, weights_path: str | None = None, download: bool = True) -> Path | None:
+    """Return the torchvision backbone file for `net`, or None when it is not on disk and cannot be fetched."""
+    return find_backbone(net, weights_path, download)[0]
+
+
+def missing_weights_message(net: str, weights_path: str | None = None, why: str = "") -> str:
+    """One message that says exactly which file is missing, why, where it goes and where it comes from."""
     file = _check_net(net)
     where = f"the file {weights_path} does not exist" if weights_path else f"{file} was not found"
     return (
-        f"LPIPS ({net}) needs the torchvision ImageNet backbone, and {where}.\n"
-        f"  Download https://download.pytorch.org/models/{file}\n"
+        f"LPIPS ({net}) needs the torchvision ImageNet backbone, and {where}" + (f" ({why})" if why else "") + ".\n"
+        f"  Download {weights.KNOWN[f'lpips-{net}'].url}\n"
         f"  and put it in {_hub_checkpoints()}/\n"
-        f"  (that is torch.hub.get_dir()/checkpoints; set $TORCH_HOME to move it),\n"
+        f"  (that is torch.hub.get_dir()/checkpoints; set $TORCH_HOME to move it; `kl-ae fetch-weights` does it),\n"
         f"  or point the config key loss.lpips_weights=/path/to/{file} at it.\n"
         f"  To train without the perceptual loss use loss.lpips=off "
         f"(or loss.lpips=auto to use it only when the file is present)."
@@ -112,11 +118,11 @@ class LPIPS(nn.Module):
         path = None
         if not random_backbone:
             try:
-                path = resolve_backbone(net, weights_path)
+                path, why = find_backbone(net, weights_path)
             except FileNotFoundError:
-                path = None
+                path, why = None, ""
             if path is None:
-                raise FileNotFoundError(missing_weights_message(net, weights_path))
+                raise FileNotFoundError(missing_weights_message(net, weights_path, why))
         with warnings.catch_warnings():
             # lpips still passes torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
@@ -149,24 +155,31 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def build_lpips(
-    mode: str, net: str = "vgg", weights_path: str | None = None, dtype: torch.dtype | None = None
+    mode: str,
+    net: str = "vgg",
+    weights_path: str | None = None,
+    dtype: torch.dtype | None = None,
+    download: bool = True,
 ) -> tuple[LPIPS | None, str]:
-    """Build LPIPS according to `loss.lpips` = required | auto | off; returns (module or None, why)."""
+    """Build LPIPS according to `loss.lpips` = required | auto | off; returns (module or None, why).
+
+    A missing backbone is downloaded first (unless offline, or `download` is False: then only the cache counts).
+    """
     if mode not in MODES:
         raise ValueError(f"loss.lpips: unknown mode {mode!r}; choose one of {list(MODES)}")
     _check_net(net)
     if mode == "off":
         return None, "disabled by config"
     try:
-        path = resolve_backbone(net, weights_path)
+        path, why = find_backbone(net, weights_path, download)
     except FileNotFoundError:
         # an explicit path that does not exist is a typo, even under "auto"
         raise FileNotFoundError(missing_weights_message(net, weights_path)) from None
     if path is None:
         if mode == "required":
-            raise FileNotFoundError(missing_weights_message(net, weights_path))
+            raise FileNotFoundError(missing_weights_message(net, weights_path, why))
         return None, (
-            f"{BACKBONE_FILES[net]} not found in {_hub_checkpoints()} (loss.lpips=auto): "
+            f"{BACKBONE_FILES[net]} not found in {_hub_checkpoints()} ({why}; loss.lpips=auto): "
             f"training without the perceptual loss"
         )
     return LPIPS(net, weights_path=str(path), dtype=dtype), f"{net}: {path}"

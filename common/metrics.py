@@ -9,6 +9,7 @@ a metric is reported unavailable rather than computed at the wrong size or with 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from common.weights import INCEPTION_FILE, KNOWN, cache_dir, fetch
+
 # the file torch-fidelity's FeatureExtractorInceptionV3 fetches with torch.hub.load_state_dict_from_url,
 # which saves it under the URL's file name in torch.hub.get_dir()/checkpoints
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+INCEPTION_URL = KNOWN["fid-inception"].url
 
 
 def to_unit(x: Tensor) -> Tensor:
@@ -73,21 +75,45 @@ def reconstruction_metrics(x: Tensor, x_hat: Tensor, lpips=None) -> dict[str, Te
 
 def inception_weights() -> Path:
     """Where torch-fidelity would download its Inception weights (torch.hub.get_dir()/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return cache_dir() / INCEPTION_FILE
 
 
-def build_inception() -> tuple[torch.nn.Module | None, str]:
-    """The FID Inception network (2048-d pool features), or (None, why) — never downloading anything.
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
-    torchmetrics' FrechetInceptionDistance needs torch-fidelity, which fetches its weights over the
-    network when no path is given; we pass the path ourselves, only when the file is already there.
+
+def fid_implementation() -> dict:
+    """What computes rFID here, with versions, for metrics.json: published numbers differ by implementation."""
+    return {
+        "features": "torchmetrics NoTrainInceptionV3('inception-v3-compat'), 2048-d pool features of uint8 images "
+        "resized to 299 inside the network (torch-fidelity's port of TF-FID's inception-2015-12-05)",
+        "weights": INCEPTION_FILE,
+        "distance": "frechet_distance in common/metrics.py (float64, trace of sqrt via eigenvalues of S_a S_b)",
+        "torchmetrics": _version("torchmetrics"),
+        "torch_fidelity": _version("torch-fidelity"),
+    }
+
+
+def build_inception(download: bool = True) -> tuple[torch.nn.Module | None, str]:
+    """The FID Inception network (2048-d pool features), or (None, why).
+
+    torchmetrics' FrechetInceptionDistance needs torch-fidelity; its weights are fetched into the torch hub
+    cache (hash-checked) unless offline or `download` is False, and then handed over as a path.
     """
     problems = []
-    if importlib.util.find_spec("torch_fidelity") is None:
+    installed = importlib.util.find_spec("torch_fidelity") is not None
+    if not installed:  # then the weights would be of no use: nothing is downloaded
         problems.append("torch-fidelity is not installed (pip install torch-fidelity)")
-    path = inception_weights()
-    if not path.is_file():
-        problems.append(f"{INCEPTION_FILE} is not in {path.parent} (download {INCEPTION_URL} there)")
+    path, why = fetch("fid-inception", download and installed)
+    if path is None:
+        why = f"{why}; " if installed else ""
+        problems.append(
+            f"{INCEPTION_FILE} is not in {inception_weights().parent} ({why}download {INCEPTION_URL} there, "
+            f"or run `kl-ae fetch-weights --what fid`)"
+        )
     if problems:
         return None, "; ".join(problems)
     from torchmetrics.image.fid import NoTrainInceptionV3
@@ -101,13 +127,19 @@ def inception_features(net: torch.nn.Module, x: Tensor) -> Tensor:
     return net((x * 255).round().to(torch.uint8)).reshape(x.shape[0], -1).double()
 
 
-def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, D), as torchmetrics' FID computes it.
+def gaussian_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean (D,), covariance (D, D)) of a feature set (N, D), in float64: one side of a Fréchet distance."""
+    f = features.double()
+    return f.mean(0), torch.atleast_2d(torch.cov(f.T))
 
-    ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)), the last term from the eigenvalues of S_a S_b.
-    """
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (D, D)
+
+def frechet_distance_from_statistics(mu_a: Tensor, s_a: Tensor, mu_b: Tensor, s_b: Tensor) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)), the last term from the eigenvalues of S_a S_b."""
+    mu_a, s_a, mu_b, s_b = (t.double() for t in (mu_a, s_a, mu_b, s_b))
     covmean_trace = torch.linalg.eigvals(s_a @ s_b).sqrt().real.sum()
     return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * covmean_trace)
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D), as torchmetrics' FID computes it."""
+    return frechet_distance_from_statistics(*gaussian_statistics(a), *gaussian_statistics(b))

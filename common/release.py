@@ -5,7 +5,9 @@ Run at the end of training and by `kl-ae export`.
 What a diffusion model trained on our latents needs besides the weights is in the config: `scaling_factor`
 (and, KL only, `shift_factor`, per-channel `latents_mean` / `latents_std`), measured on posterior samples
 of the run's own validation split (or `--data`), as LDM's scale_by_std; `force_upcast`, decided by running
-the autoencoder in fp16 where this machine can; a model card `README.md`; optionally an fp16 variant.
+the autoencoder in fp16 where this machine can; a model card `README.md` whose YAML front matter is hub
+metadata (library_name, tags, license, base_model, datasets); optionally an fp16 variant. `push_to_hub`
+uploads the folder as a hub model repo.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import ConfigError, DataConfig, merge
-from common.data import build_datasets, build_val, load_images
+from common.data import _looks_like_hub_name, build_datasets, build_val, load_images
 from common.latent_stats import channel_moments, latent_statistics
 from common.runs import find_run, latest_weights
+from common.weights import offline_switch
 from kl_autoencoder import Autoencoder
-from kl_autoencoder.diffusers_format import WEIGHTS_NAME, find_diffusers_folder, save_diffusers
+from kl_autoencoder.diffusers_format import WEIGHTS_NAME, find_diffusers_folder, is_hub_name, save_diffusers
 
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' variant naming: variant="fp16"
 # fp16 agrees with fp32 when the largest pixel difference (images in [-1, 1]) stays under this
@@ -116,6 +119,55 @@ def check_fp16(model: Autoencoder, x: torch.Tensor, z: torch.Tensor) -> tuple[bo
     return False, summary
 
 
+class PushError(RuntimeError):
+    """The upload to the hub failed; the exported folder is intact."""
+
+
+def hub_metadata(cls: str, run: Path | None, data: str | None, license: str) -> str:
+    """The model card's YAML front matter (the hub's model card metadata), written with huggingface_hub."""
+    from huggingface_hub import ModelCardData
+
+    saved = (yaml.safe_load((run / "config.yaml").read_text()) or {}) if run is not None else {}
+    init_from = (saved.get("model") or {}).get("init_from")
+    source = data or (saved.get("data") or {}).get("source")
+    # a hub base model is its repo id, without the subfolder of a pipeline's VAE
+    base_model = "/".join(str(init_from).split("/")[:2]) if init_from and is_hub_name(init_from) else None
+    hub_data = source and source != "sample" and not Path(source).exists() and _looks_like_hub_name(source)
+    card = ModelCardData(
+        library_name="diffusers",
+        license=license,
+        tags=[
+            "diffusers",
+            cls,
+            "autoencoder",
+            "vae" if cls == "AutoencoderKL" else "vq",
+            "latent-diffusion",
+            "kl-autoencoder",
+        ],  # fmt: skip
+        base_model=base_model,
+        datasets=[source] if hub_data else None,
+    )
+    return f"---\n{card.to_yaml()}\n---\n\n"
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported folder as the hub model repo `repo_id` (created if needed); returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    switch = offline_switch()
+    if switch:
+        raise PushError(f"--push-to-hub: offline ({switch}); {folder} is ready, upload it later with `hf upload`")
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="Upload from kl-ae export"
+        )
+    except Exception as e:  # no token, no network, no rights: the folder stays as exported
+        raise PushError(f"--push-to-hub {repo_id}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
+    return str(url)
+
+
 def _model_card(config: dict, info: dict, run: Path | None, fp16_variant: bool) -> str:
     cls = config["_class_name"]
     lines = [
@@ -186,6 +238,7 @@ def export_run(
     max_images: int | None = 256,
     batch_size: int = 8,
     seed: int = 0,
+    license: str = "apache-2.0",
 ) -> Path:
     """Write `source`'s weights (a run: its EMA weights, as `Autoencoder.from_pretrained`) as a diffusers folder.
 
@@ -224,7 +277,8 @@ def export_run(
     elif (out / FP16_WEIGHTS_NAME).exists():  # a stale variant from an earlier export must not mismatch
         (out / FP16_WEIGHTS_NAME).unlink()
     config = json.loads((out / "config.json").read_text())
-    (out / "README.md").write_text(_model_card(config, info, run, fp16_variant))
+    card = hub_metadata(config["_class_name"], run, data, license) + _model_card(config, info, run, fp16_variant)
+    (out / "README.md").write_text(card)
     return out
 
 

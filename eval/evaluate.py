@@ -9,9 +9,12 @@ One pass over the whole image set per model, batched, under plain python or `acc
 dataloader is sharded and every per-image value goes through `gather_for_metrics`, which drops the
 samples accelerate repeats to even out the last batch). Writes `metrics.json` and `report.html` with
 its PNGs. Images are evaluated at their own size cropped to a multiple of the downsampling factor, or
-resized and centre-cropped to `resolution`; images of different sizes are evaluated one at a time.
+brought to `resolution` by a named protocol (`common.data.PROTOCOLS`); images of different sizes are
+evaluated one at a time. The protocol, the posterior used for reconstructions and the FID implementation
+are recorded, so a number can be set against a published one; the real side of rFID is cached per image
+set and protocol (`common.fid_stats`).
 
-    kl-ae eval --model RUN|CHECKPOINT|DIFFUSERS_DIR --data FOLDER|sample|HUB_NAME [--compare PATH2] ...
+    kl-ae eval --model RUN|CHECKPOINT|DIFFUSERS_DIR|HUB_NAME --data FOLDER|sample|HUB_NAME [--compare PATH2] ...
 """
 
 from __future__ import annotations
@@ -27,10 +30,22 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from common.config import ConfigError
-from common.data import EvalImages, load_images
+from common.data import PROTOCOLS, EvalImages, load_images
+from common.fid_stats import load_reference, reference_file, reference_key, save_reference
 from common.latent_stats import channel_moments, latent_statistics
-from common.lpips import BACKBONE_FILES, build_lpips
-from common.metrics import build_inception, frechet_distance, inception_features, ms_ssim, mse, psnr, ssim, to_unit
+from common.lpips import BACKBONE_FILES, build_lpips, find_backbone, missing_weights_message
+from common.metrics import (
+    build_inception,
+    fid_implementation,
+    frechet_distance_from_statistics,
+    gaussian_statistics,
+    inception_features,
+    ms_ssim,
+    mse,
+    psnr,
+    ssim,
+    to_unit,
+)
 from eval import diagnostics as diag
 from eval import report
 from eval.geometry import geometry_row
@@ -40,11 +55,13 @@ from kl_autoencoder import Autoencoder
 
 @dataclass
 class EvalConfig:
-    model: str  # a run folder, a checkpoint folder or a diffusers AutoencoderKL / VQModel folder
+    model: str  # a run, checkpoint or diffusers AutoencoderKL / VQModel folder, or a hub name (REPO[/SUBFOLDER])
     data: str = "sample"  # a folder (all its images), "sample" or a hub name (their held-out split)
     split: str = "val"  # "sample" or a hub name: "val" (held out) or "train" (the images the recipe trains on)
     out: str | None = None  # default <model>/eval
     resolution: int | None = None  # None: each image at its own size (cropped to a multiple of the factor)
+    protocol: str = "torchvision"  # how images are brought to `resolution`: torchvision | adm (common.data.PROTOCOLS)
+    posterior: str = "mode"  # KL reconstructions from the posterior's mode() or a sample() (EQ-VAE, LightningDiT)
     batch_size: int = 8  # per process; 1 when the images differ in size
     compare: str | None = None  # a second model evaluated on the same images
     lpips: str = "auto"  # required | auto | off
@@ -56,8 +73,12 @@ class EvalConfig:
 
 
 @torch.no_grad()
-def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, inception, cfg: EvalConfig, name: str):
+def collect(
+    model: Autoencoder, loader, accelerator: Accelerator, lpips, inception, cfg: EvalConfig, name: str, real: bool
+):
     """Per-image metrics and latent summaries over the whole set, gathered from every process. (N, ...) each.
+
+    real: also the Inception features of the images themselves (not needed when their statistics are cached).
 
     VQ: the per-image code histograms are summed as they are gathered ("code_counts", (1, K)), not kept.
     """
@@ -76,8 +97,8 @@ def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, incepti
             x_hat = model.decode(quantized.z_q)
             z = posterior.latents
         else:
-            x_hat = model.decode(posterior.mode())  # reconstructions from the posterior mode
             z = posterior.sample(gen)  # statistics and rate describe what the diffusion model is trained on
+            x_hat = model.decode(z if cfg.posterior == "sample" else posterior.mode())
         a, b = to_unit(x), to_unit(x_hat)
         count, mean, m2 = channel_moments(z)
         ms, reason = ms_ssim(a, b)
@@ -104,7 +125,8 @@ def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, incepti
         if lpips is not None:
             row["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
         if inception is not None:
-            row["inception_real"] = inception_features(inception, a)
+            if real:
+                row["inception_real"] = inception_features(inception, a)
             row["inception_fake"] = inception_features(inception, b)
         for key, v in accelerator.gather_for_metrics(row).items():
             if key == "code_counts":  # (N, K) per batch would not fit for large codebooks: keep the sum
@@ -115,8 +137,13 @@ def collect(model: Autoencoder, loader, accelerator: Accelerator, lpips, incepti
     return {k: torch.cat(v) for k, v in values.items()}, ms_ssim_reason
 
 
-def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: str, cfg: EvalConfig, reason: str):
-    """The metrics.json entry of one model from its gathered per-image values."""
+def summarize(
+    values: dict[str, torch.Tensor], lpips_status: str, fid_status: str, cfg: EvalConfig, reason: str, reference
+):
+    """The metrics.json entry of one model from its gathered per-image values.
+
+    reference: (mean, covariance, where they come from) of the real images' Inception features, or None.
+    """
     n = len(values["psnr"])
     ms = values["ms_ssim"][~values["ms_ssim"].isnan()]
     rec = {
@@ -131,11 +158,11 @@ def summarize(values: dict[str, torch.Tensor], lpips_status: str, fid_status: st
         rec["lpips"] = {"available": True, "value": values["lpips"].double().mean().item(), "net": lpips_status}
     else:
         rec["lpips"] = {"available": False, "reason": lpips_status}
-    if "inception_real" in values and n >= 2:
-        rfid = frechet_distance(values["inception_real"], values["inception_fake"])
-        rec["rfid"] = {"available": True, "value": rfid, "num_images": n, "weights": fid_status}
+    if "inception_fake" in values and n >= 2 and reference is not None:
+        rfid = frechet_distance_from_statistics(*reference[:2], *gaussian_statistics(values["inception_fake"]))
+        rec["rfid"] = {"available": True, "value": rfid, "num_images": n, "weights": fid_status, "real": reference[2]}
     else:
-        why = fid_status if "inception_real" not in values else "needs at least 2 images"
+        why = fid_status if "inception_fake" not in values else "needs at least 2 images"
         rec["rfid"] = {"available": False, "reason": why}
     stats = latent_statistics(values["count"], values["z_mean"], values["z_m2"])
     geometry = summarize_geometry(values, rec["psnr"])
@@ -213,17 +240,19 @@ def codes_to_latents(model: Autoencoder, indices: torch.Tensor) -> torch.Tensor:
     return codebook[indices].permute(0, 3, 1, 2).contiguous()
 
 
-def lpips_for_eval(mode: str) -> tuple[torch.nn.Module | None, str]:
+def lpips_for_eval(mode: str, download: bool = True) -> tuple[torch.nn.Module | None, str]:
     """LPIPS (VGG) per `--lpips`, or (None, why); `required` with the weights missing raises FileNotFoundError."""
     if mode == "off":
         return None, "disabled (--lpips off)"
-    lpips, status = build_lpips(mode, "vgg")
-    if lpips is not None:
-        return lpips, status  # "vgg: <weights file>"
+    path, why = find_backbone("vgg", None, download)
+    if path is not None:
+        return build_lpips(mode, "vgg", weights_path=str(path))  # status "vgg: <weights file>"
+    if mode == "required":
+        raise FileNotFoundError(missing_weights_message("vgg", None, why))
     file = BACKBONE_FILES["vgg"]
     return None, (
         f"{file} (torchvision VGG16, the LPIPS backbone) is not in {Path(torch.hub.get_dir()) / 'checkpoints'} "
-        f"(download https://download.pytorch.org/models/{file} there)"
+        f"({why}; download https://download.pytorch.org/models/{file} there, or run `kl-ae fetch-weights`)"
     )
 
 
@@ -240,10 +269,15 @@ def _json_safe(value):
 
 def _load_model(path: str) -> Autoencoder:
     try:
-        model = Autoencoder.from_pretrained(path)
+        model = Autoencoder.from_pretrained(path)  # a local folder, or a hub name (downloaded, cached)
     except ValueError as e:
         raise ConfigError(f"--model: {path}: {e}") from None
     return model  # KL or VQ: see `collect` and `summarize` for what differs
+
+
+def default_out(model: str) -> Path:
+    """MODEL/eval for a local model; eval/<org>--<name>[--sub] for a hub name."""
+    return Path(model) / "eval" if Path(model).exists() else Path("eval") / model.strip("/").replace("/", "--")
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -254,6 +288,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ConfigError(f"--split: must be 'val' or 'train', got {cfg.split!r}")
     if cfg.max_images is not None and cfg.max_images < 1:
         raise ConfigError(f"--max-images: must be >= 1, got {cfg.max_images}")
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol: must be one of {list(PROTOCOLS)}, got {cfg.protocol!r}")
+    if cfg.protocol == "adm" and cfg.resolution is None:
+        raise ConfigError("--protocol: adm makes N x N images; give --resolution N")
+    if cfg.posterior not in ("mode", "sample"):
+        raise ConfigError(f"--posterior: must be 'mode' or 'sample', got {cfg.posterior!r}")
     accelerator = Accelerator()  # no mixed precision argument: evaluation runs the model in fp32
     models = {"model": _load_model(cfg.model)}
     if cfg.compare:
@@ -263,22 +303,35 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ConfigError("--compare: the two models have different downsampling factors")
     if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % factor):
         raise ConfigError(f"--resolution: {cfg.resolution} is not a positive multiple of the factor {factor}")
-    images = load_images(cfg.data, factor, cfg.split, cfg.resolution, cfg.max_images, cfg.seed)
+    images = load_images(cfg.data, factor, cfg.split, cfg.resolution, cfg.max_images, cfg.seed, protocol=cfg.protocol)
     sizes = images.sizes()
     batch_size = cfg.batch_size if len(sizes) == 1 else 1  # different sizes cannot share a batch
     loader = accelerator.prepare(DataLoader(images, batch_size=batch_size, shuffle=False))
-    lpips, lpips_status = lpips_for_eval(cfg.lpips)
-    inception, fid_status = build_inception()
+    with accelerator.local_main_process_first():  # one download per machine; the others find it in the cache
+        first = accelerator.is_local_main_process
+        lpips, lpips_status = lpips_for_eval(cfg.lpips, download=first)
+        inception, fid_status = build_inception(download=first)
     device = accelerator.device
     for module in (lpips, inception, *models.values()):
         if module is not None:
             module.to(device).eval()
+    fid_key = reference = None
+    if inception is not None:
+        # every process looks before its first gather; the main process writes only after the last one
+        fid_key = reference_key(images, sizes, fid_implementation())
+        cached = load_reference(fid_key)
+        reference = None if cached is None else (cached[0], cached[1], f"cached statistics: {cached[2]}")
 
     results, vectors = {}, {}
     for name, model in models.items():
-        values, reason = collect(model, loader, accelerator, lpips, inception, cfg, name)
+        values, reason = collect(model, loader, accelerator, lpips, inception, cfg, name, real=reference is None)
+        if reference is None and len(values.get("inception_real", ())) >= 2:
+            mu, sigma = gaussian_statistics(values["inception_real"])
+            if accelerator.is_main_process:
+                save_reference(fid_key, mu, sigma)
+            reference = (mu, sigma, f"computed here, cached in {reference_file(fid_key)}")
         results[name] = {"path": cfg.model if name == "model" else cfg.compare}
-        results[name] |= summarize(values, lpips_status, fid_status, cfg, reason)
+        results[name] |= summarize(values, lpips_status, fid_status, cfg, reason, reference)
         vectors[name] = values["vectors"].flatten(0, 1)  # (N * k, C), for the histograms
     summary = {
         "data": cfg.data,
@@ -287,11 +340,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         "image_sizes": sorted(f"{h}x{w}" for h, w in sizes),
         "batch_size": batch_size,
         "num_processes": accelerator.num_processes,
+        "protocol": {
+            "name": cfg.protocol if cfg.resolution is not None else "own size",
+            "resolution": cfg.resolution,
+            "resize": PROTOCOLS[cfg.protocol]
+            if cfg.resolution is not None
+            else f"none: each image centre-cropped to a multiple of {factor}",
+            "posterior": cfg.posterior,  # KL models; VQ models reconstruct through the codebook
+            "rfid": fid_implementation(),
+        },
         "settings": asdict(cfg),
     }
     # metrics.json: the main model's results at the top level, the second model's under "compare"
     metrics = _json_safe({**summary, **results["model"], **({"compare": results["compare"]} if cfg.compare else {})})
-    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval"
+    out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         figs: dict[str, dict[str, str]] = {"Reconstructions": {}, "Prior samples (holes)": {}, "Random codes": {}}

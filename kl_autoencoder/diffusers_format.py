@@ -3,7 +3,9 @@
 A diffusers folder is `config.json` + `diffusion_pytorch_model.safetensors`; it loads with
 `diffusers.AutoencoderKL.from_pretrained(folder)` (or `VQModel`, as its `_class_name` says) and with
 `Autoencoder.from_pretrained(folder)`. Our module names already equal diffusers' keys, so the state-dict
-functions are the one place for renames.
+functions are the one place for renames. A name that is not a local path but looks like a hub repo
+(`org/name`, or `org/name/subfolder` for a VAE inside a pipeline repo) is fetched with `huggingface_hub`:
+only its config and safetensors weights, into the hub cache (offline with `HF_HUB_OFFLINE=1`: from there).
 """
 
 from __future__ import annotations
@@ -314,12 +316,48 @@ def _is_diffusers_folder(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
 
 
-def find_diffusers_folder(path: str | Path) -> Path:
-    """Resolve a diffusers folder, a run folder or a checkpoint folder to the diffusers folder inside.
+_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(/[\w.-]+)*")
+
+
+def is_hub_name(name: str | Path) -> bool:
+    """`org/name[/subfolder]` that is not a local path: a model on the Hugging Face hub."""
+    text = str(name)
+    return not Path(text).exists() and not text.startswith((".", "/")) and _HUB_NAME.fullmatch(text) is not None
+
+
+def download_from_hub(name: str) -> Path:
+    """The local folder of hub model `org/name[/subfolder]`: its config.json and safetensors weights only."""
+    from huggingface_hub import snapshot_download
+
+    parts = name.strip("/").split("/")
+    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    prefix = f"{subfolder}/" if subfolder else ""
+    try:
+        root = snapshot_download(repo_id, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME])
+    except Exception as e:  # offline and not cached, unknown repo, no access: one line for all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FileNotFoundError(
+            f"{name} is not a local folder, and the hub repo {repo_id!r} could not be fetched "
+            f"({type(e).__name__}: {first})"
+        ) from None
+    folder = Path(root) / subfolder
+    if not _is_diffusers_folder(folder):
+        hint = "" if subfolder else " (a VAE inside a pipeline repo: add its subfolder, e.g. --subfolder vae)"
+        raise FileNotFoundError(f"hub repo {repo_id!r} has no {prefix}{CONFIG_NAME} + {prefix}{WEIGHTS_NAME}{hint}")
+    return folder
+
+
+def find_diffusers_folder(path: str | Path, subfolder: str | None = None) -> Path:
+    """Resolve a diffusers folder, a run folder, a checkpoint folder or a hub name to the diffusers folder.
 
     Run folder: `<run>/diffusers` if present, else the checkpoint named in `<run>/checkpoints/latest`.
     Checkpoint folder: its `autoencoder/` subfolder (written by `Autoencoder.save_pretrained`).
+    Hub name `org/name[/subfolder]`: downloaded (`download_from_hub`). `subfolder` is appended to either.
     """
+    if subfolder:
+        path = f"{str(path).rstrip('/')}/{subfolder.strip('/')}"
+    if is_hub_name(path):
+        return download_from_hub(str(path))
     path = Path(path)
     looked = [str(path)]
     if _is_diffusers_folder(path):
@@ -334,6 +372,9 @@ def find_diffusers_folder(path: str | Path) -> Path:
     looked.append(str(checkpoint / "autoencoder"))
     if _is_diffusers_folder(checkpoint / "autoencoder"):
         return checkpoint / "autoencoder"
+    hint = " (a pipeline folder: add --subfolder vae)" if _is_diffusers_folder(path / "vae") else ""
     raise FileNotFoundError(
-        f"no autoencoder weights found at {path}: looked for {CONFIG_NAME} + {WEIGHTS_NAME} in " + ", ".join(looked)
+        f"no autoencoder weights found at {path}: looked for {CONFIG_NAME} + {WEIGHTS_NAME} in "
+        + ", ".join(looked)
+        + hint
     )

@@ -400,12 +400,17 @@ class Autoencoder(nn.Module):
                 module.gradient_checkpointing = flag
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, vq: QuantizerConfig | None = None) -> Autoencoder:
-        """Load from a diffusers folder, a run folder, or a checkpoint folder (`find_diffusers_folder`), upcast to
-        fp32 and in eval mode, as diffusers does. vq: how a VQ codebook trains from here (fine-tuning)."""
+    def from_pretrained(
+        cls, path: str | Path, vq: QuantizerConfig | None = None, subfolder: str | None = None
+    ) -> Autoencoder:
+        """Load from a diffusers, run or checkpoint folder or a hub name, `subfolder` inside it (a pipeline's "vae").
+
+        Weights stored in fp16/bf16 are upcast into this fp32 model. Returned in eval mode, as diffusers does.
+        vq: how a VQ codebook trains from here (fine-tuning); the EMA state starts from the loaded codebook.
+        """
         from .diffusers_format import find_diffusers_folder, load_diffusers  # diffusers_format imports this module
 
-        config, state_dict = load_diffusers(find_diffusers_folder(path))
+        config, state_dict = load_diffusers(find_diffusers_folder(path, subfolder))
         model = cls(config, vq)
         model.load_state_dict(state_dict, strict=True)
         return model.eval()

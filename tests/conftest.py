@@ -26,6 +26,12 @@ def tiny_config() -> AutoencoderConfig:
 
 
 @pytest.fixture(autouse=True)
+def private_caches(tmp_path_factory, monkeypatch):
+    """rFID reference statistics of stub networks must never land in a user's cache."""
+    monkeypatch.setenv("KL_AE_CACHE", str(tmp_path_factory.getbasetemp() / "kl-ae-cache"))
+
+
+@pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps a process-wide singleton; in-process runs with other precisions need it cleared."""
     yield

@@ -42,6 +42,7 @@ def test_field_list_is_pinned():
         "train.max_steps", "train.grad_accum", "train.log_every", "train.sample_every", "train.checkpoint_every",
         "train.eval_every", "train.keep_checkpoints", "train.mixed_precision", "train.seed", "train.tracker",
         "train.ema", "train.ema_decay", "train.max_nonfinite", "train.trainable", "train.compile",
+        "train.max_time",
         "vq.beta", "vq.legacy_loss", "vq.codebook", "vq.decay", "vq.dead_after", "vq.window", "vq.buffer_size",
         "out_dir",
     ]  # fmt: skip

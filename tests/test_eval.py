@@ -258,8 +258,9 @@ def test_eval_reports_lpips_and_rfid_when_their_networks_exist(tmp_path, models,
     import eval.evaluate as evaluate
     from common.lpips import LPIPS
 
-    monkeypatch.setattr(evaluate, "lpips_for_eval", lambda mode: (LPIPS("vgg", random_backbone=True), "vgg: stub"))
-    monkeypatch.setattr(evaluate, "build_inception", lambda: (StubInception(), "stub"))
+    stub_lpips = (LPIPS("vgg", random_backbone=True), "vgg: stub")
+    monkeypatch.setattr(evaluate, "lpips_for_eval", lambda mode, download: stub_lpips)
+    monkeypatch.setattr(evaluate, "build_inception", lambda download: (StubInception(), "stub"))
     out = tmp_path / "eval"
     assert kl_ae(["eval", "--model", str(models[0]), "--data", str(image_folder), "--out", str(out)]) == 0
     rec = json.loads((out / "metrics.json").read_text())["reconstruction"]

@@ -139,7 +139,7 @@ def test_lpips_precision_in_training(tmp_path, monkeypatch, autocast):
 
     seen = set()
 
-    def random_lpips(mode, net, weights_path, dtype):  # stands in for weights this machine does not have
+    def random_lpips(mode, net, weights_path, dtype, download):  # stands in for weights this machine does not have
         module = LPIPS("alex", random_backbone=True, dtype=dtype)
         module.model.net.slice1[0].register_forward_hook(lambda m, args, out: seen.add(out.dtype))
         return module, f"random alex for the test, {dtype}"

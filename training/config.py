@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ import yaml
 
 from common.config import ConfigError, DataConfig, check_writable, merge, parse_override
 from common.transforms import TRANSFORMS
+from kl_autoencoder.diffusers_format import is_hub_name
 from kl_autoencoder.quantize import QuantizerConfig
 
 
@@ -33,8 +35,9 @@ class ModelConfig:
     num_codes: int | None = None  # vq presets: codebook size
     code_dim: int | None = None  # vq presets: code width (< latent_channels: low-dimensional codes)
     normalize_codes: bool | None = None  # vq presets: L2-normalised codes and lookups (cosine similarity)
-    # start from: a diffusers AutoencoderKL folder, a run or checkpoint folder, or an LDM / SD VAE
-    # checkpoint file (.safetensors; a pickle .ckpt loads with weights_only unless trust_pickle)
+    # start from: a diffusers AutoencoderKL folder, a run or checkpoint folder, a hub model (org/name, or
+    # org/name/vae inside a pipeline), or an LDM / SD VAE checkpoint file (.safetensors; a pickle .ckpt loads
+    # with weights_only unless trust_pickle)
     init_from: str | None = None
     trust_pickle: bool = False  # unpickle a .ckpt that needs more than tensors: only for files you trust
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
@@ -50,8 +53,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}: must be > 0, got {value}")
         if self.channel_mult is not None and (not self.channel_mult or min(self.channel_mult) <= 0):
             raise ConfigError(f"model.channel_mult: must be a non-empty list of positive ints, got {self.channel_mult}")
-        if self.init_from is not None and not Path(self.init_from).exists():
-            raise ConfigError(f"model.init_from: {self.init_from} does not exist")
+        if self.init_from is not None and not Path(self.init_from).exists() and not is_hub_name(self.init_from):
+            raise ConfigError(f"model.init_from: {self.init_from} does not exist (nor is it a hub name org/name)")
         try:
             self.autoencoder_config()
         except ValueError as e:
@@ -169,12 +172,37 @@ class TrainSection:
     # auto: bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with AVX-512 BF16 / AMX)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
-    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    # any tracker Accelerate supports (training/trackers.py); the sample grids go to it as images
+    tracker: Literal[
+        "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "none"
+    ] = "tensorboard"
     ema: bool = True  # keep an EMA of the autoencoder; validation, samples and export use it
     ema_decay: float = 0.999  # the cap; the decay warms up as 1 - (1 + step)^(-2/3)
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     trainable: Literal["all", "decoder"] = "all"  # decoder: fine-tune the decoder only (SD ft-EMA/ft-MSE)
     compile: bool = False  # torch.compile the encoder and decoder (the first steps pay for the compilation)
+    # wall-clock budget, "H:MM:SS" or "D-HH:MM:SS" (SLURM) or seconds: checkpoint and exit 0 before it runs out.
+    # YAML 1.1 reads an unquoted 3:50:00 as the integer 13800 (base 60): the same number of seconds
+    max_time: str | int | None = None
+
+    def max_time_seconds(self) -> int | None:
+        """`max_time` in seconds (None: no budget); a ConfigError for a malformed value."""
+        value = self.max_time
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            raise ConfigError(f"train.max_time: expected H:MM:SS, D-HH:MM:SS or seconds, got {value!r}")
+        if isinstance(value, int):
+            seconds = value
+        else:
+            m = re.fullmatch(r"(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)|(\d+)", value.strip())
+            if m is None:
+                raise ConfigError(f"train.max_time: expected H:MM:SS, D-HH:MM:SS or seconds, got {value!r}")
+            days, hours, minutes, secs, plain = (int(g) if g else 0 for g in m.groups())
+            seconds = plain if m.group(5) else ((days * 24 + hours) * 60 + minutes) * 60 + secs
+        if seconds <= 0:
+            raise ConfigError(f"train.max_time: must be more than 0 seconds, got {value!r}")
+        return seconds
 
     def validate(self) -> None:
         for key in ("max_steps", "grad_accum", "log_every", "sample_every", "checkpoint_every", "eval_every"):
@@ -186,6 +214,7 @@ class TrainSection:
             raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
         if self.max_nonfinite < 1:
             raise ConfigError(f"train.max_nonfinite: must be >= 1, got {self.max_nonfinite}")
+        self.max_time_seconds()
 
 
 @dataclass

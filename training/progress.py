@@ -8,6 +8,8 @@ was applied, to device tensors; a logging step reads them all back with a single
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,3 +60,40 @@ class LogWriter:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+class TimeBudget:
+    """`train.max_time`: whether a logging step is the last one that leaves time to checkpoint and exit.
+
+    The clock starts when the run starts (start-up counts: a SLURM limit does too). A logging step says stop
+    when the time left is less than twice the longest logging interval (validations included) plus twice the
+    longest checkpoint save so far; before the first save, the start-up time stands in for a save.
+    """
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = self.last = self.clock()
+        self.first_interval: float | None = None  # includes the start-up: not a logging interval
+        self.longest_interval = 0.0
+        self.longest_save: float | None = None
+
+    def due(self) -> bool:
+        """Called at every logging step: True when the run should checkpoint and stop now."""
+        now = self.clock()
+        interval, self.last = now - self.last, now
+        if self.first_interval is None:
+            self.first_interval = interval
+        else:
+            self.longest_interval = max(self.longest_interval, interval)
+        if self.seconds is None:
+            return False
+        save = self.longest_save if self.longest_save is not None else self.first_interval
+        return now - self.start + 2 * self.longest_interval + 2 * save >= self.seconds
+
+    def timed(self, save: Callable[[], None]) -> None:
+        """Run `save()` and remember how long it took."""
+        t = self.clock()
+        save()
+        self.longest_save = max(self.longest_save or 0.0, self.clock() - t)

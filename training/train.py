@@ -6,7 +6,8 @@ generator update and the discriminator update; the discriminator is frozen durin
 update, sees the detached reconstruction in its own, and is not run at all before `disc_start`.
 Both models go through `accelerator.prepare` and the step calls the prepared modules, so DDP
 all-reduces every gradient (the reference scripts bypass it). Runs resume exactly, keep an EMA of
-the autoencoder for validation and export, skip non-finite steps, and stop cleanly on SIGTERM.
+the autoencoder for validation and export, skip non-finite steps, and stop cleanly on SIGTERM or
+before `train.max_time` runs out.
 
     python -m training.train [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [k=v ...]
 """
@@ -42,7 +43,7 @@ from training.batches import EpochBatches, StreamBatches
 from training.checkpoint import NonFiniteError, StopSignal
 from training.config import TrainConfig, save_config
 from training.discriminator import PatchDiscriminator
-from training.progress import LogWriter, RunningMeans
+from training.progress import LogWriter, RunningMeans, TimeBudget
 from training.step import (
     Generator,
     GuardedEMA,
@@ -53,6 +54,7 @@ from training.step import (
     guarded_step,
     replicas_identical,
 )
+from training.trackers import check_tracker
 from training.validation import Validator, weights_for_use
 
 
@@ -79,14 +81,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
         return 1.0
     progress = min(1.0, (step - warmup) / (total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def check_tracker(name: str) -> None:
-    if name == "wandb":
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("train.tracker: wandb is not installed (pip install wandb), or use tensorboard")
 
 
 def build_autoencoder(cfg: TrainConfig) -> Autoencoder:
@@ -128,6 +122,7 @@ def agree_on_stop(accelerator: Accelerator, requested: bool) -> bool:
 
 def main(cfg: TrainConfig) -> dict:
     """Train as `cfg` says; returns the run summary (also written to `<out>/summary.json`)."""
+    budget = TimeBudget(cfg.train.max_time_seconds())  # the wall clock starts now
     out = Path(cfg.out_dir)
     precision = resolve_mixed_precision(cfg.train.mixed_precision)
     check_tracker(cfg.train.tracker)
@@ -169,7 +164,9 @@ def main(cfg: TrainConfig) -> dict:
     lpips_mode = cfg.loss.lpips if cfg.loss.perceptual_weight > 0 else "off"
     # the step's autocast covers only the prepared modules' forwards: LPIPS opens its own when asked to
     lpips_dtype = autocast_dtype(precision) if cfg.loss.lpips_autocast else None
-    lpips, lpips_status = build_lpips(lpips_mode, cfg.loss.lpips_net, cfg.loss.lpips_weights, lpips_dtype)
+    with accelerator.local_main_process_first():  # one download per machine; the others find it in the cache
+        lpips_args = (lpips_mode, cfg.loss.lpips_net, cfg.loss.lpips_weights, lpips_dtype)
+        lpips, lpips_status = build_lpips(*lpips_args, download=accelerator.is_local_main_process)
     if lpips is None:
         log(f"WARNING: training WITHOUT the LPIPS perceptual loss ({lpips_status})")
     else:
@@ -283,7 +280,7 @@ def main(cfg: TrainConfig) -> dict:
     no_skip = torch.ones((), dtype=torch.bool, device=accelerator.device)
     guards = {"autoencoder": NonFiniteGuard(accelerator.device), "discriminator": NonFiniteGuard(accelerator.device)}
     nonfinite = partial(check_nonfinite, guards, history, limit=cfg.train.max_nonfinite, out=out, log=log)
-    interrupted = False
+    interrupted = time_up = False
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     writer = LogWriter(accelerator, out / "metrics.jsonl", bar)
     t_start = t_log = time.perf_counter()
@@ -341,7 +338,8 @@ def main(cfg: TrainConfig) -> dict:
                     }
                     t_log, steps_at_log = now, step
                     writer.write(step, record)
-                    stop.requested = agree_on_stop(accelerator, stop.requested)
+                    time_up = budget.seconds is not None and agree_on_stop(accelerator, budget.due())
+                    stop.requested = agree_on_stop(accelerator, stop.requested) or time_up
                 if accelerator.num_processes == 1 or step % cfg.train.log_every == 0:
                     interrupted = stop.requested
                 if step % cfg.train.eval_every == 0 or last:
@@ -352,7 +350,7 @@ def main(cfg: TrainConfig) -> dict:
                     history["wall_s"] += time.perf_counter() - t_start
                     t_start = time.perf_counter()
                     nonfinite(step=step)  # stop before saving when the limit is reached; the last checkpoint stays
-                    save()
+                    budget.timed(save)
                 if step >= cfg.train.max_steps or interrupted:
                     break
 
@@ -362,6 +360,7 @@ def main(cfg: TrainConfig) -> dict:
     summary = {
         "steps": step,
         "interrupted": interrupted,
+        "stopped_by": ("max_time" if time_up else "signal") if interrupted else None,
         "wall_s": round(history["wall_s"], 2),
         "img_per_s": round(step * images_per_step / max(history["wall_s"], 1e-9), 2),
         "num_processes": accelerator.num_processes,
@@ -380,7 +379,8 @@ def main(cfg: TrainConfig) -> dict:
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if interrupted:
-            log(f"stopped at step {step}; checkpoint saved. Re-run the same command to resume.")
+            why = f" (train.max_time {cfg.train.max_time})" if time_up else ""
+            log(f"stopped at step {step}{why}; checkpoint saved. Re-run the same command to resume.")
         else:
             # the checkpoint of the last step holds these weights: exported from there, written once
             export_after_training(out)  # measured scaling/shift factors, force_upcast, model card

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torchvision.utils import save_image
+from PIL import Image
+from torchvision.utils import make_grid
 
 from common.metrics import reconstruction_metrics
 from common.runs import checkpoint_name
 from kl_autoencoder import Autoencoder
 from training.step import GuardedEMA
+from training.trackers import log_image
 
 
 def weights_for_use(live: Autoencoder, ema: GuardedEMA | None, ema_model: Autoencoder | None) -> Autoencoder:
@@ -29,7 +31,8 @@ def weights_for_use(live: Autoencoder, ema: GuardedEMA | None, ema_model: Autoen
 
 class Validator:
     """Held-out metrics (`val/psnr`, `val/ssim`, `val/lpips`) logged to the trackers, the console and
-    `val.jsonl`, and reconstruction grids in `samples/`, for the weights `weights()` returns."""
+    `val.jsonl`, and reconstruction grids in `samples/` and the trackers (`val/samples`), for the weights
+    `weights()` returns."""
 
     def __init__(self, accelerator: Accelerator, val_dl, sample_batch: torch.Tensor, lpips, out: Path, weights):
         self.accelerator, self.val_dl, self.lpips, self.out, self.weights = accelerator, val_dl, lpips, out, weights
@@ -65,7 +68,8 @@ class Validator:
 
     @torch.no_grad()
     def save_samples(self, step: int) -> None:
-        """Held-out images (top row) and their reconstructions (bottom row) as `samples/step_N.png`."""
+        """Held-out images (top row) and their reconstructions (bottom row) as `samples/step_N.png`, and to the
+        trackers as the image `val/samples`."""
         if not self.accelerator.is_main_process:
             return
         model = self.weights()
@@ -75,4 +79,7 @@ class Validator:
         recon = model(x).float().clamp(-1, 1)
         model.train(was_training)
         path = self.out / "samples" / f"{checkpoint_name(step)}.png"
-        save_image(torch.cat([x, recon]) * 0.5 + 0.5, path, nrow=len(x))
+        grid = make_grid(torch.cat([x, recon]) * 0.5 + 0.5, nrow=len(x))  # (3, H, W); as save_image writes it:
+        pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+        Image.fromarray(pixels).save(path)
+        log_image(self.accelerator, "val/samples", pixels, path, step)
