@@ -9,7 +9,8 @@ kl-ae eval   --model PATH --data SPEC [--out DIR] [--resolution N] [--compare PA
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
 kl-ae bench  [--preset kl-f8] [--resolution 128] [--batch-size 2] [--steps N] [--precision fp32|bf16|both]
-             [--what train,codec,data,peak,optim,tiled] [--tiled-sizes 2048,4096] [--tiled-exact] [--model RUN]
+             [--what train,codec,data,peak,optim,tiled,maxbatch,fp16] [--device auto|cpu|cuda] [--model RUN]
+             [--tiled-sizes 1024,2048] [--tiled-norms tile,estimate,exact] [--max-batch 1024]
              [--json FILE]
 """
 
@@ -177,12 +178,16 @@ def add_bench_command(sub) -> None:
         "--repeats", type=int, default=3, help="interleaved repetitions; medians are reported (FLOP fraction: the best)"
     )
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
-    p.add_argument("--what", default="train,codec,data,peak,optim", help="comma-separated sections (also: tiled)")
-    p.add_argument("--tiled-sizes", default="2048", help="tiled section: output sizes in px, comma-separated")
+    p.add_argument(
+        "--what", default="train,codec,data,peak,optim", help="comma-separated sections (also: tiled, maxbatch, fp16)"
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu or cuda")
+    p.add_argument("--tiled-sizes", default="1024,2048", help="tiled section: output sizes in px, comma-separated")
     p.add_argument("--tile", type=int, default=512, help="tiled section: tile size in output px")
     p.add_argument("--overlap", type=int, default=64, help="tiled section: tile overlap in output px")
-    p.add_argument("--tiled-exact", action="store_true", help="tiled section: whole-image GroupNorm statistics")
-    p.add_argument("--model", help="codec section: a trained KL model (run or folder), on the bundled photographs")
+    p.add_argument("--tiled-norms", default="tile,estimate,exact", help="tiled section: decode_tiled's norm modes")
+    p.add_argument("--max-batch", type=int, default=1024, help="maxbatch section: the largest batch tried")
+    p.add_argument("--model", help="codec, tiled sections: a trained KL model (run or folder), the bundled photos")
     p.add_argument("--json", help="also write the results to this file")
 
 
@@ -190,11 +195,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import json
 
     from commands.bench import BenchConfig, format_table, run_bench
+    from commands.bench_device import resolve_device
     from kl_autoencoder import PRESETS
 
     if args.preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    for name in ("resolution", "batch_size", "steps", "repeats"):
+    for name in ("resolution", "batch_size", "steps", "repeats", "max_batch"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     what = tuple(w.strip() for w in args.what.split(",") if w.strip())
@@ -205,11 +211,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     f = PRESETS[args.preset].downsample_factor
     if not sizes or any(v < 1 or v % f for v in sizes):
         raise ConfigError(f"--tiled-sizes: positive multiples of the downsampling factor {f}, got {args.tiled_sizes}")
+    norms = tuple(n.strip() for n in args.tiled_norms.split(",") if n.strip())
     fields = dict(preset=args.preset, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
-                  tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_exact=args.tiled_exact,
-                  model=args.model)  # fmt: skip
+                  tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_norms=norms, model=args.model,
+                  max_batch=args.max_batch)  # fmt: skip
     try:
-        result = run_bench(BenchConfig(**fields, repeats=args.repeats, precision=args.precision, what=what))
+        device = resolve_device(args.device)
+        result = run_bench(
+            BenchConfig(**fields, repeats=args.repeats, precision=args.precision, what=what, device=device)
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(format_table(result))

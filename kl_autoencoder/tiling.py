@@ -111,7 +111,7 @@ class _Norms:
         self.measure = "none"
         self.box: tuple[float, float, float, float] | None = None  # the current tile's core, as fractions
         self.boxes: list[tuple[float, float, float, float]] = []
-        self.sample = 0
+        self.sample: list[int] = []  # per image: the tile it samples at full resolution
 
     def finish_pass(self) -> bool:
         """Turn the accumulated sums into statistics; False when nothing was measured."""
@@ -120,20 +120,18 @@ class _Norms:
         measured, self.sums = bool(self.sums), {}
         return measured
 
-    def most_typical(self) -> int:
-        """The box whose proxy statistics are closest to the whole proxy's, summed over every GroupNorm."""
-
-        def distance(i: int) -> float:
-            d = 0.0
-            for m, (mean, var) in self.proxy.items():
-                box_mean, box_var = self.proxy_boxes[m][i]
-                std = var.sqrt().clamp_min(1e-6)
-                d += float(((box_mean - mean).abs() / std + (box_var.sqrt() / std).clamp_min(1e-6).log().abs()).mean())
-            return d
-
-        if next(iter(self.proxy.values()))[0].is_meta:  # shapes only (FLOP counting): no values to compare
-            return 0
-        return min(range(len(self.boxes)), key=distance)
+    def most_typical(self) -> list[int]:
+        """For each image of the batch, the box whose proxy statistics are closest to the whole proxy's, summed
+        over every GroupNorm (mean distance in standard deviations, plus |log| of the standard deviations' ratio)."""
+        distance = 0.0
+        for m, (mean, var) in self.proxy.items():
+            std = var.sqrt().clamp_min(1e-6)  # (B, G)
+            box_mean, box_var = (torch.stack(t) for t in zip(*self.proxy_boxes[m]))  # (boxes, B, G) each
+            d = (box_mean - mean).abs() / std + (box_var.sqrt() / std).clamp_min(1e-6).log().abs()
+            distance = distance + d.mean(-1)  # (boxes, B)
+        if distance.is_meta:  # shapes only (FLOP counting): no values to compare
+            return [0] * distance.shape[1]
+        return distance.argmin(0).tolist()
 
     def _forward(self, m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         B, C, G = x.shape[0], x.shape[1], m.num_groups
@@ -143,9 +141,12 @@ class _Norms:
         if self.measure == "proxy":
             self.proxy[m] = _mean_var(_moments(x, G, None))
             self.proxy_boxes[m] = [_mean_var(_moments(x, G, box)) for box in self.boxes]
-        elif self.measure == "sample":
-            (mean, var), (box_mean, box_var) = self.proxy[m], self.proxy_boxes[m][self.sample]
-            here_mean, here_var = _mean_var(_moments(x, G, self.box))
+        elif self.measure == "sample":  # image b of x is tile sample[b] of image b, its core at box[b]
+            mean, var = self.proxy[m]
+            box_mean, box_var = (torch.stack([self.proxy_boxes[m][i][k][b] for b, i in enumerate(self.sample)])
+                                 for k in (0, 1))  # fmt: skip
+            here = [_moments(x[b : b + 1], G, box) for b, box in enumerate(self.box)]
+            here_mean, here_var = _mean_var(torch.cat(here, dim=1))
             # the proxy (whole image, lower resolution) plus what full resolution adds over the same region
             self.stats[m] = (mean + here_mean - box_mean, (var + here_var - box_var).clamp_min(0.1 * var))
         if m not in self.stats:
@@ -198,23 +199,25 @@ def _tiled(
     norms = _Norms([m for m in modules.modules() if isinstance(m, nn.GroupNorm)])
     ramp = overlap * num // den
 
-    def forward(i: int) -> None:
-        """fn on tile i, its core given to the GroupNorms as fractions of the tile."""
+    def crop(i: int, b: slice = slice(None)) -> torch.Tensor:
+        return x[b, :, tiles[i][0] : tiles[i][0] + tile, tiles[i][1] : tiles[i][1] + tile]
+
+    def box(i: int) -> tuple[float, float, float, float]:
+        """Tile i's core as fractions of the tile."""
         (top, left), (y0, y1, x0, x1) = tiles[i], cores[i]
-        t = x[:, :, top : top + tile, left : left + tile]
-        th, tw = t.shape[2:]
-        norms.box = ((y0 - top) / th, (y1 - top) / th, (x0 - left) / tw, (x1 - left) / tw)
-        try:
-            fn(t)
-        except _Stop:
-            pass
+        th, tw = min(tile, H - top), min(tile, W - left)
+        return (y0 - top) / th, (y1 - top) / th, (x0 - left) / tw, (x1 - left) / tw
 
     with norms.installed():
         if len(tiles) > 1 and norm == "exact":  # one pass per GroupNorm, each stopping at the one it measures
             norms.measure = "next"
             while True:
                 for i in range(len(tiles)):
-                    forward(i)
+                    norms.box = box(i)
+                    try:
+                        fn(crop(i))
+                    except _Stop:
+                        pass
                 if not norms.finish_pass():
                     break
         elif len(tiles) > 1 and norm == "estimate":
@@ -223,8 +226,9 @@ def _tiled(
             fn(_pool(x, tile))
             # the tile most like the whole image, at full resolution: corrects what pooling changed
             norms.measure = "sample"
-            norms.sample = norms.most_typical()
-            forward(norms.sample)
+            norms.sample = norms.most_typical()  # per image of the batch
+            norms.box = [box(i) for i in norms.sample]
+            fn(torch.cat([crop(i, slice(b, b + 1)) for b, i in enumerate(norms.sample)]))
         norms.measure = "none"
         out = weight = None
         for top, left in tiles:

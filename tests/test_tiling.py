@@ -96,15 +96,29 @@ def test_statistics_cost_counted_in_flops():
     assert cost["tile"] < cost["estimate"] <= 1.5 * cost["tile"], cost
 
 
-def test_the_most_typical_tile_is_picked():
-    """The sample tile is the one whose proxy statistics are closest to the whole proxy's."""
+def test_the_most_typical_tile_is_picked_per_image():
+    """The sample tile of each image is the one whose proxy statistics are closest to that image's whole proxy's."""
     norms = _Norms([])
-    whole = (torch.zeros(1, 2), torch.ones(1, 2))
+    whole = (torch.zeros(2, 3), torch.ones(2, 3))  # (B, G) mean and variance, two images
+    off = (torch.full((2, 3), 0.5), torch.full((2, 3), 2.0))
+    first_only = (torch.tensor([[0.0] * 3, [0.5] * 3]), torch.tensor([[1.0] * 3, [2.0] * 3]))  # typical for image 0
     norms.proxy = {"a": whole, "b": whole}
-    off = (torch.full((1, 2), 0.5), torch.full((1, 2), 2.0))
     norms.boxes = [None] * 3
-    norms.proxy_boxes = {"a": [off, off, whole], "b": [whole, off, whole]}
-    assert norms.most_typical() == 2
+    norms.proxy_boxes = {"a": [off, first_only, whole], "b": [off, first_only, off]}
+    assert norms.most_typical() == [1, 2]
+
+
+@pytest.mark.slow
+def test_estimated_statistics_do_not_depend_on_the_batch(image):
+    """Each image of a batch gets its own proxy and its own most typical tile: decoding a batch equals decoding
+    each of its images alone."""
+    model = _model(True, image)
+    coffee = torch.from_numpy(skimage.data.coffee()[::2, 100:500:2].copy()).permute(2, 0, 1)[None, :, :128, 36:164]
+    with torch.no_grad():  # the two images sample different tiles
+        z = model.encode(torch.cat([image, coffee.float() / 127.5 - 1])).mode()
+    batch = decode_tiled(model, z, tile=64, overlap=32, norm="estimate")
+    alone = torch.cat([decode_tiled(model, z[i : i + 1], tile=64, overlap=32, norm="estimate") for i in range(2)])
+    assert torch.allclose(batch, alone, atol=1e-4), (batch - alone).abs().max()
 
 
 @pytest.mark.slow

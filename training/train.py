@@ -126,7 +126,10 @@ def main(cfg: TrainConfig) -> dict:
         log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
         project_dir=str(out),
         step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        # batches go to a GPU from pinned memory without waiting (pin_memory below), so a step never syncs
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg.train.seed, non_blocking=True
+        ),
     )
     is_main = accelerator.is_main_process
     log = accelerator.print
@@ -174,6 +177,7 @@ def main(cfg: TrainConfig) -> dict:
         drop_last=True,
         num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.train.seed),  # iterator seeding stays off the global RNG
+        pin_memory=accelerator.device.type == "cuda",
     )
     val_dl = DataLoader(val_ds, batch_size=cfg.data.batch_size, generator=torch.Generator().manual_seed(0))
     per_epoch = len(train_ds) // (cfg.data.batch_size * accelerator.num_processes)
