@@ -59,13 +59,13 @@ bench() {  # bench NAME SECONDS ARGS...: kl-ae bench on DEVICE, its JSON in OUT/
         --steps "$STEPS" --repeats "$REPEATS" --json "$OUT/$name.json" "$@"
 }
 
-step tests 120 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py
-bench train 90 --resolution "$RES" --batch-size "$BATCH" --precision bf16 --what train,peak
-bench "maxbatch_$RES" 60 --resolution "$RES" --batch-size "$BATCH" --max-batch "$MAX_BATCH" --repeats 2 \
+step tests 170 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py
+bench train 80 --resolution "$RES" --batch-size "$BATCH" --precision bf16 --what train,peak
+bench "maxbatch_$RES" 50 --resolution "$RES" --batch-size "$BATCH" --max-batch "$MAX_BATCH" --repeats 2 \
     --what maxbatch
-bench "maxbatch_$BIG" 60 --resolution "$BIG" --batch-size 2 --max-batch "$MAX_BATCH" --repeats 2 --what maxbatch
-bench fp16 45 --resolution "$RES" --batch-size "$BATCH" --what fp16
-bench tiled 100 --what tiled --tiled-sizes "$TILED_SIZES" --tile "$TILE" --overlap "$OVERLAP"
+bench "maxbatch_$BIG" 50 --resolution "$BIG" --batch-size 2 --max-batch "$MAX_BATCH" --repeats 2 --what maxbatch
+bench fp16 40 --resolution "$RES" --batch-size "$BATCH" --what fp16
+bench tiled 90 --what tiled --tiled-sizes "$TILED_SIZES" --tile "$TILE" --overlap "$OVERLAP"
 
 echo "== summary"
 "$PYTHON" -m commands.bench_gpu "$OUT" | tee "$OUT/summary.md"

@@ -20,15 +20,16 @@ Two things make tiles disagree with an untiled pass, and how each is handled:
     borders leaking into the cores (>= 40 dB). Each statistic depends on all earlier ones, and the activations
     they are taken over are too large to keep (that is why we tile), so every GroupNorm needs its own sweep up
     to it: 10-11 plain tiled passes' FLOPs in all for kl-f8 at 1024-2048 px (BENCHMARKS.md);
-  - "estimate": the whole image's statistics estimated in two tile-sized forwards. A proxy, the latent-sized
-    features average-pooled by a power of 2 until they fit in one tile, runs through the tiled part whole
-    (exact statistics of the proxy, and its statistics over each tile's core); pooling lowers the variance of the
-    high-resolution features, so the tile whose proxy statistics are closest to the whole proxy's then runs at
-    full resolution, each GroupNorm adding to the proxy's mean and variance what full resolution adds over that
-    tile's core (and normalising with the result, so the estimate is self-consistent). Costs 1.07 plain tiled
-    passes for a kl-f8 decode of 2048 px with 512 px tiles, 1.21 at 1024 px (FLOP-counted); 40-48 dB PSNR
-    against untiled on a trained model, where per-tile statistics give 28-35 dB (BENCHMARKS.md). An estimate:
-    an image whose typical tile is unlike the rest can come out lower.
+  - "estimate": the whole image's statistics estimated in a few tile-sized forwards. A proxy, the latent-sized
+    features average-pooled by a power of 2 until they fit in one tile, runs through the tiled part whole (exact
+    statistics of the proxy, and its statistics over each tile's core). Pooling lowers the variance of the
+    high-resolution features, so the tiles whose proxy statistics are closest to the whole proxy's (a quarter of
+    the tiles, 1 to 8, per image) then run at full resolution, each GroupNorm adding to the proxy's mean and
+    variance what full resolution adds over that tile's core, normalising with the result (so each forward is
+    self-consistent); the statistics are the mean of those estimates. Costs 1.31 plain tiled passes for a kl-f8
+    decode of 1024 px with 512 px tiles and 1.23 at 2048 px (FLOP-counted); on a trained model >= 40 dB PSNR
+    against untiled on 14 of 16 decodes (34-56 dB; per-tile statistics 25-53), but an estimate: an image unlike
+    its typical tiles can come out lower (BENCHMARKS.md).
 Attention at levels other than the lowest (`attn_levels`) stays per-tile, an approximation.
 """
 
@@ -97,9 +98,9 @@ class _Norms:
     - "next": the first GroupNorm reached that has no statistics accumulates its input's sums over `box` (the
       tile's core) and stops the forward (the exact, sequential pass);
     - "proxy": every GroupNorm records its whole input's moments and those over each of `boxes`;
-    - "sample": every GroupNorm measures its input over `box` and normalises with (and stores as its statistics)
-      the proxy's, corrected by the difference between this input's and the proxy's over the same box
-      (`boxes[sample]`).
+    - "sample": x holds one tile per image, image b's being tile `sample[b]` with its core at `box[b]`; every
+      GroupNorm measures its input over that core and normalises with (and stores as its statistics) the proxy's,
+      corrected by the difference between this input's and the proxy's over the same core.
     """
 
     def __init__(self, modules: list[nn.GroupNorm]):
@@ -109,7 +110,8 @@ class _Norms:
         self.proxy: dict[nn.GroupNorm, tuple[torch.Tensor, torch.Tensor]] = {}  # the proxy's whole mean, var
         self.proxy_boxes: dict[nn.GroupNorm, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # and over each box
         self.measure = "none"
-        self.box: tuple[float, float, float, float] | None = None  # the current tile's core, as fractions
+        # the current tile's core as fractions of the tile ("sample": one per image)
+        self.box: tuple[float, float, float, float] | list[tuple[float, float, float, float]] | None = None
         self.boxes: list[tuple[float, float, float, float]] = []
         self.sample: list[int] = []  # per image: the tile it samples at full resolution
 
@@ -120,18 +122,20 @@ class _Norms:
         measured, self.sums = bool(self.sums), {}
         return measured
 
-    def most_typical(self) -> list[int]:
-        """For each image of the batch, the box whose proxy statistics are closest to the whole proxy's, summed
-        over every GroupNorm (mean distance in standard deviations, plus |log| of the standard deviations' ratio)."""
+    def most_typical(self, k: int) -> list[list[int]]:
+        """The k boxes whose proxy statistics are closest to the whole proxy's, most typical first, for each image of
+        the batch: (k, B) indices. Distance: summed over every GroupNorm, the means' difference in standard
+        deviations plus |log| of the standard deviations' ratio."""
         distance = 0.0
         for m, (mean, var) in self.proxy.items():
             std = var.sqrt().clamp_min(1e-6)  # (B, G)
             box_mean, box_var = (torch.stack(t) for t in zip(*self.proxy_boxes[m]))  # (boxes, B, G) each
             d = (box_mean - mean).abs() / std + (box_var.sqrt() / std).clamp_min(1e-6).log().abs()
             distance = distance + d.mean(-1)  # (boxes, B)
+        k = min(k, distance.shape[0])
         if distance.is_meta:  # shapes only (FLOP counting): no values to compare
-            return [0] * distance.shape[1]
-        return distance.argmin(0).tolist()
+            return [[i] * distance.shape[1] for i in range(k)]
+        return distance.argsort(dim=0, stable=True)[:k].tolist()
 
     def _forward(self, m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         B, C, G = x.shape[0], x.shape[1], m.num_groups
@@ -141,7 +145,7 @@ class _Norms:
         if self.measure == "proxy":
             self.proxy[m] = _mean_var(_moments(x, G, None))
             self.proxy_boxes[m] = [_mean_var(_moments(x, G, box)) for box in self.boxes]
-        elif self.measure == "sample":  # image b of x is tile sample[b] of image b, its core at box[b]
+        elif self.measure == "sample":
             mean, var = self.proxy[m]
             box_mean, box_var = (torch.stack([self.proxy_boxes[m][i][k][b] for b, i in enumerate(self.sample)])
                                  for k in (0, 1))  # fmt: skip
@@ -224,11 +228,16 @@ def _tiled(
             # the proxy: the whole image pooled to one tile's size, its statistics over every tile's core too
             norms.measure, norms.boxes = "proxy", [(y0 / H, y1 / H, x0 / W, x1 / W) for y0, y1, x0, x1 in cores]
             fn(_pool(x, tile))
-            # the tile most like the whole image, at full resolution: corrects what pooling changed
-            norms.measure = "sample"
-            norms.sample = norms.most_typical()  # per image of the batch
-            norms.box = [box(i) for i in norms.sample]
-            fn(torch.cat([crop(i, slice(b, b + 1)) for b, i in enumerate(norms.sample)]))
+            # the tiles most like the whole image, at full resolution, correct what pooling changed: each forward
+            # one self-consistent estimate, their mean the statistics
+            norms.measure, estimates = "sample", []
+            for picks in norms.most_typical(max(1, min(8, len(tiles) // 4))):  # per image of the batch
+                norms.stats, norms.sample, norms.box = {}, picks, [box(i) for i in picks]
+                fn(torch.cat([crop(i, slice(b, b + 1)) for b, i in enumerate(picks)]))
+                estimates.append(norms.stats)
+            norms.stats = {
+                m: tuple(torch.stack(s).mean(0) for s in zip(*(e[m] for e in estimates))) for m in norms.stats
+            }
         norms.measure = "none"
         out = weight = None
         for top, left in tiles:

@@ -64,8 +64,8 @@ def test_tiled_matches_untiled(image, trained):
 @pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.slow
 def test_estimated_statistics_beat_per_tile_ones(image, trained):
-    """norm="estimate" (a pooled proxy corrected by the most typical tile) is >= 5 dB closer to untiled than
-    per-tile statistics, encoding and decoding (measured: 33-40 dB against 25-31 on these toy models)."""
+    """norm="estimate" (a pooled proxy corrected by the most typical tiles) gets >= 40 dB against untiled and
+    >= 8 dB more than per-tile statistics, encoding and decoding (measured: 42-48 dB against 24-33)."""
     model = _model(trained, image)
     with torch.no_grad():
         posterior = model.encode(image)
@@ -75,7 +75,8 @@ def test_estimated_statistics_beat_per_tile_ones(image, trained):
         enc = encode_tiled(model, image, tile=64, overlap=32, norm=norm).mode()
         dec = decode_tiled(model, posterior.mode(), tile=64, overlap=32, norm=norm)
         psnr[norm] = (_psnr(enc, posterior.mode()), _psnr(dec, ref))
-    assert psnr["estimate"][0] >= psnr["tile"][0] + 5 and psnr["estimate"][1] >= psnr["tile"][1] + 5, psnr
+    assert min(psnr["estimate"]) >= 40, psnr
+    assert psnr["estimate"][0] >= psnr["tile"][0] + 8 and psnr["estimate"][1] >= psnr["tile"][1] + 8, psnr
 
 
 def _flops(fn) -> int:
@@ -105,7 +106,8 @@ def test_the_most_typical_tile_is_picked_per_image():
     norms.proxy = {"a": whole, "b": whole}
     norms.boxes = [None] * 3
     norms.proxy_boxes = {"a": [off, first_only, whole], "b": [off, first_only, off]}
-    assert norms.most_typical() == [1, 2]
+    assert norms.most_typical(1) == [[1, 2]]
+    assert norms.most_typical(5)[:2] == [[1, 2], [2, 0]]  # at most as many as there are boxes
 
 
 @pytest.mark.slow
