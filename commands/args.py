@@ -132,12 +132,16 @@ def add_bench_command(sub) -> None:
         "--repeats", type=int, default=3, help="interleaved repetitions; medians are reported (FLOP fraction: the best)"
     )
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
-    p.add_argument("--what", default="train,codec,data,peak,optim", help="comma-separated sections (also: tiled)")
-    p.add_argument("--tiled-sizes", default="2048", help="tiled section: output sizes in px, comma-separated")
+    p.add_argument(
+        "--what", default="train,codec,data,peak,optim", help="comma-separated sections (also: tiled, maxbatch, fp16)"
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu or cuda")
+    p.add_argument("--tiled-sizes", default="1024,2048", help="tiled section: output sizes in px, comma-separated")
     p.add_argument("--tile", type=int, default=512, help="tiled section: tile size in output px")
     p.add_argument("--overlap", type=int, default=64, help="tiled section: tile overlap in output px")
-    p.add_argument("--tiled-exact", action="store_true", help="tiled section: whole-image GroupNorm statistics")
-    add_model_arguments(p, required=False)  # codec section: a trained KL model, on the bundled photographs
+    p.add_argument("--tiled-norms", default="tile,estimate,exact", help="tiled section: decode_tiled's norm modes")
+    p.add_argument("--max-batch", type=int, default=1024, help="maxbatch section: the largest batch tried")
+    add_model_arguments(p, required=False)  # codec and tiled sections: a trained KL model, the bundled photographs
     p.add_argument("--json", help="also write the results to this file")
 
 

@@ -1,7 +1,9 @@
 """Throughput and memory measurements: our training step against reference-style loops, bf16 against fp32,
-achieved FLOP/s against a measured GEMM peak (those two in `commands/bench_step.py`), our codec against diffusers'
-`AutoencoderKL`, the data pipeline against the trainer's consumption (and JPEG shards against a folder, in
-`commands/bench_data.py`), and the peak memory of tiled decoding.
+achieved FLOP/s against a measured GEMM peak (those two in `bench_step.py`), our codec against diffusers'
+`AutoencoderKL`, the data pipeline against the trainer's consumption (and JPEG shards against a folder,
+`bench_data.py`), tiled decoding (`bench_tiled.py`), and on a GPU the largest batch and the fp16 path
+(`bench_gpu.py`). `--device cuda` runs every section on the GPU
+(`bench_device.py`: synchronised timing, peak allocation, MFU against the GPU's bf16 datasheet peak).
 
 Every comparison is measured in one process, interleaved (ours, baseline, ours, ...), and reported as a median;
 on a shared machine only the ratios are meaningful. LPIPS runs with a RANDOM VGG backbone (no weights offline):
@@ -10,9 +12,7 @@ the cost is right, the values are not.
 
 from __future__ import annotations
 
-import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from commands.bench_data import bench_shards
+from commands.bench_device import autocast, device_info, peak_memory_mib, reset_peak_memory
+from commands.bench_gpu import bench_fp16, bench_maxbatch
 from commands.bench_step import (
-    autocast,
     bench_optim,
     bench_peak,
     bench_train,
@@ -34,9 +35,12 @@ from commands.bench_step import (
     model_pair,
     our_step_fn,
 )
+from commands.bench_tiled import bench_tiled
 
-SECTIONS = ("train", "codec", "data", "peak", "optim", "tiled")
-DEFAULT_SECTIONS = ("train", "codec", "data", "peak", "optim")  # tiled decoding of large images takes minutes
+SECTIONS = ("train", "codec", "data", "peak", "optim", "tiled", "maxbatch", "fp16")
+# tiled decoding of large images takes minutes on a CPU; maxbatch and fp16 are meant for a GPU
+DEFAULT_SECTIONS = ("train", "codec", "data", "peak", "optim")
+NORMS = ("tile", "estimate", "exact")
 
 
 @dataclass
@@ -49,11 +53,13 @@ class BenchConfig:
     precision: str = "both"  # fp32 | bf16 | both
     what: tuple[str, ...] = DEFAULT_SECTIONS
     seed: int = 0
-    tiled_sizes: tuple[int, ...] = (2048,)  # output sizes (px, square) for the tiled-decode section
+    tiled_sizes: tuple[int, ...] = (1024, 2048)  # output sizes (px, square) for the tiled-decode section
     tile: int = 512  # tile size in output pixels
     overlap: int = 64
-    tiled_exact: bool = False  # whole-image GroupNorm statistics (exact, several times slower) or per tile
-    model: str | None = None  # codec section: a trained KL model (run or folder) instead of the preset's init
+    tiled_norms: tuple[str, ...] = NORMS  # decode_tiled's GroupNorm modes to measure ("tile" is the baseline)
+    model: str | None = None  # codec and tiled sections: a trained KL model (run or folder) instead of the init
+    device: str = "cpu"  # cpu or cuda
+    max_batch: int = 1024  # maxbatch section: the largest batch tried
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,39 +67,43 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-20))  # images in [-1, 1]: peak-to-peak 2
 
 
-def peak_rss_child(preset: str, resolution: int, batch: int, model: str, op: str, seed: int) -> float:
-    """The rise of this process's peak RSS (MiB) over one fp32 encode or decode under no_grad."""
+def peak_rss_child(
+    preset: str, resolution: int, batch: int, model: str, op: str, seed: int, device: str = "cpu"
+) -> float:
+    """The rise of this process's peak memory (MiB; CPU: RSS, CUDA: torch's allocation) over one fp32 encode or
+    decode under no_grad."""
     from kl_autoencoder import PRESETS, Autoencoder
 
     torch.set_num_threads(1)  # the four children run side by side
     torch.manual_seed(seed)
     cfg = PRESETS[preset]
     if model == "ours":
-        ae = Autoencoder(cfg).eval()
+        ae = Autoencoder(cfg).eval().to(device)
         encode, decode = (lambda x: ae.encode(x).mode()), ae.decode
     else:
         from diffusers import AutoencoderKL
 
         from kl_autoencoder.diffusers_format import to_diffusers_config
 
-        vae = AutoencoderKL(**to_diffusers_config(cfg)).eval()
+        vae = AutoencoderKL(**to_diffusers_config(cfg)).eval().to(device)
         encode, decode = (lambda x: vae.encode(x).latent_dist.mode()), (lambda z: vae.decode(z).sample)
     f = cfg.downsample_factor
-    x = images(resolution, batch, seed)
-    z = torch.randn(batch, cfg.latent_channels, resolution // f, resolution // f)
+    x = images(resolution, batch, seed, device)
+    z = torch.randn(batch, cfg.latent_channels, resolution // f, resolution // f, device=device)
     with torch.no_grad():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset_peak_memory(device)
+        before = peak_memory_mib(device) if device == "cpu" else torch.cuda.memory_allocated() / 2**20
         encode(x) if op == "encode" else decode(z)
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        return peak_memory_mib(device) - before
 
 
 def peak_memory(cfg: BenchConfig) -> dict[str, float]:
-    """Peak-RSS rise (MiB) of each (model, op), each in a fresh Python process: a clean heap, so the rise is
+    """Peak-memory rise (MiB) of each (model, op), each in a fresh Python process: a clean heap, so the rise is
     what the call itself needed (activations and workspace), not memory freed earlier and reused."""
     running = {}
     for m in ("ours", "diffusers"):
         for op in ("encode", "decode"):
-            args = (cfg.preset, cfg.resolution, cfg.batch_size, m, op, cfg.seed)
+            args = (cfg.preset, cfg.resolution, cfg.batch_size, m, op, cfg.seed, cfg.device)
             code = f"from commands.bench import peak_rss_child; print(peak_rss_child(*{args!r}))"
             running[f"{m}_{op}_peak_mib"] = subprocess.Popen(
                 [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -115,15 +125,19 @@ def codec_models(cfg: BenchConfig):
     """(ours, diffusers' AutoencoderKL with the same weights, input images): the preset's random init on smooth
     random images, or `cfg.model`'s trained weights on the bundled photographs."""
     if cfg.model is None:
-        ours, theirs = model_pair(cfg.preset, cfg.seed)
-        return ours, theirs, images(cfg.resolution, cfg.batch_size, cfg.seed + 1)
+        ours, theirs = model_pair(cfg.preset, cfg.seed, cfg.device)
+        return ours, theirs, images(cfg.resolution, cfg.batch_size, cfg.seed + 1, cfg.device)
     from common.runs import latest_weights
     from kl_autoencoder import Autoencoder
 
     ours = Autoencoder.from_pretrained(latest_weights(cfg.model))
     if ours.config.bottleneck != "kl":
         raise ValueError(f"--model: {cfg.model} is a VQ model; the codec section compares KL models")
-    return ours, diffusers_twin(ours), photos(cfg.resolution, cfg.batch_size)
+    return (
+        ours.to(cfg.device),
+        diffusers_twin(ours).to(cfg.device),
+        photos(cfg.resolution, cfg.batch_size).to(cfg.device),
+    )
 
 
 def bench_codec(cfg: BenchConfig, memory: dict[str, float]) -> dict:
@@ -134,12 +148,12 @@ def bench_codec(cfg: BenchConfig, memory: dict[str, float]) -> dict:
         z = theirs.encode(x).latent_dist.mode()
         ref = theirs.decode(z).sample
         max_diff = max((ours.encode(x).mode() - z).abs().max().item(), (ours.decode(z) - ref).abs().max().item())
-        with autocast(True):
+        with autocast(torch.bfloat16, cfg.device):
             fast = ours.decode(ours.encode(x).mode()).float()
 
         def bf16(fn):
             def run():
-                with autocast(True):
+                with autocast(torch.bfloat16, cfg.device):
                     fn()
 
             return run
@@ -195,10 +209,11 @@ def bench_data(cfg: BenchConfig) -> dict:
     per_image()
     warm = statistics.median(per_image() for _ in range(cfg.repeats))
     torch.manual_seed(cfg.seed)
-    tiny = Autoencoder(PRESETS["tiny"])
-    x, lpips = images(data_cfg.resolution, data_cfg.batch_size, cfg.seed), lpips_random()
+    tiny = Autoencoder(PRESETS["tiny"]).to(cfg.device)
+    x = images(data_cfg.resolution, data_cfg.batch_size, cfg.seed, cfg.device)
+    lpips = lpips_random(device=cfg.device)
     s = interleaved(
-        {gan: our_step_fn(tiny, x, True, gan == "gan", lpips) for gan in ("gan", "nogan")}, cfg.steps, cfg.repeats
+        {gan: our_step_fn(tiny, x, "bf16", gan == "gan", lpips) for gan in ("gan", "nogan")}, cfg.steps, cfg.repeats
     )
     consume = data_cfg.batch_size / min(s.values())  # the faster step (before disc_start) eats the most
     return {
@@ -213,67 +228,18 @@ def bench_data(cfg: BenchConfig) -> dict:
     }
 
 
-def tiled_child(preset: str, size: int, tile: int, overlap: int, exact: bool, tiled: bool, seed: int) -> dict:
-    """Decode one size x size image from random latents (bf16 autocast where the CPU has it, else fp32), tiled or
-    whole, in this process; returns its peak RSS (whole process: weights, latents, output and workspace) and
-    the seconds the decode took."""
-    from kl_autoencoder import PRESETS, Autoencoder
-    from kl_autoencoder.tiling import decode_tiled
-
-    torch.manual_seed(seed)
-    cfg = PRESETS[preset]
-    model = Autoencoder(cfg).eval()
-    f = cfg.downsample_factor
-    z = torch.randn(1, cfg.latent_channels, size // f, size // f)
-    bf16 = torch.cpu._is_avx512_bf16_supported()
-    t = time.perf_counter()
-    with torch.no_grad(), autocast(bf16):
-        y = decode_tiled(model, z, tile, overlap, global_norm=exact) if tiled else model.decode(z)
-    seconds = time.perf_counter() - t
-    assert y.shape[-2:] == (size, size) and torch.isfinite(y).all()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"peak_rss_mib": rss, "seconds": seconds, "precision": "bf16" if bf16 else "fp32"}
-
-
-def _child(call: str, timeout: float) -> dict:
-    code = f"import json; from commands.bench import *; print(json.dumps({call}))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def bench_tiled(cfg: BenchConfig) -> dict:
-    """Peak RSS of a tiled decode at each of `tiled_sizes`, each in a fresh process, and as the baseline the
-    untiled `decode` at the smallest size (its activations grow with the image; the tiled decode's with the tile).
-    """
-    out: dict = {}
-    first = min(cfg.tiled_sizes)
-    for size in sorted(cfg.tiled_sizes):
-        args = (cfg.preset, size, cfg.tile, cfg.overlap, cfg.tiled_exact, True, cfg.seed)
-        out[f"tiled_{size}"] = _child(f"tiled_child{args!r}", timeout=24 * 3600)
-    args = (cfg.preset, first, cfg.tile, cfg.overlap, cfg.tiled_exact, False, cfg.seed)
-    out[f"untiled_{first}"] = _child(f"tiled_child{args!r}", timeout=24 * 3600)
-    out["settings"] = f"{cfg.preset}, tile {cfg.tile} px, overlap {cfg.overlap} px, " + (
-        "whole-image GroupNorm statistics" if cfg.tiled_exact else "per-tile GroupNorm statistics"
-    )
-    return out
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     unknown = set(cfg.what) - set(SECTIONS)
     if unknown:
         raise ValueError(f"--what: unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
     if cfg.precision not in ("fp32", "bf16", "both"):
         raise ValueError(f"--precision: choose fp32, bf16 or both, got {cfg.precision!r}")
+    if unknown := set(cfg.tiled_norms) - set(NORMS):
+        raise ValueError(f"--tiled-norms: unknown mode(s) {sorted(unknown)}; choose from {list(NORMS)}")
     precisions = ["fp32", "bf16"] if cfg.precision == "both" else [cfg.precision]
     result: dict = {
         "config": {k: v for k, v in vars(cfg).items()} | {"what": list(cfg.what)},
-        "machine": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
-        },
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), **device_info(cfg.device)},
     }
     # first: children started after LPIPS/torchvision were imported here report 0 MiB rises (cause not found)
     memory = peak_memory(cfg) if "codec" in cfg.what else {}
@@ -289,6 +255,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["optim"] = bench_optim(cfg)
     if "tiled" in cfg.what:
         result["tiled"] = bench_tiled(cfg)
+    if "maxbatch" in cfg.what:
+        result["maxbatch"] = bench_maxbatch(cfg)
+    if "fp16" in cfg.what:
+        result["fp16"] = bench_fp16(cfg)
     return result
 
 

@@ -1,5 +1,5 @@
 """The training-step half of `kl-ae bench`: our step against reference-style loops, and its FLOP/s against a
-GEMM peak measured in the same run.
+GEMM peak measured in the same run (and, on a GPU, against its datasheet's bf16 peak: MFU).
 
 Our step is `training/train.py`'s: ONE autoencoder forward feeds the generator update and then the discriminator
 update (the D sees the detached reconstruction), the adversarial weight computed with LPIPS and D differentiated
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from typing import TYPE_CHECKING
 
 import torch
+
+from commands.bench_device import DTYPES, autocast, bf16_peak_tflops, gemm_peak, timed
 
 if TYPE_CHECKING:
     from commands.bench import BenchConfig
@@ -35,21 +36,15 @@ if TYPE_CHECKING:
 BASELINES = ("reference", "fixed")
 
 
-def autocast(bf16: bool, device: str = "cpu"):
-    return torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 def interleaved(fns: dict, steps: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turns after one untimed warm-up call each."""
+    """Median seconds per call of each function, timed in turns after one untimed warm-up call each (the device's
+    queued work waited for at both ends of each timing)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[k].append((time.perf_counter() - t) / steps)
+            times[k].append(timed(lambda fn=fn: [fn() for _ in range(steps)]) / steps)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -59,12 +54,12 @@ class _Single:
     clip_grad_norm_ = staticmethod(torch.nn.utils.clip_grad_norm_)
 
 
-def images(resolution: int, batch: int, seed: int) -> torch.Tensor:
+def images(resolution: int, batch: int, seed: int, device: str = "cpu") -> torch.Tensor:
     """Smooth random images in [-1, 1] (B, 3, H, W): cheaper than decoding files, not constant."""
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(batch, 3, max(resolution // 8, 1), max(resolution // 8, 1), generator=g)
     x = torch.nn.functional.interpolate(low, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return (x * 2 - 1).clamp(-1, 1)
+    return (x * 2 - 1).clamp(-1, 1).to(device)
 
 
 def diffusers_twin(ours):
@@ -78,31 +73,49 @@ def diffusers_twin(ours):
     return theirs
 
 
-def model_pair(preset: str, seed: int):
+def model_pair(preset: str, seed: int, device: str = "cpu"):
     """Our autoencoder of `preset` (initialised from `seed`) and its diffusers twin, both fp32."""
     from kl_autoencoder import PRESETS, Autoencoder
 
     torch.manual_seed(seed)
     ours = Autoencoder(PRESETS[preset])
-    return ours, diffusers_twin(ours)
+    return ours.to(device), diffusers_twin(ours).to(device)
 
 
-def lpips_random(dtype: torch.dtype | None = None):
+def lpips_random(dtype: torch.dtype | None = None, device: str = "cpu"):
     from common.lpips import LPIPS
 
-    return LPIPS(net="vgg", random_backbone=True, dtype=dtype)
+    return LPIPS(net="vgg", random_backbone=True, dtype=dtype).to(device)
 
 
-def _disc(seed: int):
+def _disc(seed: int, device: torch.device):
     from training.discriminator import PatchDiscriminator
 
     torch.manual_seed(seed + 1)
-    return PatchDiscriminator(norm="group")  # the default recipe's discriminator
+    return PatchDiscriminator(norm="group").to(device)  # the default recipe's discriminator
 
 
-def our_step_fn(autoencoder, x: torch.Tensor, bf16: bool, gan: bool, lpips, ema: bool = True):
-    """One step of OUR trainer (training/train.py), with the default recipe's EMA, on the device of `x` (and of the
-    autoencoder and LPIPS)."""
+class _Scaled:
+    """fp16's loss scaling as accelerate's optimizer wrapper does it: `step` steps through the GradScaler (which
+    skips an update whose gradients overflowed) and updates the scale."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def our_step_fn(autoencoder, x: torch.Tensor, precision: str, gan: bool, lpips, ema: bool = True, scaler=None):
+    """One step of OUR trainer (training/train.py), with the default recipe's EMA, in x's device.
+
+    precision: fp32, bf16 or fp16 autocast; fp16 scales the loss with `scaler` (a torch.amp.GradScaler; one is
+    made when none is given), as accelerate does for the trainer.
+    """
     from training.config import LossConfig
     from training.step import (
         Generator,
@@ -113,27 +126,38 @@ def our_step_fn(autoencoder, x: torch.Tensor, bf16: bool, gan: bool, lpips, ema:
         guarded_step,
     )
 
+    device, dtype, fp16 = x.device, DTYPES[precision], precision == "fp16"
     loss_cfg = LossConfig(disc_start=0 if gan else 10**9, disc_norm="group")
-    gen = Generator(autoencoder, learn_logvar=False, logvar_init=0.0).train()
-    disc = _disc(0).to(x.device).train()
+    gen = Generator(autoencoder, learn_logvar=False, logvar_init=0.0).to(device).train()
+    disc = _disc(0, device).train()
     params_g = [p for p in gen.parameters() if p.requires_grad]
     opt_g = adamw(params_g, lr=1e-4, betas=(0.5, 0.9))
     opt_d = adamw(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    if fp16:
+        scaler = scaler or torch.amp.GradScaler(device.type)
+        opt_g, opt_d = _Scaled(opt_g, scaler), _Scaled(opt_d, scaler)
     average = GuardedEMA(autoencoder.parameters(), decay=0.999, use_ema_warmup=True) if ema else None
 
+    def backward(loss, opt) -> None:
+        if fp16:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt.optimizer)  # before clipping, as accelerate's clip_grad_norm_ does
+        else:
+            loss.backward()
+
     def step() -> None:
-        with autocast(bf16, x.device.type):
+        with autocast(dtype, device.type):
             recon, posterior, _ = gen(x)
             loss, _, factor = generator_objective(
                 x, recon, posterior, gen.logvar, lpips, disc, autoencoder.last_layer, loss_cfg, step=1
             )
-        loss.backward()
-        ok, _ = guarded_step(_Single, opt_g, params_g, 1.0, False)
+        backward(loss, opt_g)
+        ok, _ = guarded_step(_Single, opt_g, params_g, 1.0, fp16)
         if factor > 0:
-            with autocast(bf16, x.device.type):
+            with autocast(dtype, device.type):
                 d_loss, _ = discriminator_objective(x, recon, disc, loss_cfg, factor)
-            d_loss.backward()
-            guarded_step(_Single, opt_d, list(disc.parameters()), 1.0, False)
+            backward(d_loss, opt_d)
+            guarded_step(_Single, opt_d, list(disc.parameters()), 1.0, fp16)  # the EMA follows the autoencoder's
         if average is not None:
             average.step(autoencoder.parameters(), keep=ok)
 
@@ -150,7 +174,8 @@ def baseline_step_fn(vae, x: torch.Tensor, bf16: bool, gan: bool, variant: str =
         raise ValueError(f"unknown baseline {variant!r}; choose from {BASELINES}")
     faithful = variant == "reference"
     lp = lpips_pkg.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)
-    disc = _disc(0).train()
+    lp, disc = lp.to(x.device), _disc(0, x.device).train()
+    dtype = torch.bfloat16 if bf16 else None
     vae.train()
     opt_g = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
@@ -163,11 +188,11 @@ def baseline_step_fn(vae, x: torch.Tensor, bf16: bool, gan: bool, variant: str =
         d_turn = gan and calls[0] % 2 == 1
         calls[0] += 1
         graph = contextlib.nullcontext() if faithful or not d_turn else torch.no_grad()
-        with autocast(bf16), graph:
+        with autocast(dtype, x.device.type), graph:
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
         if d_turn:
-            with autocast(bf16):
+            with autocast(dtype, x.device.type):
                 real, fake = disc(x).float(), disc(recon if faithful else recon.detach()).float()
                 d_loss = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
             d_loss.backward()  # reference: through the autoencoder as well
@@ -177,7 +202,7 @@ def baseline_step_fn(vae, x: torch.Tensor, bf16: bool, gan: bool, variant: str =
             opt_g.zero_grad(set_to_none=True)
             logs = (d_loss, real.mean(), fake.mean())
         else:
-            with autocast(bf16):
+            with autocast(dtype, x.device.type):
                 rec = (x.float() - recon.float()).abs() + lp(x, recon).float()
                 nll = rec.sum() / B
                 loss = nll + 1e-6 * posterior.kl().sum() / B
@@ -206,15 +231,15 @@ def baseline_step_fn(vae, x: torch.Tensor, bf16: bool, gan: bool, variant: str =
 
 def bench_train(cfg: BenchConfig, precisions: list[str]) -> dict:
     """img/s with G and D both updated for every image: ours = B / step, a baseline = B / (G call + D call)."""
-    ours_ae, vae = model_pair(cfg.preset, cfg.seed)
-    x = images(cfg.resolution, cfg.batch_size, cfg.seed)
-    lpips = lpips_random()
+    ours_ae, vae = model_pair(cfg.preset, cfg.seed, cfg.device)
+    x = images(cfg.resolution, cfg.batch_size, cfg.seed, cfg.device)
+    lpips = lpips_random(device=cfg.device)
     out = {}
     for prec in precisions:
         bf16 = prec == "bf16"
         fns = {
-            "ours_gan": our_step_fn(ours_ae, x, bf16, True, lpips),
-            "ours_nogan": our_step_fn(ours_ae, x, bf16, False, lpips),
+            "ours_gan": our_step_fn(ours_ae, x, prec, True, lpips),
+            "ours_nogan": our_step_fn(ours_ae, x, prec, False, lpips),
             "fixed_nogan": baseline_step_fn(vae, x, bf16, False, "fixed"),
         }
         for variant in BASELINES:
@@ -241,16 +266,17 @@ def bench_train(cfg: BenchConfig, precisions: list[str]) -> dict:
 
 def bench_optim(cfg: BenchConfig) -> dict:
     """ms per update of the autoencoder's parameters (random gradients): AdamW as torch defaults it (one tensor at
-    a time on a CPU), foreach and fused (ours); diffusers' EMAModel at its defaults and our fused-lerp EMA."""
+    a time on a CPU, foreach on a GPU), foreach and fused (ours); diffusers' EMAModel at its defaults and our
+    fused-lerp EMA."""
     from diffusers.training_utils import EMAModel
 
     from training.step import GuardedEMA
 
-    autoencoder, _ = model_pair(cfg.preset, cfg.seed)
+    autoencoder, _ = model_pair(cfg.preset, cfg.seed, cfg.device)
     params = list(autoencoder.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    keep = torch.ones((), dtype=torch.bool)
+    keep = torch.ones((), dtype=torch.bool, device=cfg.device)
     fns = {
         **{
             f"adamw_{name}": torch.optim.AdamW(params, lr=1e-6, **kwargs).step
@@ -267,35 +293,23 @@ def bench_optim(cfg: BenchConfig) -> dict:
     return out
 
 
-def gemm_peak(sizes: tuple[int, ...] = (2048, 4096), tries: int = 5) -> dict[str, float]:
-    """Best-of-`tries` FLOP/s of an n x n x n torch.mm in fp32 and bf16, the highest over `sizes`."""
-    peak = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        for n in sizes:
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            torch.mm(a, b)
-            best = min(_timed(lambda: torch.mm(a, b)) for _ in range(tries))
-            peak[name] = max(peak.get(name, 0.0), 2 * n**3 / best)
-    return peak
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def bench_peak(cfg: BenchConfig, precisions: list[str]) -> dict:
     """FLOPs of one of our steps (GAN on), achieved FLOP/s against the GEMM peak (and against the peaks of the
     precisions its parts run in: LPIPS is fp32 under bf16 unless `loss.lpips_autocast`), and the profiler's top
-    ops. Step and GEMM are both timed best-of-N, the machine's best against the machine's best."""
+    ops. Step and GEMM are both timed best-of-N, the machine's best against the machine's best. On a GPU also the
+    MFU: achieved FLOP/s over the datasheet's dense bf16 peak of that GPU (commands/bench_device.py)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    ours_ae, _ = model_pair(cfg.preset, cfg.seed)
-    x, lpips = images(cfg.resolution, cfg.batch_size, cfg.seed), lpips_random()
-    peak = gemm_peak((2048, 4096) if cfg.resolution >= 64 else (512,))
+    cuda = cfg.device == "cuda"
+    ours_ae, _ = model_pair(cfg.preset, cfg.seed, cfg.device)
+    x, lpips = images(cfg.resolution, cfg.batch_size, cfg.seed, cfg.device), lpips_random(device=cfg.device)
+    sizes = (4096, 8192) if cuda else (2048, 4096) if cfg.resolution >= 64 else (512,)
+    peak = gemm_peak(sizes, device=cfg.device)
     out = {"gemm_peak_gflop_s": {k: v / 1e9 for k, v in peak.items()}}
+    datasheet = bf16_peak_tflops(torch.cuda.get_device_name()) if cuda else None
+    if cuda:
+        out["bf16_datasheet_tflop_s"] = datasheet or "not in the table: MFU not reported"
     # by default LPIPS runs in fp32 whatever the step's precision (see common/lpips.py): its FLOPs, as the step
     # runs it (both images forward, backward to the reconstruction), are held to the fp32 peak
     lpips_counter = FlopCounterMode(display=False)
@@ -304,32 +318,38 @@ def bench_peak(cfg: BenchConfig, precisions: list[str]) -> dict:
     lpips_flops = lpips_counter.get_total_flops()
     runs = [(prec, prec, lpips, lpips_flops) for prec in precisions]
     if "bf16" in precisions:  # loss.lpips_autocast=true: everything in bf16
-        runs.append(("bf16_lpips_autocast", "bf16", lpips_random(torch.bfloat16), 0))
+        runs.append(("bf16_lpips_autocast", "bf16", lpips_random(torch.bfloat16, cfg.device), 0))
     for name, prec, perceptual, fp32_flops in runs:
-        step = our_step_fn(ours_ae, x, prec == "bf16", True, perceptual)
+        step = our_step_fn(ours_ae, x, prec, True, perceptual)
         step()
         counter = FlopCounterMode(display=False)
         with counter:
             step()
         flops = counter.get_total_flops()
         # the same statistic as the GEMM peak (best of several calls) for the step; the median is reported too
-        times = sorted(_timed(step) for _ in range(max(cfg.repeats, 3)))
+        times = sorted(timed(step) for _ in range(max(cfg.repeats, 3)))
         seconds, median = times[0], times[len(times) // 2]
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             step()
         events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+        where = "cuda" if cuda else "cpu"
+        self_time = {e.key: getattr(e, "self_device_time_total" if cuda else "self_cpu_time_total") for e in events}
+        total = sum(self_time.values())
+        top = sorted(self_time, key=self_time.get, reverse=True)[:10]
+        peak_prec = peak["bf16" if prec == "fp16" else prec]  # fp16 runs at the bf16 rate on these tensor cores
         out[name] = {
             "gflop_per_step": flops / 1e9,
             "achieved_gflop_s": flops / seconds / 1e9,
             "step_s_best": seconds,
             "step_s_median": median,
-            "fraction_of_gemm_peak": flops / seconds / peak[prec],
-            "fraction_of_gemm_peak_median_step": flops / median / peak[prec],
+            "fraction_of_gemm_peak": flops / seconds / peak_prec,
+            "fraction_of_gemm_peak_median_step": flops / median / peak_prec,
             "lpips_fp32_gflop_per_step": fp32_flops / 1e9,
             # the time the step's FLOPs would take at the peak of the precision each part runs in, over its time
-            "fraction_of_precision_peak": (fp32_flops / peak["fp32"] + (flops - fp32_flops) / peak[prec]) / seconds,
-            "top_ops_self_cpu_share": {e.key: e.self_cpu_time_total / total for e in top},
+            "fraction_of_precision_peak": (fp32_flops / peak["fp32"] + (flops - fp32_flops) / peak_prec) / seconds,
+            f"top_ops_self_{where}_share": {k: self_time[k] / total for k in top},
         }
+        if datasheet:
+            out[name]["mfu_bf16_datasheet"] = flops / seconds / (datasheet * 1e12)
+            out[name]["mfu_bf16_datasheet_median_step"] = flops / median / (datasheet * 1e12)
     return out

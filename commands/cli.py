@@ -16,11 +16,8 @@ kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key
 kl-ae sanity [--seed N] [--steps N]
 kl-ae study  [--variants plain,eq,noise,mask] [--seeds 0,1,2] [--max-steps N] [--probe-steps N] [--out DIR]
 kl-ae bench  [--preset kl-f8] [--resolution 128] [--batch-size 2] [--steps N] [--precision fp32|bf16|both]
-             [--what train,codec,data,peak,optim,tiled] [--tiled-sizes 2048,4096] [--tiled-exact] [--model RUN]
-             [--json FILE]
-
-PATH / --model everywhere: a run, checkpoint or diffusers folder, or a hub model name (org/name; with
---subfolder vae the VAE inside a pipeline repo). The arguments are defined in commands/args.py.
+             [--what train,codec,data,peak,optim,tiled,maxbatch,fp16] [--device auto|cpu|cuda] [--model RUN]
+             [--tiled-sizes 1024,2048] [--tiled-norms tile,estimate,exact] [--max-batch 1024] [--json FILE]
 """
 
 from __future__ import annotations
@@ -167,11 +164,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import json
 
     from commands.bench import BenchConfig, format_table, run_bench
+    from commands.bench_device import resolve_device
     from kl_autoencoder import PRESETS
 
     if args.preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    for name in ("resolution", "batch_size", "steps", "repeats"):
+    for name in ("resolution", "batch_size", "steps", "repeats", "max_batch"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     what = tuple(w.strip() for w in args.what.split(",") if w.strip())
@@ -182,11 +180,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     f = PRESETS[args.preset].downsample_factor
     if not sizes or any(v < 1 or v % f for v in sizes):
         raise ConfigError(f"--tiled-sizes: positive multiples of the downsampling factor {f}, got {args.tiled_sizes}")
+    norms = tuple(n.strip() for n in args.tiled_norms.split(",") if n.strip())
     fields = dict(preset=args.preset, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
-                  tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_exact=args.tiled_exact,
-                  model=model_of(args))  # fmt: skip
+                  tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_norms=norms, model=model_of(args),
+                  max_batch=args.max_batch)  # fmt: skip
     try:
-        result = run_bench(BenchConfig(**fields, repeats=args.repeats, precision=args.precision, what=what))
+        device = resolve_device(args.device)
+        result = run_bench(
+            BenchConfig(**fields, repeats=args.repeats, precision=args.precision, what=what, device=device)
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(format_table(result))

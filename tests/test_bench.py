@@ -3,6 +3,9 @@ equal to diffusers'. Timings are not asserted (shared CI machines)."""
 
 import json
 import math
+from pathlib import Path
+
+import pytest
 
 from commands.cli import main
 
@@ -18,16 +21,23 @@ def _numbers(d: dict, prefix: str = ""):
 def test_bench_tiny(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "--preset", "tiny", "--resolution", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1"]
-    tiled = ["--tiled-sizes", "64,96", "--tile", "32", "--overlap", "8"]
-    what = ["--what", "train,peak,codec,data,optim,tiled"]
+    tiled = ["--tiled-sizes", "64", "--tile", "32", "--overlap", "8", "--max-batch", "2", "--device", "cpu"]
+    what = ["--what", "train,peak,codec,data,optim,tiled,maxbatch,fp16"]
     assert main([*argv, *what, *tiled, "--precision", "bf16", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    for section in ("train", "peak", "codec", "data", "optim", "tiled"):
+    for section in ("train", "peak", "codec", "data", "optim", "tiled", "maxbatch", "fp16"):
         assert section in result, section
+    assert result["machine"]["device"] == "cpu"
     keys = {"ours_gan_img_s", "reference_gan_img_s", "fixed_gan_img_s", "speedup_gan_vs_reference",
             "speedup_gan_vs_fixed", "speedup_nogan_vs_fixed"}  # fmt: skip
     assert keys <= set(result["train"]["bf16"])
-    assert set(result["tiled"]) == {"tiled_64", "tiled_96", "untiled_64", "settings"}
+    tiled = result["tiled"]["size_64"]
+    assert set(tiled) == {"untiled", "tile", "estimate", "exact"}, tiled
+    # the FLOP-counted cost of each mode's statistics, the plain tiled pass the baseline
+    assert 1 < tiled["estimate"]["flops_over_tile"] <= 1.5 < tiled["exact"]["flops_over_tile"]
+    assert all(tiled[n]["psnr_vs_untiled_db"] > 10 for n in ("tile", "estimate", "exact"))
+    assert result["maxbatch"]["largest_batch"] == 2 and result["maxbatch"]["out_of_memory_at"] is None
+    assert result["fp16"]["loss_scale_final"] <= result["fp16"]["loss_scale_initial"]
     assert 0 < result["peak"]["bf16"]["fraction_of_gemm_peak"]
     # loss.lpips_autocast: the same step with nothing held to the fp32 peak
     autocast = result["peak"].pop("bf16_lpips_autocast")
@@ -38,7 +48,8 @@ def test_bench_tiny(tmp_path):
     assert result["codec"]["max_abs_diff_fp32"] <= 1e-4
     for name, value in _numbers({k: v for k, v in result.items() if k != "config"}):
         assert math.isfinite(value), name
-        if name.endswith("_peak_mib") or name in ("codec.max_abs_diff_fp32", "codec.psnr_diff_db"):
+        zero_ok = ("codec.max_abs_diff_fp32", "codec.psnr_diff_db", "fp16.skipped_overflow_steps")
+        if name.endswith("_peak_mib") or name in zero_ok:
             assert value >= 0, name  # a call that fits in already-touched pages raises the peak by 0
         elif "top_ops" not in name and name != "machine.threads":
             assert value > 0, name
@@ -59,3 +70,72 @@ def test_bench_codec_on_a_trained_model_uses_its_weights_and_the_photos(tmp_path
     assert str(tmp_path / "model") in codec["weights"] and codec["max_abs_diff_fp32"] <= 1e-4
     x = photos(32, 2)
     assert x.shape == (2, 3, 32, 32) and -1 <= x.min() < x.max() <= 1 and not torch.equal(x[0], x[1])
+
+
+def test_gpu_bf16_peaks_by_name():
+    from commands.bench_device import bf16_peak_tflops
+
+    names = {
+        "NVIDIA H200": 989,
+        "NVIDIA GH200 480GB": 989,
+        "NVIDIA H100 80GB HBM3": 989,
+        "NVIDIA H100 PCIe": 756,
+        "NVIDIA A100-SXM4-80GB": 312,
+        "NVIDIA L40S": 362,
+        "NVIDIA L4": 121,
+        "NVIDIA GeForce RTX 4090": 165,
+        "Tesla T4": None,  # no bf16 tensor cores
+    }
+    assert {name: bf16_peak_tflops(name) for name in names} == names
+
+
+def test_largest_batch_doubles_until_out_of_memory():
+    import torch
+
+    from commands.bench_device import largest_batch
+
+    tried = []
+
+    def run(batch):
+        tried.append(batch)
+        if batch > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert largest_batch(run, 2, 1024) == {"largest_batch": 8, "out_of_memory_at": 16, "limit": 1024}
+    assert tried == [2, 4, 8, 16]
+    assert largest_batch(lambda b: None, 3, 20)["largest_batch"] == 12  # 3, 6, 12; 24 is over the limit
+
+
+def test_bench_device_choice(monkeypatch):
+    import torch
+
+    from commands.bench_device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert main(["bench", "--device", "cuda", "--what", "optim"]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_its_steps_at_toy_sizes_on_a_cpu(tmp_path):
+    """benchmarks/gpu.sh on a CPU at toy sizes: every step runs (the gpu tests are skipped) and the summary has
+    the figures BENCHMARKS.md takes."""
+    import os
+    import subprocess
+
+    toy = "DEVICE=cpu PRESET=tiny RES=32 BIG=64 BATCH=2 MAX_BATCH=4 TILED_SIZES=64 TILE=32 OVERLAP=8 STEPS=1 REPEATS=1"
+    toy += " TIME_SCALE=20"  # a CPU shared with other jobs
+    env = {**os.environ, **dict(kv.split("=") for kv in toy.split())}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(tmp_path)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status = (tmp_path / "status.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in status] == ["tests", "train", "maxbatch_32", "maxbatch_64", "fp16", "tiled"]
+    summary = (tmp_path / "summary.md").read_text()
+    for figure in ("ours img/s", "largest batch at 32 px", "largest batch at 64 px", "fp16 + loss scaler",
+                   "64 px, estimate"):  # fmt: skip
+        assert figure in summary, figure
+    assert "| n/a |" not in summary.split("| tiled decode")[0].replace("MFU vs the bf16 datasheet peak | n/a", "")

@@ -132,7 +132,10 @@ def main(cfg: TrainConfig) -> dict:
         log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
         project_dir=str(out),
         step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        # batches go to a GPU from pinned memory without waiting (pin_memory below), so a step never syncs
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg.train.seed, non_blocking=True
+        ),
     )
     is_main = accelerator.is_main_process
     log = accelerator.print
@@ -199,6 +202,7 @@ def main(cfg: TrainConfig) -> dict:
             drop_last=True,
             num_workers=cfg.data.num_workers,
             generator=torch.Generator().manual_seed(cfg.train.seed),  # iterator seeding stays off the global RNG
+            pin_memory=accelerator.device.type == "cuda",
         )
         per_epoch = len(train_ds) // (cfg.data.batch_size * accelerator.num_processes)
         if per_epoch == 0:
