@@ -1,18 +1,11 @@
-"""`kl-ae eval`: reconstruction metrics, latent statistics and VAE diagnostics of a trained autoencoder.
+"""`kl-ae eval`: reconstruction metrics, latent statistics, latent geometry and VAE diagnostics of an autoencoder.
 
-KL models: rate, active units and the distance of the aggregate posterior to the prior. VQ models: the same
-reconstruction metrics (through the codebook), then codebook usage, perplexity, dead codes and the code
-histogram over every latent position of the set, and latent statistics of the latents before quantization
-(`encode(x).latents`), which LDM diffuses and diffusers' `VQModel.decode` quantizes.
-
-One pass over the whole image set per model, batched, under plain python or `accelerate launch` (the
-dataloader is sharded and every per-image value goes through `gather_for_metrics`, which drops the
-samples accelerate repeats to even out the last batch). Writes `metrics.json` and `report.html` with
-its PNGs. Images are evaluated at their own size cropped to a multiple of the downsampling factor, or
-brought to `resolution` by a named protocol (`common.data.PROTOCOLS`); images of different sizes are
-evaluated one at a time. The protocol, the posterior used for reconstructions and the FID implementation
-are recorded, so a number can be set against a published one; the real side of rFID is cached per image
-set and protocol (`common.fid_stats`).
+KL models: rate, active units, the aggregate posterior's distance to the prior. VQ models: codebook usage,
+perplexity, dead codes and the code histogram, and statistics of the latents before quantization (what LDM diffuses).
+One pass over the set per model, batched, under python or `accelerate launch` (sharded loader, per-image values
+through `gather_for_metrics`). Images are evaluated at their own size (cropped to a multiple of the factor) or
+brought to `resolution` by a named protocol (`common.data.PROTOCOLS`); protocol, posterior and FID implementation
+are recorded; rFID's real side is cached per image set and protocol (`common.fid_stats`).
 
     kl-ae eval --model RUN|CHECKPOINT|DIFFUSERS_DIR|HUB_NAME --data FOLDER|sample|HUB_NAME [--compare PATH2] ...
 """

@@ -403,11 +403,8 @@ class Autoencoder(nn.Module):
     def from_pretrained(
         cls, path: str | Path, vq: QuantizerConfig | None = None, subfolder: str | None = None
     ) -> Autoencoder:
-        """Load from a diffusers, run or checkpoint folder or a hub name, `subfolder` inside it (a pipeline's "vae").
-
-        Weights stored in fp16/bf16 are upcast into this fp32 model. Returned in eval mode, as diffusers does.
-        vq: how a VQ codebook trains from here (fine-tuning); the EMA state starts from the loaded codebook.
-        """
+        """Load a diffusers, run or checkpoint folder or a hub name (`subfolder`: a pipeline's "vae"), upcast to fp32,
+        in eval mode as diffusers does. vq: how a VQ codebook trains from here (EMA state from the loaded codebook)."""
         from .diffusers_format import find_diffusers_folder, load_diffusers  # diffusers_format imports this module
 
         config, state_dict = load_diffusers(find_diffusers_folder(path, subfolder))
