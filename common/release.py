@@ -25,9 +25,10 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import ConfigError, DataConfig, merge
-from common.data import _looks_like_hub_name, build_datasets, build_val, load_images
+from common.data import build_datasets, build_val, load_images
 from common.latent_stats import channel_moments, latent_statistics
 from common.runs import find_run, latest_weights
+from common.shards import looks_like_hub_name
 from common.weights import offline_switch
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.diffusers_format import WEIGHTS_NAME, find_diffusers_folder, is_hub_name, save_diffusers
@@ -132,7 +133,7 @@ def hub_metadata(cls: str, run: Path | None, data: str | None, license: str) -> 
     source = data or (saved.get("data") or {}).get("source")
     # a hub base model is its repo id, without the subfolder of a pipeline's VAE
     base_model = "/".join(str(init_from).split("/")[:2]) if init_from and is_hub_name(init_from) else None
-    hub_data = source and source != "sample" and not Path(source).exists() and _looks_like_hub_name(source)
+    hub_data = source and source != "sample" and not Path(source).exists() and looks_like_hub_name(source)
     card = ModelCardData(
         library_name="diffusers",
         license=license,
