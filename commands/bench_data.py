@@ -47,7 +47,7 @@ def step_seconds(preset: str, resolution: int, batch_size: int, steps: int, repe
     torch.manual_seed(seed)
     model = Autoencoder(PRESETS[preset]).to(device)
     x, lpips = images(resolution, batch_size, seed).to(device), lpips_random().to(device)
-    step = our_step_fn(model, x, False, True, lpips)
+    step = our_step_fn(model, x, "fp32", True, lpips)
 
     def synced() -> None:
         step()
