@@ -25,6 +25,7 @@ from commands.bench_data import bench_shards
 from commands.bench_device import autocast, device_info, peak_memory_mib, reset_peak_memory
 from commands.bench_gpu import bench_fp16, bench_maxbatch
 from commands.bench_step import (
+    bench_default,
     bench_optim,
     bench_peak,
     bench_train,
@@ -37,7 +38,7 @@ from commands.bench_step import (
 )
 from commands.bench_tiled import bench_tiled
 
-SECTIONS = ("train", "codec", "data", "peak", "optim", "tiled", "maxbatch", "fp16")
+SECTIONS = ("train", "default", "codec", "data", "peak", "optim", "tiled", "maxbatch", "fp16")
 # tiled decoding of large images takes minutes on a CPU; maxbatch and fp16 are meant for a GPU
 DEFAULT_SECTIONS = ("train", "codec", "data", "peak", "optim")
 NORMS = ("tile", "estimate", "exact")
@@ -245,6 +246,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     memory = peak_memory(cfg) if "codec" in cfg.what else {}
     if "train" in cfg.what:
         result["train"] = bench_train(cfg, precisions)
+    if "default" in cfg.what:
+        result["default"] = bench_default(cfg, precisions)
     if "peak" in cfg.what:
         result["peak"] = bench_peak(cfg, precisions)
     if "codec" in cfg.what:

@@ -88,11 +88,11 @@ def lpips_random(dtype: torch.dtype | None = None, device: str = "cpu"):
     return LPIPS(net="vgg", random_backbone=True, dtype=dtype).to(device)
 
 
-def _disc(seed: int, device: torch.device):
+def _disc(seed: int, device: torch.device, channels: int = 64):
     from training.discriminator import PatchDiscriminator
 
     torch.manual_seed(seed + 1)
-    return PatchDiscriminator(norm="group").to(device)  # the default recipe's discriminator
+    return PatchDiscriminator(base_channels=channels, norm="group").to(device)  # GroupNorm, as the default run's
 
 
 class _Scaled:
@@ -110,11 +110,13 @@ class _Scaled:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def our_step_fn(autoencoder, x: torch.Tensor, precision: str, gan: bool, lpips, ema: bool = True, scaler=None):
+def our_step_fn(
+    autoencoder, x: torch.Tensor, precision: str, gan: bool, lpips, ema: bool = True, scaler=None, disc_channels=64
+):
     """One step of OUR trainer (training/train.py), with the default recipe's EMA, in x's device.
 
     precision: fp32, bf16 or fp16 autocast; fp16 scales the loss with `scaler` (a torch.amp.GradScaler; one is
-    made when none is given), as accelerate does for the trainer.
+    made when none is given), as accelerate does for the trainer. lpips: None for a step without it.
     """
     from training.config import LossConfig
     from training.step import (
@@ -127,9 +129,9 @@ def our_step_fn(autoencoder, x: torch.Tensor, precision: str, gan: bool, lpips, 
     )
 
     device, dtype, fp16 = x.device, DTYPES[precision], precision == "fp16"
-    loss_cfg = LossConfig(disc_start=0 if gan else 10**9, disc_norm="group")
+    loss_cfg = LossConfig(disc_start=0 if gan else 10**9, disc_norm="group", disc_channels=disc_channels)
     gen = Generator(autoencoder, learn_logvar=False, logvar_init=0.0).to(device).train()
-    disc = _disc(0, device).train()
+    disc = _disc(0, device, disc_channels).train()
     params_g = [p for p in gen.parameters() if p.requires_grad]
     opt_g = adamw(params_g, lr=1e-4, betas=(0.5, 0.9))
     opt_d = adamw(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
@@ -261,6 +263,43 @@ def bench_train(cfg: BenchConfig, precisions: list[str]) -> dict:
         out["bf16_over_fp32"] = out["bf16"]["ours_gan_img_s"] / out["fp32"]["ours_gan_img_s"]
         out["bf16_over_fp32_nogan"] = out["bf16"]["ours_nogan_img_s"] / out["fp32"]["ours_nogan_img_s"]
     out["lpips"] = "random VGG backbone (timing only)"
+    return out
+
+
+def bench_default(cfg: BenchConfig, precisions: list[str]) -> dict:
+    """The default run's step (`kl-ae train` with no arguments: the `tiny` preset, 64 px crops, batch 8, no LPIPS
+    as offline, its discriminator) against the default run before it was made for fp32 CPUs (`tiny` at 32 base
+    channels, a 64-channel discriminator), before and after `disc_start`; and the run's step time, those two
+    weighted by the steps the recipe spends in each (the rest of a run, validation and export, not counted)."""
+    import dataclasses
+
+    from kl_autoencoder import PRESETS, Autoencoder
+    from training.config import TrainConfig
+
+    recipe = TrainConfig()
+    data, loss, steps = recipe.data, recipe.loss, recipe.train.max_steps
+    x = images(data.resolution, data.batch_size, cfg.seed, cfg.device)
+    arms = {
+        "default": (PRESETS[recipe.model.preset], loss.disc_channels),
+        "before": (dataclasses.replace(PRESETS[recipe.model.preset], base_channels=32), 64),
+    }
+    out: dict = {"config": f"{data.resolution} px, batch {data.batch_size}, {steps} steps, GAN from step "
+                           f"{loss.disc_start}, no LPIPS; before: base_channels 32, disc_channels 64"}  # fmt: skip
+    for prec in precisions:
+        fns = {}
+        for arm, (model_cfg, disc_channels) in arms.items():
+            torch.manual_seed(cfg.seed)
+            model = Autoencoder(model_cfg).to(cfg.device)
+            for gan in (False, True):
+                fns[(arm, gan)] = our_step_fn(model, x, prec, gan, None, disc_channels=disc_channels)
+        s = interleaved(fns, cfg.steps, cfg.repeats)
+        run = {arm: (min(loss.disc_start, steps) * s[(arm, False)] + max(steps - loss.disc_start, 0) * s[(arm, True)])
+               for arm in arms}  # fmt: skip
+        for arm in arms:
+            out[f"{arm}_{prec}_nogan_img_s"] = data.batch_size / s[(arm, False)]
+            out[f"{arm}_{prec}_gan_img_s"] = data.batch_size / s[(arm, True)]
+            out[f"{arm}_{prec}_run_step_seconds"] = run[arm]
+        out[f"speedup_{prec}"] = run["before"] / run["default"]
     return out
 
 

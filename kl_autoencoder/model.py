@@ -97,10 +97,10 @@ class AutoencoderConfig:
 
 # f4 rather than f8: at the few thousand CPU steps of a default run, an f8 latent (4x8x8 at 64px) cannot
 # learn the bundled photos (about 14 dB held-out PSNR); f4 reaches a useful reconstruction in minutes
-_TINY = dict(base_channels=32, channel_mult=(1, 2, 2), layers_per_block=1, norm_num_groups=8, sample_size=64)
+_TINY = dict(base_channels=16, channel_mult=(1, 2, 2), layers_per_block=1, norm_num_groups=8, sample_size=64)
 
 PRESETS: dict[str, AutoencoderConfig] = {
-    # trains in minutes on 2 CPU cores at 64px (latents 4x16x16); for the default run, smoke tests, recipe debugging
+    # trains in minutes on 2 CPU cores at 64px (latents 4x16x16), fp32 or bf16; the default run, smoke tests
     "tiny": AutoencoderConfig(**_TINY),
     # the SD 1.x / 2.x VAE (LDM kl-f8)
     "kl-f8": AutoencoderConfig(),
@@ -110,8 +110,8 @@ PRESETS: dict[str, AutoencoderConfig] = {
     "kl-f4": AutoencoderConfig(channel_mult=(1, 2, 4), latent_channels=3),
     # LDM kl-f16: attention at level 4, i.e. at resolution 16 for 256px images
     "kl-f16": AutoencoderConfig(channel_mult=(1, 1, 2, 2, 4), latent_channels=16, attn_levels=(4,)),
-    # `tiny` with a 256-code VQ bottleneck (256 code positions per 64px image at f4)
-    "tiny-vq": AutoencoderConfig(**_TINY, bottleneck="vq", num_codes=256, code_dim=4),
+    # `tiny` at 32 base channels with a 256-code VQ bottleneck (256 code positions per 64px image at f4)
+    "tiny-vq": AutoencoderConfig(**(_TINY | {"base_channels": 32}), bottleneck="vq", num_codes=256, code_dim=4),
     # LDM vq-f4 (models/first_stage_models/vq-f4): no attention outside the mid block
     "vq-f4": AutoencoderConfig(channel_mult=(1, 2, 4), latent_channels=3, bottleneck="vq", num_codes=8192, code_dim=3),
     # LDM vq-f8 (the first stage of its cin/vq-f8 LDMs): attn_resolutions [32] at 256px, i.e. the lowest level

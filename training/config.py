@@ -222,8 +222,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # the sections' own defaults are LDM-like; these are the CPU default run (`configs/tiny.yaml` adds nothing)
     data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, resize=128, batch_size=8, repeats=64))
-    loss: LossConfig = field(default_factory=lambda: LossConfig(disc_start=900, disc_ramp=300, disc_norm="group"))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+    loss: LossConfig = field(
+        default_factory=lambda: LossConfig(disc_start=900, disc_ramp=300, disc_norm="group", disc_channels=32)
+    )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="cosine"))
     train: TrainSection = field(default_factory=TrainSection)
     vq: QuantizerConfig = field(default_factory=QuantizerConfig)  # how a vq model's codebook trains
     out_dir: str = "runs/default"
