@@ -270,7 +270,8 @@ def bench_default(cfg: BenchConfig, precisions: list[str]) -> dict:
     """The default run's step (`kl-ae train` with no arguments: the `tiny` preset, 64 px crops, batch 8, no LPIPS
     as offline, its discriminator) against the default run before it was made for fp32 CPUs (`tiny` at 32 base
     channels, a 64-channel discriminator), before and after `disc_start`; and the run's step time, those two
-    weighted by the steps the recipe spends in each (the rest of a run, validation and export, not counted)."""
+    weighted by the steps the recipe spends in each (the rest of a run, validation and export, not counted).
+    Also the default step with LPIPS (random VGG and AlexNet backbones: the cost is right), as it trains online."""
     import dataclasses
 
     from kl_autoencoder import PRESETS, Autoencoder
@@ -285,6 +286,9 @@ def bench_default(cfg: BenchConfig, precisions: list[str]) -> dict:
     }
     out: dict = {"config": f"{data.resolution} px, batch {data.batch_size}, {steps} steps, GAN from step "
                            f"{loss.disc_start}, no LPIPS; before: base_channels 32, disc_channels 64"}  # fmt: skip
+    from common.lpips import LPIPS
+
+    perceptual = {net: LPIPS(net=net, random_backbone=True).to(cfg.device) for net in ("vgg", "alex")}
     for prec in precisions:
         fns = {}
         for arm, (model_cfg, disc_channels) in arms.items():
@@ -292,7 +296,15 @@ def bench_default(cfg: BenchConfig, precisions: list[str]) -> dict:
             model = Autoencoder(model_cfg).to(cfg.device)
             for gan in (False, True):
                 fns[(arm, gan)] = our_step_fn(model, x, prec, gan, None, disc_channels=disc_channels)
+        for net, lp in perceptual.items():  # online, the run also trains with LPIPS (loss.lpips_net)
+            torch.manual_seed(cfg.seed)
+            model = Autoencoder(arms["default"][0]).to(cfg.device)
+            fns[(f"default_lpips_{net}", False)] = our_step_fn(
+                model, x, prec, False, lp, disc_channels=loss.disc_channels
+            )
         s = interleaved(fns, cfg.steps, cfg.repeats)
+        for net in perceptual:
+            out[f"default_lpips_{net}_{prec}_nogan_img_s"] = data.batch_size / s[(f"default_lpips_{net}", False)]
         run = {arm: (min(loss.disc_start, steps) * s[(arm, False)] + max(steps - loss.disc_start, 0) * s[(arm, True)])
                for arm in arms}  # fmt: skip
         for arm in arms:

@@ -5,7 +5,10 @@ Each (variant, seed) is a normal run folder `OUT/<variant>_s<seed>` trained by `
 resumes or reuses finished runs), then evaluated by `kl-ae eval` on the held-out images of the training data at
 their own size (reconstruction PSNR, equivariance gaps, high-frequency share) and, unless `--probe-steps 0`, probed
 by `kl-ae probe` (held-out denoising loss of a small diffusion model trained on its latents). Writes
-`OUT/study.json` (every run's numbers and the per-variant summaries) and prints a table.
+`OUT/study.json` (every run's numbers, the per-variant summaries, and each variant's paired difference from
+`plain`) and prints the tables. A seed fixes a run's initialisation, data order and held-out split (the probe's
+crops too), so runs of one seed are paired: the difference from `plain` seed by seed has a smaller standard
+error than the two means' difference whenever the seeds themselves move a measure.
 """
 
 from __future__ import annotations
@@ -59,6 +62,29 @@ def mean_se(values: list[float | None]) -> dict:
     return {"mean": statistics.fmean(v), "se": se, "n": len(v)}
 
 
+def paired(results: list[dict], variants: list[str], baseline: str = "plain") -> dict:
+    """Per variant other than `baseline`, per measure: mean and standard error of (variant - baseline) over the
+    seeds both ran."""
+    rows = {(r["variant"], r["seed"]): r for r in results}
+    out = {}
+    for v in variants:
+        if v == baseline:
+            continue
+        seeds = [s for (w, s) in rows if w == v and (baseline, s) in rows]
+        out[v] = {
+            name: mean_se(
+                [
+                    None
+                    if rows[(v, s)][name] is None or rows[(baseline, s)][name] is None
+                    else rows[(v, s)][name] - rows[(baseline, s)][name]
+                    for s in seeds
+                ]
+            )
+            for name in MEASURES
+        }
+    return out
+
+
 def _lookup(result: dict, keys: tuple[str, ...]):
     for key in keys:
         if not isinstance(result, dict) or key not in result:
@@ -110,13 +136,16 @@ def study(
     summary = {
         v: {name: mean_se([r[name] for r in results if r["variant"] == v]) for name in MEASURES} for v in variants
     }
+    differences = paired(results, variants) if "plain" in variants else {}
     report = {"config": config, "overrides": list(overrides), "max_steps": max_steps, "seeds": seeds,
               "eval_resolution": eval_resolution,
               "variants": {v: VARIANTS[v] for v in variants}, "measures": {k: d for k, (_, d) in MEASURES.items()},
-              "runs": results, "summary": summary}  # fmt: skip
+              "runs": results, "summary": summary, "minus_plain": differences}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(report, indent=1))
     print(format_table(summary))
+    if differences:
+        print("\nminus plain, paired by seed:\n" + format_table(differences))
     return report
 
 

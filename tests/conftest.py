@@ -74,3 +74,22 @@ def launch_two_processes(args: list[str], port: int, module: str = "training.tra
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+class Spoiled(torch.utils.data.Dataset):
+    """Wraps a training dataset; the items fetched as calls (start, stop] come back through `spoil` (NaN, an fp16
+    overflow, ...), the others as they are."""
+
+    def __init__(self, inner, start: int, stop: int, spoil):
+        self.inner, self.start, self.stop, self.spoil, self.calls = inner, start, stop, spoil, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        x = self.inner[i]
+        self.calls += 1
+        return self.spoil(x) if self.start < self.calls <= self.stop else x

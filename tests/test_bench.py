@@ -139,3 +139,22 @@ def test_gpu_script_runs_its_steps_at_toy_sizes_on_a_cpu(tmp_path):
                    "64 px, estimate"):  # fmt: skip
         assert figure in summary, figure
     assert "| n/a |" not in summary.split("| tiled decode")[0].replace("MFU vs the bf16 datasheet peak | n/a", "")
+
+
+def test_bench_default_times_the_default_runs_step_against_the_previous_one():
+    """`--what default`: the recipe's own step (its preset, resolution, batch, discriminator width) and the
+    previous default's (32 base channels, a 64-channel discriminator), and each run's step time weighted by the
+    steps the recipe spends without and with the GAN."""
+    from commands.bench import BenchConfig, run_bench
+    from training.config import TrainConfig
+
+    result = run_bench(BenchConfig(preset="tiny", what=("default",), precision="fp32", steps=1, repeats=1))["default"]
+    recipe = TrainConfig()
+    b, start, total = recipe.data.batch_size, recipe.loss.disc_start, recipe.train.max_steps
+    for arm in ("default", "before"):
+        nogan, gan = result[f"{arm}_fp32_nogan_img_s"], result[f"{arm}_fp32_gan_img_s"]
+        assert result[f"{arm}_fp32_run_step_seconds"] == pytest.approx(start * b / nogan + (total - start) * b / gan)
+    speedup = result["before_fp32_run_step_seconds"] / result["default_fp32_run_step_seconds"]
+    assert result["speedup_fp32"] == pytest.approx(speedup)
+    assert result["default_lpips_vgg_fp32_nogan_img_s"] > 0 and result["default_lpips_alex_fp32_nogan_img_s"] > 0
+    assert "64 px, batch 8" in result["config"] and "base_channels 32, disc_channels 64" in result["config"]

@@ -18,30 +18,12 @@ from kl_autoencoder import Autoencoder
 from training.config import load_config
 from training.train import main as train_main
 
-from .conftest import TINY_RUN, tiny
+from .conftest import TINY_RUN, Spoiled, tiny
 
 pytestmark = pytest.mark.gpu
 
 EVERY = ["train.log_every=1", "train.eval_every=100", "train.sample_every=100", "train.tracker=none"]
 TINY = [*TINY_RUN, *EVERY, "loss.lpips=off", "loss.disc_channels=8"]
-
-
-class Overflowing(torch.utils.data.Dataset):
-    """Wraps a dataset; the items fetched as calls [start, stop) come back scaled past fp16's range (65504)."""
-
-    def __init__(self, inner, start: int, stop: int):
-        self.inner, self.start, self.stop, self.calls = inner, start, stop, 0
-
-    def __len__(self):
-        return len(self.inner)
-
-    def set_epoch(self, epoch):
-        self.inner.set_epoch(epoch)
-
-    def __getitem__(self, i):
-        x = self.inner[i]
-        self.calls += 1
-        return x * 1e6 if self.start < self.calls <= self.stop else x
 
 
 def test_fp16_loss_scaler_skips_an_overflow_step(tmp_path, monkeypatch):
@@ -53,7 +35,7 @@ def test_fp16_loss_scaler_skips_an_overflow_step(tmp_path, monkeypatch):
 
     def overflowing(cfg, seed):
         train, val = real(cfg, seed)
-        return Overflowing(train, 2, 4), val  # the second batch of 2: step 2
+        return Spoiled(train, 2, 4, lambda x: x * 1e6), val  # past fp16's 65504: the second batch of 2, step 2
 
     monkeypatch.setattr(train_module, "build_datasets", overflowing)
     out = tmp_path / "fp16"

@@ -19,7 +19,7 @@ from training.config import load_config
 from training.step import guarded_step
 from training.train import main as train_main
 
-from .conftest import TINY_RUN, launch_two_processes
+from .conftest import TINY_RUN, Spoiled, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -134,24 +134,6 @@ def test_sigkill_while_writing_then_resume(tmp_path):
     assert not list(root.glob(".tmp_step_*"))
 
 
-class NaNBatches(torch.utils.data.Dataset):
-    """Wraps a dataset; the items fetched as calls [start, stop) come back full of NaN."""
-
-    def __init__(self, inner, start, stop):
-        self.inner, self.start, self.stop, self.calls = inner, start, stop, 0
-
-    def __len__(self):
-        return len(self.inner)
-
-    def set_epoch(self, epoch):
-        self.inner.set_epoch(epoch)
-
-    def __getitem__(self, i):
-        self.calls += 1
-        x = self.inner[i]
-        return torch.full_like(x, float("nan")) if self.start < self.calls <= self.stop else x
-
-
 def nan_data(monkeypatch, start, stop):
     import training.train as train_module
 
@@ -159,7 +141,7 @@ def nan_data(monkeypatch, start, stop):
 
     def patched(cfg, seed):
         train, val = real(cfg, seed)
-        return NaNBatches(train, start, stop), val
+        return Spoiled(train, start, stop, lambda x: torch.full_like(x, float("nan"))), val
 
     monkeypatch.setattr(train_module, "build_datasets", patched)
 
