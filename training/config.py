@@ -223,7 +223,9 @@ class TrainConfig:
     # the sections' own defaults are LDM-like; these are the CPU default run (`configs/tiny.yaml` adds nothing)
     data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, resize=128, batch_size=8, repeats=64))
     loss: LossConfig = field(
-        default_factory=lambda: LossConfig(disc_start=900, disc_ramp=300, disc_norm="group", disc_channels=32)
+        default_factory=lambda: LossConfig(
+            disc_start=900, disc_ramp=300, disc_norm="group", disc_channels=32, lpips_net="alex"
+        )
     )
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="cosine"))
     train: TrainSection = field(default_factory=TrainSection)
