@@ -165,6 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_of(args: argparse.Namespace) -> str | None:
     """`--model` with `--subfolder` appended: a local path or a hub name `org/name/subfolder`, as loaders take it."""
-    if getattr(args, "model", None) is None or not args.subfolder:  # `kl-ae shards` takes no model
-        return getattr(args, "model", None)
+    if args.model is None or not args.subfolder:
+        return args.model
     return f"{args.model.rstrip('/')}/{args.subfolder.strip('/')}"

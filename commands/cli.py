@@ -97,6 +97,12 @@ def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) 
 
 
 def run_latent_command(args: argparse.Namespace) -> int:
+    if args.command == "shards":  # prepares data: no model
+        from common.shards import write_shards
+
+        pattern = write_shards(args.folder, args.out, args.per_shard)
+        print(f"shards: {pattern}\ntrain on them with --data '{pattern}'")
+        return 0
     model = model_of(args)
     if args.command == "reconstruct":
         print(f"reconstruction: {reconstruct(args.image, model, args.out, args.tile)}")
@@ -106,11 +112,6 @@ def run_latent_command(args: argparse.Namespace) -> int:
         options = (args.resolution, args.batch_size, args.sample, args.seed)
         shards = dict(fmt=args.format, per_shard=args.per_shard, streaming=args.streaming)
         print(f"latents: {encode_dataset(model, args.data, args.out, *options, **shards)}")
-    elif args.command == "shards":
-        from common.shards import write_shards
-
-        pattern = write_shards(args.folder, args.out, args.per_shard)
-        print(f"shards: {pattern}\ntrain on them with --data '{pattern}'")
     else:
         from eval.latents import decode_dataset
 
