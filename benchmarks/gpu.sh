@@ -55,7 +55,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 bench() {  # bench NAME SECONDS ARGS...: kl-ae bench on DEVICE, its JSON in OUT/NAME.json
     local name=$1 limit=$2
     shift 2
-    step "$name" "$limit" "$PYTHON" -m commands.cli bench --device "$DEVICE" --preset "$PRESET" \
+    step "$name" "$limit" "$PYTHON" -m kl_ae.commands.cli bench --device "$DEVICE" --preset "$PRESET" \
         --steps "$STEPS" --repeats "$REPEATS" --json "$OUT/$name.json" "$@"
 }
 
@@ -68,6 +68,6 @@ bench fp16 40 --resolution "$RES" --batch-size "$BATCH" --what fp16
 bench tiled 90 --what tiled --tiled-sizes "$TILED_SIZES" --tile "$TILE" --overlap "$OVERLAP"
 
 echo "== summary"
-"$PYTHON" -m commands.bench_gpu "$OUT" | tee "$OUT/summary.md"
+"$PYTHON" -m kl_ae.bench.gpu "$OUT" | tee "$OUT/summary.md"
 cat "$OUT/status.txt"
 ! grep -v "exit 0," "$OUT/status.txt" > /dev/null

@@ -1,1 +1,1 @@
-"""Named training recipes, one YAML per preset, shipped with the package so `--config NAME` works anywhere."""
+"""Named training recipes, one YAML per preset, installed as `kl_ae.configs` so `--config NAME` works anywhere."""

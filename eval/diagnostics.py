@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from common.latent_stats import merge_moments
+from kl_ae.common.latent_stats import merge_moments
 
 
 def kl_per_channel(mean: Tensor, logvar: Tensor) -> Tensor:

@@ -4,8 +4,8 @@ KL models: rate, active units, the aggregate posterior's distance to the prior. 
 perplexity, dead codes and the code histogram, and statistics of the latents before quantization (what LDM diffuses).
 One pass over the set per model, batched, under python or `accelerate launch` (sharded loader, per-image values
 through `gather_for_metrics`). Images are evaluated at their own size (cropped to a multiple of the factor) or
-brought to `resolution` by a named protocol (`common.data.PROTOCOLS`); protocol, posterior and FID implementation
-are recorded; rFID's real side is cached per image set and protocol (`common.fid_stats`).
+brought to `resolution` by a named protocol (`kl_ae.common.data.PROTOCOLS`); protocol, posterior and FID implementation
+are recorded; rFID's real side is cached per image set and protocol (`kl_ae.common.fid_stats`).
 
     kl-ae eval --model RUN|CHECKPOINT|DIFFUSERS_DIR|HUB_NAME --data FOLDER|sample|HUB_NAME [--compare PATH2] ...
 """
@@ -22,12 +22,16 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common.config import ConfigError
-from common.data import PROTOCOLS, EvalImages, load_images
-from common.fid_stats import load_reference, reference_file, reference_key, save_reference
-from common.latent_stats import channel_moments, latent_statistics
-from common.lpips import BACKBONE_FILES, build_lpips, find_backbone, missing_weights_message
-from common.metrics import (
+from eval import diagnostics as diag
+from eval import report
+from eval.geometry import geometry_row
+from eval.geometry import summarize as summarize_geometry
+from kl_ae.common.config import ConfigError
+from kl_ae.common.data import PROTOCOLS, EvalImages, load_images
+from kl_ae.common.fid_stats import load_reference, reference_file, reference_key, save_reference
+from kl_ae.common.latent_stats import channel_moments, latent_statistics
+from kl_ae.common.lpips import BACKBONE_FILES, build_lpips, find_backbone, missing_weights_message
+from kl_ae.common.metrics import (
     build_inception,
     fid_implementation,
     frechet_distance_from_statistics,
@@ -39,10 +43,6 @@ from common.metrics import (
     ssim,
     to_unit,
 )
-from eval import diagnostics as diag
-from eval import report
-from eval.geometry import geometry_row
-from eval.geometry import summarize as summarize_geometry
 from kl_autoencoder import Autoencoder
 
 
@@ -53,7 +53,7 @@ class EvalConfig:
     split: str = "val"  # "sample" or a hub name: "val" (held out) or "train" (the images the recipe trains on)
     out: str | None = None  # default <model>/eval
     resolution: int | None = None  # None: each image at its own size (cropped to a multiple of the factor)
-    protocol: str = "torchvision"  # how images are brought to `resolution`: torchvision | adm (common.data.PROTOCOLS)
+    protocol: str = "torchvision"  # how images are brought to `resolution`: torchvision | adm (data.PROTOCOLS)
     posterior: str = "mode"  # KL reconstructions from the posterior's mode() or a sample() (EQ-VAE, LightningDiT)
     batch_size: int = 8  # per process; 1 when the images differ in size
     compare: str | None = None  # a second model evaluated on the same images

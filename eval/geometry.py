@@ -1,7 +1,7 @@
 """Latent geometry: how a diffusion model will find the latent space, measured without training one.
 
 Per-image values, computed batch by batch and gathered across processes, then combined once:
-- equivariance (EQ-VAE; "Improving the diffusability of autoencoders"): for T in `common.transforms.TRANSFORMS`
+- equivariance (EQ-VAE; "Improving the diffusability of autoencoders"): for T in `kl_ae.common.transforms.TRANSFORMS`
   (downscaling by 2, rotations by 90, 180, 270 degrees), PSNR(decode(T(z)), T(x)) and the equivariance gap
   PSNR(T(decode(z)), T(x)) - PSNR(decode(T(z)), T(x)): how much worse decoding a transformed latent is than
   transforming the reconstruction; 0 for a model as equivariant as its reconstruction allows;
@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from common.metrics import mse, to_unit
-from common.transforms import TRANSFORMS, apply_pair
+from kl_ae.common.metrics import mse, to_unit
+from kl_ae.common.transforms import TRANSFORMS, apply_pair
 
 NOISE_LEVELS = (0.1, 0.25, 0.5)  # latent noise relative to the latent std
 RADIAL_BINS = 16  # radial frequency bins over [0, 0.5] cycles per sample (beyond 0.5: the corners, last bin)

@@ -28,10 +28,18 @@ import torch
 from accelerate import Accelerator
 from datasets.distributed import split_dataset_by_node
 
-from common.config import ConfigError
-from common.data import crop_flip, decode_resized
-from common.images import DECODE_ERRORS, append_skips, open_image, pixel_limit_lifted, read_skipped, reason, to_rgb
-from common.shards import TarWriter, image_of, label_of, open_stream
+from kl_ae.common.config import ConfigError
+from kl_ae.common.data import crop_flip, decode_resized
+from kl_ae.common.images import (
+    DECODE_ERRORS,
+    append_skips,
+    open_image,
+    pixel_limit_lifted,
+    read_skipped,
+    reason,
+    to_rgb,
+)
+from kl_ae.common.shards import TarWriter, image_of, label_of, open_stream
 from kl_autoencoder import Autoencoder
 
 CONFIG_FILE = "latents_config.json"

@@ -27,9 +27,9 @@ from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from common.config import ConfigError
-from common.crops import CropGrid, GridCrops
-from common.data import load_images
+from kl_ae.common.config import ConfigError
+from kl_ae.common.crops import CropGrid, GridCrops
+from kl_ae.common.data import load_images
 from kl_autoencoder import Autoencoder
 
 CONFIG_FILE = "latents_config.json"
@@ -81,11 +81,11 @@ def encode_dataset(
     """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`.
 
     `split` ("train" | "val"): that split of the trainer's split of `data` (seeded by `split_seed`), folders
-    included. `grid`: several fixed crops per image (`common.crops.CropGrid`). `max_images`: the first N images.
+    included. `grid`: several fixed crops per image (`kl_ae.common.crops.CropGrid`). `max_images`: the first N images.
     A stream (shards, or a hub name with `streaming`) is written as latent shards (`eval.latent_shards`, format
     `fmt`).
     """
-    from common.shards import shard_files
+    from kl_ae.common.shards import shard_files
 
     out = Path(out)
     accelerator = Accelerator()

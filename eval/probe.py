@@ -3,7 +3,7 @@
     kl-ae probe --model RUN|CHECKPOINT|DIFFUSERS_DIR --data FOLDER|sample|HUB_NAME [--compare PATH2] [--steps N] ...
 
 For each model: the training split and the held-out split of `--data` (as the trainer splits it; `sample`: its
-12 training and 2 held-out photographs) are cut into fixed crops (`common.crops.CropGrid`: a k x k grid over
+12 training and 2 held-out photographs) are cut into fixed crops (`kl_ae.common.crops.CropGrid`: a k x k grid over
 each image resized to `resize`, and mirrors) and encoded by `eval.latents.encode_dataset` (posterior samples,
 seeded; VQ: the latents before quantization) into `OUT/latents/<model|compare>_<train|val>`, reused when the
 probe is re-run with the same settings. The latents are normalised with the model's `scaling_factor` /
@@ -35,15 +35,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from common.config import ConfigError
-from common.crops import CropGrid, GridCrops
-from common.data import load_images
-from common.metrics import build_inception, frechet_distance, inception_features, to_unit
-from common.release import run_data_config
-from common.runs import find_run
 from eval import denoiser as dn
 from eval import probe_report
 from eval.latents import decode_z, encode_dataset, read_latents
+from kl_ae.common.config import ConfigError
+from kl_ae.common.crops import CropGrid, GridCrops
+from kl_ae.common.data import load_images
+from kl_ae.common.metrics import build_inception, frechet_distance, inception_features, to_unit
+from kl_ae.common.release import run_data_config
+from kl_ae.common.runs import find_run
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.diffusers_format import find_diffusers_folder
 

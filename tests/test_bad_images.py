@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from common.config import DataConfig
-from common.data import build_datasets
-from common.images import read_skipped, to_rgb
+from kl_ae.common.config import DataConfig
+from kl_ae.common.data import build_datasets
+from kl_ae.common.images import read_skipped, to_rgb
 
 # file -> the start of the reason it is skipped for ("" = any decoding error)
 BAD = {

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from commands.cli import main as kl_ae
+from kl_ae.commands.cli import main as kl_ae
 from kl_autoencoder import PRESETS, Autoencoder
 
 from .conftest import TINY_RUN

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from commands.cli import main
+from kl_ae.commands.cli import main
 
 
 def _numbers(d: dict, prefix: str = ""):
@@ -58,7 +58,7 @@ def test_bench_tiny(tmp_path):
 def test_bench_codec_on_a_trained_model_uses_its_weights_and_the_photos(tmp_path):
     import torch
 
-    from commands.bench import photos
+    from kl_ae.bench.run import photos
     from kl_autoencoder import PRESETS, Autoencoder
 
     torch.manual_seed(3)
@@ -73,7 +73,7 @@ def test_bench_codec_on_a_trained_model_uses_its_weights_and_the_photos(tmp_path
 
 
 def test_gpu_bf16_peaks_by_name():
-    from commands.bench_device import bf16_peak_tflops
+    from kl_ae.bench.device import bf16_peak_tflops
 
     names = {
         "NVIDIA H200": 989,
@@ -92,7 +92,7 @@ def test_gpu_bf16_peaks_by_name():
 def test_largest_batch_doubles_until_out_of_memory():
     import torch
 
-    from commands.bench_device import largest_batch
+    from kl_ae.bench.device import largest_batch
 
     tried = []
 
@@ -109,7 +109,7 @@ def test_largest_batch_doubles_until_out_of_memory():
 def test_bench_device_choice(monkeypatch):
     import torch
 
-    from commands.bench_device import resolve_device
+    from kl_ae.bench.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu"
@@ -145,7 +145,7 @@ def test_bench_default_times_the_default_runs_step_against_the_previous_one():
     """`--what default`: the recipe's own step (its preset, resolution, batch, discriminator width) and the
     previous default's (32 base channels, a 64-channel discriminator), and each run's step time weighted by the
     steps the recipe spends without and with the GAN."""
-    from commands.bench import BenchConfig, run_bench
+    from kl_ae.bench.run import BenchConfig, run_bench
     from training.config import TrainConfig
 
     result = run_bench(BenchConfig(preset="tiny", what=("default",), precision="fp32", steps=1, repeats=1))["default"]

@@ -49,8 +49,8 @@ def test_field_list_is_pinned():
 
 
 def test_every_field_is_read_and_documented():
-    # data.* is read in common/ (shared with eval), vq.* in the quantizer
-    sources = [*(ROOT / "training").glob("*.py"), *(ROOT / "common").glob("*.py")]
+    # data.* is read in kl_ae/common/ (shared with eval), vq.* in the quantizer
+    sources = [*(ROOT / "training").glob("*.py"), *(ROOT / "kl_ae" / "common").glob("*.py")]
     sources.append(ROOT / "kl_autoencoder" / "quantize.py")
     code = "\n".join(p.read_text() for p in sources if p.name != "config.py")
     code += (ROOT / "training" / "config.py").read_text().split("# ---")[0]  # validate() / autoencoder_config()

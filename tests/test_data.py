@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common.config import DataConfig
-from common.data import build_datasets
-from common.images import SAMPLE_TRAIN, SAMPLE_VAL, list_sample_images, to_rgb
+from kl_ae.common.config import DataConfig
+from kl_ae.common.data import build_datasets
+from kl_ae.common.images import SAMPLE_TRAIN, SAMPLE_VAL, list_sample_images, to_rgb
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_unreadable_file_is_skipped(folder, caplog):
     (folder / "broken.png").write_bytes(b"not a png")
     train, val = build_datasets(DataConfig(source=str(folder), resolution=16, val_fraction=0.0), seed=0)
     ds = train if any(p.endswith("broken.png") for p in train.paths()) else val
-    with caplog.at_level("WARNING", logger="common.data"):
+    with caplog.at_level("WARNING", logger="kl_ae.common.data"):
         xs = [ds[i] for i in range(len(ds))]
     assert all(x.shape == (3, 16, 16) for x in xs)
     assert "broken.png" in caplog.text

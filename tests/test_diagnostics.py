@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from common.latent_stats import channel_moments, latent_statistics, merge_moments
 from eval import diagnostics as diag
+from kl_ae.common.latent_stats import channel_moments, latent_statistics, merge_moments
 from kl_autoencoder.model import DiagonalGaussian
 
 MEANS = torch.tensor([3.0, -1.0, 0.5, 1e4])  # the last channel: a large offset over a small spread

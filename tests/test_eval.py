@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from commands.cli import main as kl_ae
-from common.data import EvalImages, load_images
-from common.metrics import INCEPTION_FILE, build_inception, frechet_distance, ms_ssim, psnr, ssim
+from kl_ae.commands.cli import main as kl_ae
+from kl_ae.common.data import EvalImages, load_images
+from kl_ae.common.metrics import INCEPTION_FILE, build_inception, frechet_distance, ms_ssim, psnr, ssim
 from kl_autoencoder import Autoencoder
 
 from .conftest import launch_two_processes, tiny
@@ -210,7 +210,7 @@ def test_eval_mistakes_exit_2(tmp_path, models, image_folder, monkeypatch, capsy
 def test_eval_two_processes_gathers_every_image_once(tmp_path, models, image_folder):
     """Three images on two processes: accelerate pads one process's shard; gather_for_metrics drops the copy."""
     args = ["eval", "--model", str(models[0]), "--data", str(image_folder), "--out", str(tmp_path / "two")]
-    launch_two_processes(args, port=29531, module="commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
+    launch_two_processes(args, port=29531, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_images"] == 3
     assert metrics["reconstruction"]["psnr"] == pytest.approx(reference_psnr(models[0], image_folder), abs=1e-3)
@@ -256,7 +256,7 @@ class StubInception(torch.nn.Module):
 def test_eval_reports_lpips_and_rfid_when_their_networks_exist(tmp_path, models, image_folder, monkeypatch):
     """The plumbing only: random-backbone LPIPS and a stub Inception stand in for the real weights."""
     import eval.evaluate as evaluate
-    from common.lpips import LPIPS
+    from kl_ae.common.lpips import LPIPS
 
     stub_lpips = (LPIPS("vgg", random_backbone=True), "vgg: stub")
     monkeypatch.setattr(evaluate, "lpips_for_eval", lambda mode, download: stub_lpips)

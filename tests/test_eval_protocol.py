@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from commands.cli import main as kl_ae
-from common.data import load_images
+from kl_ae.commands.cli import main as kl_ae
+from kl_ae.common.data import load_images
 from kl_autoencoder import Autoencoder
 
 from .conftest import tiny
@@ -129,7 +129,7 @@ def test_rfid_reference_statistics_are_cached_per_protocol(tmp_path, model, phot
 
 
 def test_an_edited_image_makes_a_new_image_set(photo_folder):
-    from common.fid_stats import image_set_digest
+    from kl_ae.common.fid_stats import image_set_digest
 
     before = image_set_digest(load_images(str(photo_folder), 8, resolution=32))
     assert image_set_digest(load_images(str(photo_folder), 8, resolution=32)) == before

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from commands.cli import main as kl_ae
 from eval.diagnostics import code_histogram, codebook_statistics, codebook_warning
+from kl_ae.commands.cli import main as kl_ae
 from kl_autoencoder import Autoencoder
 
 from .conftest import launch_two_processes, tiny
@@ -153,7 +153,7 @@ def test_eval_vq_two_processes_counts_every_position_once(tmp_path, vq_model, im
         "--batch-size",
         "1",
     ]
-    launch_two_processes(args, port=29533, module="commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
+    launch_two_processes(args, port=29533, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_images"] == 3
     counts, psnr, _ = reference(vq_model, images)

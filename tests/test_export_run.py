@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from commands.cli import main
-from common.data import build_datasets
+from kl_ae.commands.cli import main
+from kl_ae.common.data import build_datasets
 from kl_autoencoder import Autoencoder
 from training.config import load_config
 

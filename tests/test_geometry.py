@@ -100,7 +100,7 @@ def test_robustness_gets_worse_with_more_latent_noise():
 
 @pytest.mark.slow
 def test_eval_reports_the_latent_geometry(tmp_path):
-    from commands.cli import main as kl_ae
+    from kl_ae.commands.cli import main as kl_ae
     from kl_autoencoder import PRESETS, Autoencoder
 
     torch.manual_seed(0)

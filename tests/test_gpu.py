@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from commands.cli import main as kl_ae
+from kl_ae.commands.cli import main as kl_ae
 from kl_autoencoder import Autoencoder
 from training.config import load_config
 from training.train import main as train_main
@@ -75,7 +75,7 @@ def test_bf16_autocast_on_the_gpu(tmp_path, capsys):
 def test_force_upcast_is_decided_in_fp16_on_the_gpu():
     """check_fp16 runs the model in fp16 on the GPU: a model within fp16's range keeps force_upcast off, one
     whose output overflows fp16 turns it on."""
-    from common.release import check_fp16
+    from kl_ae.common.release import check_fp16
 
     torch.manual_seed(0)
     model = Autoencoder(tiny("tiny")).eval()

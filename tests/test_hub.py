@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from commands.cli import main as kl_ae
-from common.release import hub_metadata
+from kl_ae.commands.cli import main as kl_ae
+from kl_ae.common.release import hub_metadata
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.diffusers_format import is_hub_name
 from training.config import ConfigError, load_config

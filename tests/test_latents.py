@@ -9,9 +9,9 @@ import skimage.data
 import torch
 from PIL import Image
 
-from commands.cli import main
-from common.data import load_images
 from eval.latents import decode_latents, read_latents
+from kl_ae.commands.cli import main
+from kl_ae.common.data import load_images
 from kl_autoencoder import Autoencoder
 
 SCALE, SHIFT = 0.5, 0.1

@@ -67,7 +67,7 @@ def test_malicious_pickle_is_refused_by_default(tmp_path):
 
 
 def test_init_from_an_ldm_file_and_a_mismatched_one(tmp_path, capsys):
-    from commands.cli import main as kl_ae
+    from kl_ae.commands.cli import main as kl_ae
 
     cfg = dataclasses.replace(PRESETS["tiny"], base_channels=16, norm_num_groups=8)
     torch.manual_seed(2)

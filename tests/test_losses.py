@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.lpips import LPIPS
+from kl_ae.common.lpips import LPIPS
 from kl_autoencoder import PRESETS, Autoencoder
 from training.config import LossConfig
 from training.discriminator import PatchDiscriminator

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from common.lpips import LPIPS, autocast_dtype, build_lpips, missing_weights_message, resolve_backbone
+from kl_ae.common.lpips import LPIPS, autocast_dtype, build_lpips, missing_weights_message, resolve_backbone
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from commands.cli import main as kl_ae
+from kl_ae.commands.cli import main as kl_ae
 from training.config import ConfigError, load_config
 from training.progress import TimeBudget
 from training.trackers import check_tracker

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from commands.cli import main as kl_ae
+from kl_ae.commands.cli import main as kl_ae
 from kl_autoencoder import Autoencoder
 from training.config import load_config
 from training.step import guarded_step
@@ -207,7 +207,7 @@ def test_decoder_only_training_keeps_the_encoder_bit_identical(tmp_path):
 
 
 def test_decoder_only_needs_a_pretrained_encoder():
-    from common.config import ConfigError
+    from kl_ae.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="^train.trainable: decoder-only training needs model.init_from"):
         load_config(None, ["train.trainable=decoder"])

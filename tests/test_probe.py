@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from commands.cli import main as kl_ae
-from common.crops import CropGrid, GridCrops
-from common.data import load_images
 from eval import denoiser as dn
+from kl_ae.commands.cli import main as kl_ae
+from kl_ae.common.crops import CropGrid, GridCrops
+from kl_ae.common.data import load_images
 from kl_autoencoder import Autoencoder
 
 from .conftest import launch_two_processes, tiny
@@ -181,7 +181,7 @@ def test_probe_bad_values_are_one_line_errors(tmp_path, models, capsys, args, me
 def test_probe_two_processes(tmp_path, models):
     out = tmp_path / "two"
     args = ["probe", "--model", str(models[0]), "--out", str(out), *FAST]
-    launch_two_processes(args, port=29547, module="commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
+    launch_two_processes(args, port=29547, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_train_latents"] == 96 and metrics["num_heldout_latents"] == 16
     assert [p["step"] for p in metrics["curve"]] == [2, 4] and (out / "report.html").is_file()

@@ -3,7 +3,7 @@
 import torch
 
 import training.sanity as sanity
-from commands.cli import main as kl_ae
+from kl_ae.commands.cli import main as kl_ae
 
 
 def test_closed_form_ppca_recovers_the_generating_model():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common.transforms import apply_pair
+from kl_ae.common.transforms import apply_pair
 from kl_autoencoder import PRESETS, Autoencoder
 from training.align import random_align
 from training.config import LossConfig, load_config

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from commands.cli import main as kl_ae
-from common.config import ConfigError, DataConfig
-from common.images import list_sample_images, read_skipped, resize_shorter, to_rgb
-from common.shards import TarWriter, expand_braces
-from common.stream import build_stream, shard_plan
+from kl_ae.commands.cli import main as kl_ae
+from kl_ae.common.config import ConfigError, DataConfig
+from kl_ae.common.images import list_sample_images, read_skipped, resize_shorter, to_rgb
+from kl_ae.common.shards import TarWriter, expand_braces
+from kl_ae.common.stream import build_stream, shard_plan
 from training.config import load_config
 from training.train import main as train_main
 
@@ -114,7 +114,7 @@ def test_processes_and_workers_see_disjoint_samples_covering_an_epoch(shards, wo
 def test_shards_as_a_fixed_set(shards, tmp_path):
     """data.val_source / --data of eval and export: the first images of the shards, bad members included (the fixed
     set then skips them as a folder's)."""
-    from common.data import load_images
+    from kl_ae.common.data import load_images
 
     images = load_images(shards["pattern"], 8, resolution=32, max_images=3)
     assert len(images) == 3 and images[2].shape == (3, 32, 32)
@@ -237,7 +237,7 @@ def _encoded(out: Path) -> datasets.Dataset:
 def test_encode_from_shards_under_two_processes_writes_each_latent_once(shards, model, tmp_path):
     out = tmp_path / "latents"
     args = ["encode", "--model", model, "--data", shards["pattern"], "--out", str(out), "--resolution", "32"]
-    launch_two_processes([*args, "--per-shard", "3"], port=29533, module="commands.cli")
+    launch_two_processes([*args, "--per-shard", "3"], port=29533, module="kl_ae.commands.cli")
     index = json.loads((out / "index.json").read_text())
     assert index["processes"] == 2 and {f["file"][:5] for f in index["files"]} == {"00000", "00001"}
     table = _encoded(out)

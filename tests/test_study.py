@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from commands.study import MEASURES, format_table, mean_se, paired
+from kl_ae.commands.study import MEASURES, format_table, mean_se, paired
 
 from .conftest import TINY_RUN
 
@@ -32,7 +32,7 @@ def test_differences_from_plain_are_paired_by_seed():
 
 @pytest.mark.slow
 def test_study_trains_and_evaluates_each_variant_and_seed(tmp_path):
-    from commands.cli import main as kl_ae
+    from kl_ae.commands.cli import main as kl_ae
 
     extra = [*TINY_RUN, "train.tracker=none", "train.eval_every=2", "train.checkpoint_every=2", "loss.lpips=off"]
     code = kl_ae(["study", "--out", str(tmp_path), "--variants", "plain,eq", "--seeds", "0,1", "--max-steps", "2",

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from commands.cli import main
+from kl_ae.commands.cli import main
 from kl_autoencoder import PRESETS, Autoencoder
 from kl_autoencoder.tiling import _Norms, decode_tiled, encode_tiled
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from commands.cli import main as kl_ae
+from kl_ae.commands.cli import main as kl_ae
 from kl_autoencoder import Autoencoder
 
 from .conftest import TINY_RUN, launch_two_processes
@@ -135,7 +135,7 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
 def test_lpips_precision_in_training(tmp_path, monkeypatch, autocast):
     """loss.lpips_autocast=true runs LPIPS's convolutions in bf16 inside the real step; false keeps them fp32."""
     import training.train
-    from common.lpips import LPIPS
+    from kl_ae.common.lpips import LPIPS
 
     seen = set()
 

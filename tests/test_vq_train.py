@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from commands.cli import main as kl_ae
-from common.config import ConfigError
+from kl_ae.commands.cli import main as kl_ae
+from kl_ae.common.config import ConfigError
 from kl_autoencoder import Autoencoder
 from training.config import load_config
 

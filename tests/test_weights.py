@@ -11,9 +11,9 @@ import pytest
 import torch
 import torchvision
 
-from commands.cli import main as kl_ae
-from common import weights
-from common.lpips import build_lpips
+from kl_ae.commands.cli import main as kl_ae
+from kl_ae.common import weights
+from kl_ae.common.lpips import build_lpips
 
 from .conftest import TINY_RUN
 

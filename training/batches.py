@@ -2,7 +2,7 @@
 
 Two kinds of source. A map-style table (a folder, `sample`, a downloaded hub dataset) goes through a DataLoader
 that `accelerate` prepares: it shards the seeded shuffle over processes, and a resumed run skips the batches
-of its epoch already seen (`batches_seen` in trainer_state.json). A stream (`common.stream`) is NOT prepared:
+of its epoch already seen (`batches_seen` in trainer_state.json). A stream (`kl_ae.common.stream`) is NOT prepared:
 each process reads its own shards, so `accelerate`'s sharding of an iterable would split it twice. It goes
 through a `torchdata` `StatefulDataLoader`, whose state (every worker's stream position) each process saves
 in the checkpoint, and batches are moved to the device here. (`accelerate`'s own `use_stateful_dataloader`
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from accelerate import Accelerator
 
-from common.config import ConfigError, DataConfig
+from kl_ae.common.config import ConfigError, DataConfig
 
 # torchdata 0.11 calls a torch API that recent torch versions deprecate, once per iterator
 warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
@@ -44,7 +44,7 @@ class EpochBatches:
 
 
 class StreamBatches:
-    """This process's share of a stream (`common.stream.StreamImages`) through a StatefulDataLoader."""
+    """This process's share of a stream (`kl_ae.common.stream.StreamImages`) through a StatefulDataLoader."""
 
     def __init__(self, dataset, cfg: DataConfig, device: torch.device, processes: int, seed: int):
         from torchdata.stateful_dataloader import StatefulDataLoader

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from common.config import ConfigError
-from common.runs import POINTER, STATE_FILE, checkpoint_name, find_latest_checkpoint
+from kl_ae.common.config import ConfigError
+from kl_ae.common.runs import POINTER, STATE_FILE, checkpoint_name, find_latest_checkpoint
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.diffusers_format import save_diffusers
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.config import ConfigError
+from kl_ae.common.config import ConfigError
 from training.checkpoint import CheckpointWriteError, NonFiniteError
 from training.config import TrainConfig, load_config
 

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from common.config import ConfigError, DataConfig, check_writable, merge, parse_override
-from common.transforms import TRANSFORMS
+from kl_ae.common.config import ConfigError, DataConfig, check_writable, merge, parse_override
+from kl_ae.common.transforms import TRANSFORMS
 from kl_autoencoder.diffusers_format import is_hub_name
 from kl_autoencoder.quantize import QuantizerConfig
 
@@ -267,7 +267,7 @@ class TrainConfig:
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.name[:-5] for p in importlib.resources.files("configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in importlib.resources.files("kl_ae.configs").iterdir() if p.name.endswith(".yaml"))
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -277,7 +277,7 @@ def find_recipe(name_or_path: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"--config: {name_or_path} is not a file")
         return path
-    resource = importlib.resources.files("configs") / f"{name_or_path}.yaml"
+    resource = importlib.resources.files("kl_ae.configs") / f"{name_or_path}.yaml"
     if not resource.is_file():
         names = recipe_names()
         raise ConfigError(f"--config: unknown recipe {name_or_path!r}; choose from {names} or give a YAML file")

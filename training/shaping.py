@@ -3,7 +3,7 @@
 All are off by default (`loss.*`, README "Is my latent space good for diffusion?"):
 - `eq_weight`, `eq_prob`, `eq_transforms` (EQ-VAE, Kouzelis et al. 2025; scale equivariance, Skorokhodov et al.
   2025): in a share `eq_prob` of the steps the decoder also reconstructs T(x) from T(z), T drawn uniformly from
-  `eq_transforms` (`common.transforms`: downscaling by 2, rotations), with the main loss's reconstruction and
+  `eq_transforms` (`kl_ae.common.transforms`: downscaling by 2, rotations), with the main loss's reconstruction and
   perceptual terms, weighted by `eq_weight`. `scale` downscales by a factor drawn from EQ_SCALES (EQ-VAE's
   discrete choice; `kl-ae eval` measures the factor 1/2).
 - `latent_noise` (the noisy-latent decoders of NextStep-1 and others): Gaussian noise of this std relative to the

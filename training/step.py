@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from common.transforms import apply_pair
+from kl_ae.common.transforms import apply_pair
 from kl_autoencoder import Autoencoder, QuantizerOutput
 from training.config import LossConfig
 from training.losses import (

@@ -14,7 +14,7 @@ import numpy as np
 from accelerate import Accelerator
 from PIL import Image
 
-from common.config import ConfigError
+from kl_ae.common.config import ConfigError
 
 # Accelerate's tracker names -> the pip package that provides each
 TRACKERS = {

@@ -29,12 +29,12 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common.config import ConfigError
-from common.data import build_datasets, read_skipped
-from common.lpips import autocast_dtype, build_lpips
-from common.release import export_after_training
-from common.runs import find_latest_checkpoint
-from common.stream import build_stream, is_stream
+from kl_ae.common.config import ConfigError
+from kl_ae.common.data import build_datasets, read_skipped
+from kl_ae.common.lpips import autocast_dtype, build_lpips
+from kl_ae.common.release import export_after_training
+from kl_ae.common.runs import find_latest_checkpoint
+from kl_ae.common.stream import build_stream, is_stream
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.ldm import load_ldm_checkpoint
 from training import checkpoint, shaping

@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from PIL import Image
 from torchvision.utils import make_grid
 
-from common.metrics import reconstruction_metrics
-from common.runs import checkpoint_name
+from kl_ae.common.metrics import reconstruction_metrics
+from kl_ae.common.runs import checkpoint_name
 from kl_autoencoder import Autoencoder
 from training.step import GuardedEMA
 from training.trackers import log_image

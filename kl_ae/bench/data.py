@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from commands.bench_step import images, interleaved, lpips_random, our_step_fn
+from kl_ae.bench.step import images, interleaved, lpips_random, our_step_fn
 
 
 def write_jpegs(folder: Path, count: int, resolution: int, seed: int) -> None:
     """`count` distinct JPEGs cut from the bundled photographs: random crops, shorter side 1.25x `resolution`."""
-    from common.images import list_sample_images, resize_shorter, to_rgb
+    from kl_ae.common.images import list_sample_images, resize_shorter, to_rgb
 
     photos = [resize_shorter(to_rgb(Image.open(p)), round(1.6 * resolution)) for p in list_sample_images()]
     g = torch.Generator().manual_seed(seed)
@@ -58,10 +58,10 @@ def step_seconds(preset: str, resolution: int, batch_size: int, steps: int, repe
 
 
 def bench_shards(preset: str, resolution: int, batch_size: int, steps: int, repeats: int, seed: int) -> dict:
-    from common.config import DataConfig
-    from common.data import build_datasets
-    from common.shards import write_shards
-    from common.stream import build_stream
+    from kl_ae.common.config import DataConfig
+    from kl_ae.common.data import build_datasets
+    from kl_ae.common.shards import write_shards
+    from kl_ae.common.stream import build_stream
 
     count = 32 * steps
     with tempfile.TemporaryDirectory() as tmp:

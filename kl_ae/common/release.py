@@ -24,12 +24,12 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from common.config import ConfigError, DataConfig, merge
-from common.data import build_datasets, build_val, load_images
-from common.latent_stats import channel_moments, latent_statistics
-from common.runs import find_run, latest_weights
-from common.shards import looks_like_hub_name
-from common.weights import offline_switch
+from kl_ae.common.config import ConfigError, DataConfig, merge
+from kl_ae.common.data import build_datasets, build_val, load_images
+from kl_ae.common.latent_stats import channel_moments, latent_statistics
+from kl_ae.common.runs import find_run, latest_weights
+from kl_ae.common.shards import looks_like_hub_name
+from kl_ae.common.weights import offline_switch
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.diffusers_format import WEIGHTS_NAME, find_diffusers_folder, is_hub_name, save_diffusers
 
@@ -68,7 +68,7 @@ def run_data_config(run: Path) -> tuple[DataConfig, int]:
 def measure_latents(
     model: Autoencoder, images: Dataset, batch_size: int = 8, seed: int = 0
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Latent statistics (see `common.latent_stats.latent_statistics`) of posterior samples over `images`.
+    """Latent statistics (see `kl_ae.common.latent_stats.latent_statistics`) of posterior samples over `images`.
 
     Returns (statistics, the first batch of images, its latents) for the fp16 check. Noise from one
     generator seeded with `seed`, drawn batch by batch in order. VQ: the latents before quantization.

@@ -3,7 +3,7 @@
 The `lpips` package ships its calibrated linear heads but fetches the ImageNet backbone
 (torchvision VGG16 / AlexNet) itself. We build it with a random backbone and then load the
 torchvision file ourselves, from an explicit path or the torch hub cache (downloaded there
-with its hash checked on first use, unless offline: `common.weights`), strictly, so a wrong
+with its hash checked on first use, unless offline: `kl_ae.common.weights`), strictly, so a wrong
 or truncated file is an error rather than a silently random trunk (taming / latent-diffusion
 load with strict=False).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import weights
+from kl_ae.common import weights
 
 # torchvision's file names (the hash suffix is part of the name torch.hub looks for)
 BACKBONE_FILES = {net: weights.KNOWN[f"lpips-{net}"].file for net in ("vgg", "alex")}

@@ -1,6 +1,6 @@
 """Reading images safely: listing, decoding with limits, upright RGB, resizing; the bundled sample photographs.
 
-Shared by training (`common.data`), evaluation and export, so that every path decodes an image the same way:
+Shared by training (`kl_ae.common.data`), evaluation and export, so that every path decodes an image the same way:
 EXIF orientation applied, grayscale / CMYK / 16-bit / palette converted to RGB (16-bit rescaled, not clipped),
 alpha composited on white, the header's size checked against `data.max_pixels` before any pixel is decoded.
 A file that cannot be used raises one of `DECODE_ERRORS`; `reason()` turns it into the skip log's text.

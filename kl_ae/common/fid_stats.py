@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.data import EvalImages
+from kl_ae.common.data import EvalImages
 
 
 def cache_root() -> Path:

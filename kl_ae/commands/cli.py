@@ -1,4 +1,4 @@
-"""The `kl-ae` command line. It lives in the top layer, `commands/`, the only package that may import both
+"""The `kl-ae` command line. It lives in the top layer, `kl_ae/commands/`, the only package that may import both
 `training` and `eval` (`rd.py` does too).
 
 kl-ae train  [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [section.key=value ...]
@@ -26,9 +26,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from commands.args import build_parser, model_of
-from commands.study import run_study_command
-from common.config import ConfigError
+from kl_ae.commands.args import build_parser, model_of
+from kl_ae.commands.study import run_study_command
+from kl_ae.common.config import ConfigError
 from training.checkpoint import CheckpointWriteError, NonFiniteError
 
 
@@ -42,15 +42,15 @@ def export(
 ) -> Path:
     """A complete diffusers folder (measured latent factors, force_upcast, model card with hub metadata) from a
     run's latest checkpoint (its EMA weights), or from a checkpoint or diffusers folder."""
-    from common.release import export_run
-    from common.runs import latest_weights
+    from kl_ae.common.release import export_run
+    from kl_ae.common.runs import latest_weights
 
     source = latest_weights(run_dir)
     return export_run(source, out, data=data, fp16_variant=fp16_variant, max_images=max_images, license=license)
 
 
 def run_export_command(args: argparse.Namespace) -> int:
-    from common.release import PushError, push_to_hub
+    from kl_ae.common.release import PushError, push_to_hub
 
     if args.private and not args.push_to_hub:
         raise ConfigError("--private: only with --push-to-hub REPO_ID")
@@ -72,7 +72,7 @@ def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) 
     import torch
     from PIL import Image
 
-    from common.images import to_rgb
+    from kl_ae.common.images import to_rgb
     from kl_autoencoder import Autoencoder
     from kl_autoencoder.tiling import decode_tiled, encode_tiled
 
@@ -98,7 +98,7 @@ def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) 
 
 def run_latent_command(args: argparse.Namespace) -> int:
     if args.command == "shards":  # prepares data: no model
-        from common.shards import write_shards
+        from kl_ae.common.shards import write_shards
 
         pattern = write_shards(args.folder, args.out, args.per_shard)
         print(f"shards: {pattern}\ntrain on them with --data '{pattern}'")
@@ -137,7 +137,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.command == "rd":
         import json
 
-        from commands.rd import parse_kl_weights, rate_distortion
+        from kl_ae.commands.rd import parse_kl_weights, rate_distortion
 
         if args.max_steps < 1:
             raise ConfigError(f"--max-steps: must be >= 1, got {args.max_steps}")
@@ -164,8 +164,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
 def run_bench_command(args: argparse.Namespace) -> int:
     import json
 
-    from commands.bench import BenchConfig, format_table, run_bench
-    from commands.bench_device import resolve_device
+    from kl_ae.bench.device import resolve_device
+    from kl_ae.bench.run import BenchConfig, format_table, run_bench
     from kl_autoencoder import PRESETS
 
     if args.preset not in PRESETS:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             return run_export_command(args)
         elif args.command == "fetch-weights":
-            from commands.fetch_weights import fetch_weights
+            from kl_ae.commands.fetch_weights import fetch_weights
 
             return 0 if fetch_weights(args.config, args.what) else 1
         elif args.command in ("reconstruct", "encode", "decode", "shards"):

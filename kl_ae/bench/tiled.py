@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from commands.bench_device import autocast, peak_memory_mib, reset_peak_memory, timed
+from kl_ae.bench.device import autocast, peak_memory_mib, reset_peak_memory, timed
 
 if TYPE_CHECKING:
-    from commands.bench import BenchConfig
+    from kl_ae.bench.run import BenchConfig
 
 UNTILED_MAX = {"cpu": 2048, "cuda": 4096}  # the largest size whose untiled decode (the PSNR reference) is run
 
@@ -33,7 +33,7 @@ def _model(preset: str, model: str | None, seed: int):
     if model is None:
         torch.manual_seed(seed)
         return Autoencoder(PRESETS[preset]).eval()
-    from common.runs import latest_weights
+    from kl_ae.common.runs import latest_weights
 
     return Autoencoder.from_pretrained(latest_weights(model))
 
@@ -87,7 +87,7 @@ def tiled_flops(preset: str, model: str | None, shape: tuple[int, ...], tile: in
 
 
 def _child(call: str, timeout: float) -> dict:
-    code = f"import json; from commands.bench_tiled import *; print(json.dumps({call}))"
+    code = f"import json; from kl_ae.bench.tiled import *; print(json.dumps({call}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -105,7 +105,7 @@ def _latents(cfg: BenchConfig, size: int) -> torch.Tensor:
     for a trained model), encoded tiled with estimated statistics, so that no untiled encode of a large image is
     needed. Photographs, not random latents: white-noise latents have none of the spatial correlation the
     statistics modes are about."""
-    from commands.bench import photos
+    from kl_ae.bench.run import photos
     from kl_autoencoder.tiling import encode_tiled
 
     ae = _model(cfg.preset, cfg.model, cfg.seed).to(cfg.device)

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from commands.bench_device import DTYPES, autocast, bf16_peak_tflops, gemm_peak, timed
+from kl_ae.bench.device import DTYPES, autocast, bf16_peak_tflops, gemm_peak, timed
 
 if TYPE_CHECKING:
-    from commands.bench import BenchConfig
+    from kl_ae.bench.run import BenchConfig
 
 BASELINES = ("reference", "fixed")
 
@@ -83,7 +83,7 @@ def model_pair(preset: str, seed: int, device: str = "cpu"):
 
 
 def lpips_random(dtype: torch.dtype | None = None, device: str = "cpu"):
-    from common.lpips import LPIPS
+    from kl_ae.common.lpips import LPIPS
 
     return LPIPS(net="vgg", random_backbone=True, dtype=dtype).to(device)
 
@@ -286,7 +286,7 @@ def bench_default(cfg: BenchConfig, precisions: list[str]) -> dict:
     }
     out: dict = {"config": f"{data.resolution} px, batch {data.batch_size}, {steps} steps, GAN from step "
                            f"{loss.disc_start}, no LPIPS; before: base_channels 32, disc_channels 64"}  # fmt: skip
-    from common.lpips import LPIPS
+    from kl_ae.common.lpips import LPIPS
 
     perceptual = {net: LPIPS(net=net, random_backbone=True).to(cfg.device) for net in ("vgg", "alex")}
     for prec in precisions:
@@ -348,7 +348,7 @@ def bench_peak(cfg: BenchConfig, precisions: list[str]) -> dict:
     """FLOPs of one of our steps (GAN on), achieved FLOP/s against the GEMM peak (and against the peaks of the
     precisions its parts run in: LPIPS is fp32 under bf16 unless `loss.lpips_autocast`), and the profiler's top
     ops. Step and GEMM are both timed best-of-N, the machine's best against the machine's best. On a GPU also the
-    MFU: achieved FLOP/s over the datasheet's dense bf16 peak of that GPU (commands/bench_device.py)."""
+    MFU: achieved FLOP/s over the datasheet's dense bf16 peak of that GPU (kl_ae/bench/device.py)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -361,7 +361,7 @@ def bench_peak(cfg: BenchConfig, precisions: list[str]) -> dict:
     datasheet = bf16_peak_tflops(torch.cuda.get_device_name()) if cuda else None
     if cuda:
         out["bf16_datasheet_tflop_s"] = datasheet or "not in the table: MFU not reported"
-    # by default LPIPS runs in fp32 whatever the step's precision (see common/lpips.py): its FLOPs, as the step
+    # by default LPIPS runs in fp32 whatever the step's precision (see kl_ae/common/lpips.py): its FLOPs, as the step
     # runs it (both images forward, backward to the reconstruction), are held to the fp32 peak
     lpips_counter = FlopCounterMode(display=False)
     with lpips_counter:

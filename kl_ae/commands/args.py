@@ -1,4 +1,4 @@
-"""The arguments of every `kl-ae` subcommand (`commands/cli.py` runs them)."""
+"""The arguments of every `kl-ae` subcommand (`kl_ae/commands/cli.py` runs them)."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def add_bench_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from commands.study import add_study_command
+    from kl_ae.commands.study import add_study_command
     from training.cli import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="kl-ae", description="Train and export latent-diffusion autoencoders.")

@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from commands.bench_data import bench_shards
-from commands.bench_device import autocast, device_info, peak_memory_mib, reset_peak_memory
-from commands.bench_gpu import bench_fp16, bench_maxbatch
-from commands.bench_step import (
+from kl_ae.bench.data import bench_shards
+from kl_ae.bench.device import autocast, device_info, peak_memory_mib, reset_peak_memory
+from kl_ae.bench.gpu import bench_fp16, bench_maxbatch
+from kl_ae.bench.step import (
     bench_default,
     bench_optim,
     bench_peak,
@@ -36,7 +36,7 @@ from commands.bench_step import (
     model_pair,
     our_step_fn,
 )
-from commands.bench_tiled import bench_tiled
+from kl_ae.bench.tiled import bench_tiled
 
 SECTIONS = ("train", "default", "codec", "data", "peak", "optim", "tiled", "maxbatch", "fp16")
 # tiled decoding of large images takes minutes on a CPU; maxbatch and fp16 are meant for a GPU
@@ -105,7 +105,7 @@ def peak_memory(cfg: BenchConfig) -> dict[str, float]:
     for m in ("ours", "diffusers"):
         for op in ("encode", "decode"):
             args = (cfg.preset, cfg.resolution, cfg.batch_size, m, op, cfg.seed, cfg.device)
-            code = f"from commands.bench import peak_rss_child; print(peak_rss_child(*{args!r}))"
+            code = f"from kl_ae.bench.run import peak_rss_child; print(peak_rss_child(*{args!r}))"
             running[f"{m}_{op}_peak_mib"] = subprocess.Popen(
                 [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
             )
@@ -115,7 +115,7 @@ def peak_memory(cfg: BenchConfig) -> dict[str, float]:
 def photos(resolution: int, count: int) -> torch.Tensor:
     """The bundled photographs as the trainer's `sample` source loads them, held-out ones first, shorter side
     resized to `resolution` and center-cropped: (count, 3, resolution, resolution) in [-1, 1]."""
-    from common.data import DataConfig, build_datasets
+    from kl_ae.common.data import DataConfig, build_datasets
 
     train, val = build_datasets(DataConfig(resolution=resolution, random_crop=False, hflip=False), seed=0)
     indexed = [(val, i) for i in range(len(val))] + [(train, i) for i in range(len(train))]
@@ -128,7 +128,7 @@ def codec_models(cfg: BenchConfig):
     if cfg.model is None:
         ours, theirs = model_pair(cfg.preset, cfg.seed, cfg.device)
         return ours, theirs, images(cfg.resolution, cfg.batch_size, cfg.seed + 1, cfg.device)
-    from common.runs import latest_weights
+    from kl_ae.common.runs import latest_weights
     from kl_autoencoder import Autoencoder
 
     ours = Autoencoder.from_pretrained(latest_weights(cfg.model))
@@ -190,7 +190,7 @@ def bench_codec(cfg: BenchConfig, memory: dict[str, float]) -> dict:
 
 def bench_data(cfg: BenchConfig) -> dict:
     """Images/s decoded and augmented by the default recipe's training set, against what the default step eats."""
-    from common.data import build_datasets
+    from kl_ae.common.data import build_datasets
     from kl_autoencoder import PRESETS, Autoencoder
     from training.config import TrainConfig
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from commands.bench_device import largest_batch, peak_memory_mib, reset_peak_memory, timed
-from commands.bench_step import images, interleaved, lpips_random, model_pair, our_step_fn
+from kl_ae.bench.device import largest_batch, peak_memory_mib, reset_peak_memory, timed
+from kl_ae.bench.step import images, interleaved, lpips_random, model_pair, our_step_fn
 
 if TYPE_CHECKING:
-    from commands.bench import BenchConfig
+    from kl_ae.bench.run import BenchConfig
 
 PRECISIONS = ("fp16", "bf16")
 

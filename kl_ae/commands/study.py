@@ -18,7 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
-from common.config import ConfigError
+from kl_ae.common.config import ConfigError
 from training.config import load_config
 
 # the weight-free regularizers (the VF loss needs a foundation model's weights), at settings that are documented

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 
-from common.config import ConfigError
-from common.weights import KNOWN, fetch, verify
+from kl_ae.common.config import ConfigError
+from kl_ae.common.weights import KNOWN, fetch, verify
 from training.config import load_config
 
 
 def needed(config: str | None, what: str) -> list[str]:
-    """The registry keys (`common.weights.KNOWN`) that `--what` asks for, given the recipe `--config`."""
+    """The registry keys (`kl_ae.common.weights.KNOWN`) that `--what` asks for, given the recipe `--config`."""
     names: list[str] = []
     for item in (w.strip() for w in what.split(",") if w.strip()):
         if item == "lpips":  # the recipe's backbone; `kl-ae eval` uses vgg

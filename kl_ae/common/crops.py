@@ -1,7 +1,7 @@
 """Several fixed crops per image, for latent sets from few images (`kl-ae probe` on the 14 bundled photographs).
 
 `GridCrops` cuts a k x k grid of `resolution` px crops, spread evenly over each image of a fixed set
-(`common.data.EvalImages`) resized to shorter side `resize`, corners included, and with `hflip` each crop mirrored
+(`kl_ae.common.data.EvalImages`) resized to shorter side `resize`, corners included, and with `hflip` each crop mirrored
 too: `grid.per_image` items per image, image by image (crops row-major, then the mirrored ones). When one side
 has no room (resize == resolution), the k * k crops are spread along the other side instead; a square image at
 resize == resolution gives the same crop k * k times. Deterministic: no random numbers.
@@ -15,9 +15,9 @@ import datasets
 import numpy as np
 import torch
 
-from common.config import ConfigError
-from common.data import EvalImages
-from common.images import resize_shorter, to_rgb
+from kl_ae.common.config import ConfigError
+from kl_ae.common.data import EvalImages
+from kl_ae.common.images import resize_shorter, to_rgb
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from common.config import ConfigError
 from eval.evaluate import EvalConfig, evaluate
 from eval.report import save_rd_plot
+from kl_ae.common.config import ConfigError
 from training.config import load_config
 
 # LDM's operating point (1e-6, where the KL costs almost nothing under the `sum` reduction) up to beta = 1;

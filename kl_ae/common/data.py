@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.config import ConfigError, DataConfig
-from common.images import (
+from kl_ae.common.config import ConfigError, DataConfig
+from kl_ae.common.images import (
     DECODE_ERRORS,
     SAMPLE_TRAIN,
     SAMPLE_VAL,
@@ -55,7 +55,7 @@ from common.images import (
     sample_dir,
     to_rgb,
 )
-from common.shards import files_table, fixed_table, looks_like_hub_name, shard_files
+from kl_ae.common.shards import files_table, fixed_table, looks_like_hub_name, shard_files
 
 CACHE_MAX_IMAGES = 512  # below this, decoded+resized images are kept in memory
 
@@ -332,7 +332,7 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.table)
 
     def row(self, i: int) -> int:
-        """The table row of item `i` (`common.crops.GridCrops` cuts several items from one row)."""
+        """The table row of item `i` (`kl_ae.common.crops.GridCrops` cuts several items from one row)."""
         return i
 
     def __getitem__(self, i: int) -> torch.Tensor:

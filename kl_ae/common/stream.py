@@ -1,7 +1,7 @@
 """Streamed training images: shards and hub datasets read by `datasets` streaming, split across processes and
 DataLoader workers, resumable at the exact sample.
 
-- Sources: shards (`common.shards`: webdataset `.tar` or `.parquet`, local patterns or URLs), always streamed;
+- Sources: shards (`kl_ae.common.shards`: webdataset `.tar` or `.parquet`, local patterns or URLs), always streamed;
   a hub dataset or a local hub-style folder with `data.streaming: true`. A stream has no held-out split:
   validation is the fixed set of `data.val_source`. `data.repeats` and `data.val_fraction` do not apply.
 - Sharding: `datasets.distributed.split_dataset_by_node` gives each process whole shards when their number
@@ -30,10 +30,10 @@ import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from common.config import ConfigError, DataConfig
-from common.data import build_val, crop_flip, decode_resized
-from common.images import DECODE_ERRORS, append_skips, read_skipped, reason
-from common.shards import image_of, label_of, looks_like_hub_name, open_stream, shard_files, stable_seed
+from kl_ae.common.config import ConfigError, DataConfig
+from kl_ae.common.data import build_val, crop_flip, decode_resized
+from kl_ae.common.images import DECODE_ERRORS, append_skips, read_skipped, reason
+from kl_ae.common.shards import image_of, label_of, looks_like_hub_name, open_stream, shard_files, stable_seed
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from common.weights import INCEPTION_FILE, KNOWN, cache_dir, fetch
+from kl_ae.common.weights import INCEPTION_FILE, KNOWN, cache_dir, fetch
 
 # the file torch-fidelity's FeatureExtractorInceptionV3 fetches with torch.hub.load_state_dict_from_url,
 # which saves it under the URL's file name in torch.hub.get_dir()/checkpoints
@@ -91,7 +91,7 @@ def fid_implementation() -> dict:
         "features": "torchmetrics NoTrainInceptionV3('inception-v3-compat'), 2048-d pool features of uint8 images "
         "resized to 299 inside the network (torch-fidelity's port of TF-FID's inception-2015-12-05)",
         "weights": INCEPTION_FILE,
-        "distance": "frechet_distance in common/metrics.py (float64, trace of sqrt via eigenvalues of S_a S_b)",
+        "distance": "frechet_distance in kl_ae/common/metrics.py (float64, trace of sqrt via eigenvalues of S_a S_b)",
         "torchmetrics": _version("torchmetrics"),
         "torch_fidelity": _version("torch-fidelity"),
     }

@@ -25,8 +25,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from common.config import ConfigError, DataConfig
-from common.images import IMAGE_SUFFIXES, SAMPLE_VAL, list_images, sample_dir
+from kl_ae.common.config import ConfigError, DataConfig
+from kl_ae.common.images import IMAGE_SUFFIXES, SAMPLE_VAL, list_images, sample_dir
 
 # the members / columns an image is taken from, first present wins (after data.image_column)
 IMAGE_KEYS = tuple(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
