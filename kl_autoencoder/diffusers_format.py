@@ -6,6 +6,7 @@ A diffusers folder is `config.json` + `diffusion_pytorch_model.safetensors`; it 
 functions are the one place for renames. A name that is not a local path but looks like a hub repo
 (`org/name`, or `org/name/subfolder` for a VAE inside a pipeline repo) is fetched with `huggingface_hub`:
 only its config and safetensors weights, into the hub cache (offline with `HF_HUB_OFFLINE=1`: from there).
+Which folder a run or checkpoint folder means is `folders.py`'s; this module imports only `config.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .model import Autoencoder, AutoencoderConfig
+from .config import AutoencoderConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -233,22 +234,19 @@ def from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def save_diffusers(
-    model: Autoencoder | tuple[AutoencoderConfig, dict[str, torch.Tensor]],
+    model: torch.nn.Module | tuple[AutoencoderConfig, dict[str, torch.Tensor]],
     out_dir: str | Path,
     extra_config: dict | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `model` (or a `(config, state_dict)` pair, e.g. EMA weights) as a diffusers folder.
+    """Write `model` (an `Autoencoder`, or a `(config, state_dict)` pair, e.g. EMA weights) as a diffusers folder.
 
     extra_config is merged over the config (e.g. a measured scaling_factor); its keys must be AutoencoderKL (or
     VQModel) arguments or start with "_", so that the folder still loads here and in diffusers. dtype (e.g.
     torch.float16) casts the floating-point weights of the written file only. A VQ model's training statistics
     are not written (they are not in its state_dict; see `Autoencoder.quantizer_state`).
     """
-    if isinstance(model, Autoencoder):
-        cfg, sd = model.config, model.state_dict()
-    else:
-        cfg, sd = model
+    cfg, sd = model if isinstance(model, tuple) else (model.config, model.state_dict())
     config = to_diffusers_config(cfg)
     extra_config = dict(extra_config or {})
     class_name = config["_class_name"]
@@ -278,8 +276,9 @@ def _describe(keys: set[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_diffusers(path: str | Path) -> tuple[AutoencoderConfig, dict[str, torch.Tensor]]:
-    """Read a diffusers AutoencoderKL or VQModel folder; strict: missing, unexpected or mis-shaped keys raise."""
+def read_diffusers(path: str | Path) -> tuple[AutoencoderConfig, dict[str, torch.Tensor]]:
+    """The config and state dict of a diffusers AutoencoderKL or VQModel folder, keys not yet checked against the
+    model (`kl_autoencoder.load_diffusers` checks them strictly)."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
@@ -295,9 +294,11 @@ def load_diffusers(path: str | Path) -> tuple[AutoencoderConfig, dict[str, torch
         sd = from_diffusers_state_dict(load_file(str(weights_file)))
     except Exception as e:  # safetensors raises its own error type for a truncated or corrupt file
         raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return cfg, sd
 
-    with torch.device("meta"):  # shapes only, no memory or init time
-        expected = {k: v.shape for k, v in Autoencoder(cfg).state_dict().items()}
+
+def state_dict_problems(sd: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> str:
+    """What keeps `sd` from loading strictly into a model whose state dict has the shapes `expected`; "" if nothing."""
     missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
     problems = []
     if missing:
@@ -307,12 +308,10 @@ def load_diffusers(path: str | Path) -> tuple[AutoencoderConfig, dict[str, torch
     wrong = {f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in sd and sd[k].shape != s}
     if wrong:
         problems.append(f"shape mismatches: {_describe(wrong)}")
-    if problems:
-        raise ValueError(f"{weights_file} does not match its {CONFIG_NAME}; " + "; ".join(problems))
-    return cfg, sd
+    return "; ".join(problems)
 
 
-def _is_diffusers_folder(path: Path) -> bool:
+def is_diffusers_folder(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
 
 
@@ -341,40 +340,7 @@ def download_from_hub(name: str) -> Path:
             f"({type(e).__name__}: {first})"
         ) from None
     folder = Path(root) / subfolder
-    if not _is_diffusers_folder(folder):
+    if not is_diffusers_folder(folder):
         hint = "" if subfolder else " (a VAE inside a pipeline repo: add its subfolder, e.g. --subfolder vae)"
         raise FileNotFoundError(f"hub repo {repo_id!r} has no {prefix}{CONFIG_NAME} + {prefix}{WEIGHTS_NAME}{hint}")
     return folder
-
-
-def find_diffusers_folder(path: str | Path, subfolder: str | None = None) -> Path:
-    """Resolve a diffusers folder, a run folder, a checkpoint folder or a hub name to the diffusers folder.
-
-    Run folder: `<run>/diffusers` if present, else the checkpoint named in `<run>/checkpoints/latest`.
-    Checkpoint folder: its `autoencoder/` subfolder (written by `Autoencoder.save_pretrained`).
-    Hub name `org/name[/subfolder]`: downloaded (`download_from_hub`). `subfolder` is appended to either.
-    """
-    if subfolder:
-        path = f"{str(path).rstrip('/')}/{subfolder.strip('/')}"
-    if is_hub_name(path):
-        return download_from_hub(str(path))
-    path = Path(path)
-    looked = [str(path)]
-    if _is_diffusers_folder(path):
-        return path
-    looked.append(str(path / "diffusers"))
-    if _is_diffusers_folder(path / "diffusers"):
-        return path / "diffusers"
-    checkpoint = path
-    pointer = path / "checkpoints" / "latest"
-    if pointer.is_file():
-        checkpoint = path / "checkpoints" / pointer.read_text().strip()
-    looked.append(str(checkpoint / "autoencoder"))
-    if _is_diffusers_folder(checkpoint / "autoencoder"):
-        return checkpoint / "autoencoder"
-    hint = " (a pipeline folder: add --subfolder vae)" if _is_diffusers_folder(path / "vae") else ""
-    raise FileNotFoundError(
-        f"no autoencoder weights found at {path}: looked for {CONFIG_NAME} + {WEIGHTS_NAME} in "
-        + ", ".join(looked)
-        + hint
-    )

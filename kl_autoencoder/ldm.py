@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .model import AutoencoderConfig
+from .config import AutoencoderConfig
 
 _PREFIXES = ("first_stage_model.", "vae.")  # full SD checkpoints; some single-file VAEs
 _RESNET = {"nin_shortcut": "conv_shortcut"}

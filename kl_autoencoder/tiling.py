@@ -264,32 +264,20 @@ def _check(name: str, tile: int, overlap: int, factor: int, norm: str) -> None:
         raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
 
 
-def _norm_arg(norm: str | None, global_norm: bool | None) -> str:
-    """`norm`, or the older `global_norm` flag (True = "exact", False = "tile"); "exact" by default."""
-    if global_norm is not None:
-        if norm is not None:
-            raise ValueError("pass norm or global_norm, not both")
-        return "exact" if global_norm else "tile"
-    return "exact" if norm is None else norm
-
-
 @torch.no_grad()
 def encode_tiled(
     model: Autoencoder,
     x: torch.Tensor,
     tile: int = 256,
     overlap: int | None = None,
-    norm: str | None = None,
-    *,
-    global_norm: bool | None = None,
+    norm: str = "exact",
 ) -> DiagonalGaussian | Latents:
     """`model.encode(x)` tile by tile: x (B, C, H, W), H and W multiples of the factor; tile, overlap in pixels.
 
     overlap defaults to tile // 2 (on a multiple of the factor); norm: "exact" (default), "estimate" or "tile",
-    see the module docstring (global_norm=True/False is the older spelling of "exact"/"tile").
+    see the module docstring.
     """
     f = model.config.downsample_factor
-    norm = _norm_arg(norm, global_norm)
     overlap = tile // 2 // f * f if overlap is None else overlap
     _check("encode_tiled", tile, overlap, f, norm)
     if x.shape[2] % f or x.shape[3] % f:
@@ -317,16 +305,13 @@ def decode_tiled(
     z: torch.Tensor,
     tile: int = 256,
     overlap: int | None = None,
-    norm: str | None = None,
-    *,
-    global_norm: bool | None = None,
+    norm: str = "exact",
 ) -> torch.Tensor:
     """`model.decode(z)` tile by tile; tile and overlap in output pixels (multiples of the factor).
 
     overlap defaults to tile // 2; norm as in `encode_tiled`. Returns images (B, out_channels, h*f, w*f).
     """
     f = model.config.downsample_factor
-    norm = _norm_arg(norm, global_norm)
     overlap = tile // 2 // f * f if overlap is None else overlap
     _check("decode_tiled", tile, overlap, f, norm)
     dec = model.decoder

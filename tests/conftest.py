@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -57,8 +58,18 @@ TINY_RUN = ["model.base_channels=16", "model.norm_num_groups=8", "data.resolutio
             "data.batch_size=2", "data.repeats=2"]  # fmt: skip
 
 
-def launch_two_processes(args: list[str], port: int, module: str = "training.train", env: dict | None = None):
-    """`accelerate launch` of `python -m MODULE ARGS` as two real CPU processes.
+def free_port() -> int:
+    """A TCP port no process listens on now: every launch gets its own, so no two tests share one (a fixed port
+    can still be in TIME_WAIT from the test before, or taken by a run beside this one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(args: list[str], module: str = "training.train", env: dict | None = None):
+    """`accelerate launch` of `python -m MODULE ARGS` as two real CPU processes, on a free port.
 
     `--cpu --num_processes 2` (or a MULTI_CPU config file) silently starts one process; this form starts two.
     """
@@ -68,12 +79,57 @@ def launch_two_processes(args: list[str], port: int, module: str = "training.tra
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", module, *args,
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", module, *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+# the training operations' run: TINY_RUN, every piece of the loop at least once in a few steps, fp32, no LPIPS;
+# no diffusers export at the end (a test of the export adds train.export=true)
+TINY = [
+    *TINY_RUN,
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.sample_every=100",
+    "train.checkpoint_every=3",
+    "train.tracker=none",
+    "train.mixed_precision=no",
+    "loss.disc_start=2",
+    "loss.disc_channels=8",
+    "loss.disc_norm=batch",
+    "loss.lpips=off",
+    "loss.learn_logvar=true",
+    "train.export=false",
+]
+
+
+def run(out, steps: int, *extra: str) -> dict:
+    """Train the TINY run in this process into `out` for `steps` steps (resuming what is there); its summary."""
+    from training.config import load_config
+    from training.train import main as train_main
+
+    return train_main(load_config(None, [*TINY, f"out_dir={out}", f"train.max_steps={steps}", *extra]))
+
+
+def checkpoint_tensors(folder) -> dict[str, torch.Tensor]:
+    """Everything a checkpoint holds as tensors: both models, both optimizers, EMA, schedulers."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        out |= {f"{f.stem}/{k}": v for k, v in load_file(f).items()}
+    for f in sorted(folder.glob("optimizer*.bin")):
+        state = torch.load(f, weights_only=True)["state"]
+        out |= {f"{f.stem}/{i}/{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
+    ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
+    out |= {f"ema/{i}": v for i, v in enumerate(ema["shadow_params"])}
+    out["ema/step"] = torch.tensor(ema["optimization_step"])
+    for f in sorted(folder.glob("scheduler*.bin")):
+        out[f.stem] = torch.tensor(torch.load(f, weights_only=False)["last_epoch"])
+    return out
 
 
 class Spoiled(torch.utils.data.Dataset):
@@ -93,3 +149,48 @@ class Spoiled(torch.utils.data.Dataset):
         x = self.inner[i]
         self.calls += 1
         return self.spoil(x) if self.start < self.calls <= self.stop else x
+
+
+# Tiny random models of every autoencoder family diffusers ships, for the family tests and the commands' tests.
+_SD = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+           block_out_channels=(8, 16), norm_num_groups=4, sample_size=32)  # fmt: skip
+_DC_BLOCKS = ("ResBlock", "EfficientViTBlock")
+_VIDEO = dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+              latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])  # fmt: skip
+# test name -> (diffusers class, tiny config): 32 px images, f2 (RAE: 4 px patches), a few channels
+FAMILY_CONFIGS = {
+    "flux2": ("AutoencoderKLFlux2", dict(_SD, decoder_block_out_channels=(8, 8), latent_channels=4)),
+    "dc-ae": ("AutoencoderDC", dict(latent_channels=4, attention_head_dim=4, encoder_block_types=_DC_BLOCKS,
+              decoder_block_types=_DC_BLOCKS, encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
+              encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)),
+              decoder_qkv_multiscales=((), (5,)), scaling_factor=0.41)),
+    "qwen-image": ("AutoencoderKLQwenImage", _VIDEO),
+    "wan": ("AutoencoderKLWan", dict(_VIDEO, scale_factor_spatial=2)),
+    "hunyuan-image": ("AutoencoderKLHunyuanImage", dict(in_channels=3, out_channels=3, latent_channels=8,
+                      block_out_channels=(32, 32), layers_per_block=1, spatial_compression_ratio=2, sample_size=32,
+                      scaling_factor=0.75)),  # GroupNorm(32) is fixed in this class: width 32
+    "rae": ("AutoencoderRAE", dict(encoder_hidden_size=64, encoder_patch_size=8, encoder_num_hidden_layers=1,
+            decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+            decoder_intermediate_size=64, patch_size=4, encoder_input_size=64)),  # a random 1-layer DINOv2, 8x8 tokens
+    "sd": ("AutoencoderKL", dict(_SD, latent_channels=4, scaling_factor=0.18215)),  # SD 1.x / SDXL: quant convs
+    # SD3 / FLUX.1: 16 channels, no quant convs, a shift
+    "sd3": ("AutoencoderKL", dict(_SD, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.1, scaling_factor=0.5)),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def family_folders(tmp_path_factory) -> dict[str, Path]:
+    """Each tiny model, saved by diffusers itself; FLUX.2's BatchNorm statistics set to something not trivial."""
+    import diffusers
+
+    out = {}
+    for name, (class_name, config) in FAMILY_CONFIGS.items():
+        torch.manual_seed(0)
+        module = getattr(diffusers, class_name)(**config)
+        if name == "flux2":
+            module.bn.running_mean.uniform_(-0.5, 0.5)
+            module.bn.running_var.uniform_(0.5, 2.0)
+        out[name] = tmp_path_factory.mktemp(name)
+        module.save_pretrained(out[name])
+    return out

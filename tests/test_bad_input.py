@@ -12,7 +12,8 @@ from kl_autoencoder import PRESETS, Autoencoder
 from .conftest import TINY_RUN
 
 TINY = [*TINY_RUN, "train.log_every=1", "train.eval_every=100", "train.sample_every=100",
-        "train.checkpoint_every=2", "train.tracker=none", "loss.lpips=off", "loss.disc_start=100"]  # fmt: skip
+        "train.checkpoint_every=2", "train.tracker=none", "loss.lpips=off", "loss.disc_start=100",
+        "train.export=false"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ import pytest
 
 from kl_ae.commands.cli import main
 
+from .conftest import tiny
+
 
 def _numbers(d: dict, prefix: str = ""):
     for k, v in d.items():
@@ -58,7 +60,7 @@ def test_bench_tiny(tmp_path):
 def test_bench_codec_on_a_trained_model_uses_its_weights_and_the_photos(tmp_path):
     import torch
 
-    from kl_ae.bench.run import photos
+    from kl_ae.bench.common import photos
     from kl_autoencoder import PRESETS, Autoencoder
 
     torch.manual_seed(3)
@@ -124,10 +126,11 @@ def test_gpu_script_runs_its_steps_at_toy_sizes_on_a_cpu(tmp_path):
     the figures BENCHMARKS.md takes."""
     import os
     import subprocess
+    import sys
 
     toy = "DEVICE=cpu PRESET=tiny RES=32 BIG=64 BATCH=2 MAX_BATCH=4 TILED_SIZES=64 TILE=32 OVERLAP=8 STEPS=1 REPEATS=1"
     toy += " TIME_SCALE=20"  # a CPU shared with other jobs
-    env = {**os.environ, **dict(kv.split("=") for kv in toy.split())}
+    env = {**os.environ, **dict(kv.split("=") for kv in toy.split()), "PYTHON": sys.executable}  # this interpreter
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(tmp_path)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=1800)  # fmt: skip
@@ -141,20 +144,73 @@ def test_gpu_script_runs_its_steps_at_toy_sizes_on_a_cpu(tmp_path):
     assert "| n/a |" not in summary.split("| tiled decode")[0].replace("MFU vs the bf16 datasheet peak | n/a", "")
 
 
-def test_bench_default_times_the_default_runs_step_against_the_previous_one():
-    """`--what default`: the recipe's own step (its preset, resolution, batch, discriminator width) and the
-    previous default's (32 base channels, a 64-channel discriminator), and each run's step time weighted by the
-    steps the recipe spends without and with the GAN."""
-    from kl_ae.bench.run import BenchConfig, run_bench
+def test_bench_default_times_the_default_runs_step():
+    """`--what default`: the recipe's own step (its preset, resolution, batch, discriminator width) without and
+    with the GAN, and the run's step time: those two weighted by the steps the recipe spends in each."""
+    from kl_ae.bench.common import BenchConfig
+    from kl_ae.bench.run import run_bench
     from training.config import TrainConfig
 
     result = run_bench(BenchConfig(preset="tiny", what=("default",), precision="fp32", steps=1, repeats=1))["default"]
     recipe = TrainConfig()
     b, start, total = recipe.data.batch_size, recipe.loss.disc_start, recipe.train.max_steps
-    for arm in ("default", "before"):
-        nogan, gan = result[f"{arm}_fp32_nogan_img_s"], result[f"{arm}_fp32_gan_img_s"]
-        assert result[f"{arm}_fp32_run_step_seconds"] == pytest.approx(start * b / nogan + (total - start) * b / gan)
-    speedup = result["before_fp32_run_step_seconds"] / result["default_fp32_run_step_seconds"]
-    assert result["speedup_fp32"] == pytest.approx(speedup)
+    nogan, gan = result["default_fp32_nogan_img_s"], result["default_fp32_gan_img_s"]
+    assert result["default_fp32_run_step_seconds"] == pytest.approx(start * b / nogan + (total - start) * b / gan)
     assert result["default_lpips_vgg_fp32_nogan_img_s"] > 0 and result["default_lpips_alex_fp32_nogan_img_s"] > 0
-    assert "64 px, batch 8" in result["config"] and "base_channels 32, disc_channels 64" in result["config"]
+    assert "64 px, batch 8" in result["config"]
+
+
+def test_the_bench_times_the_trainers_step(monkeypatch):
+    """`kl-ae bench` calls the trainer's own step (`training.step.TrainStep`)."""
+    import torch
+
+    import training.step
+    from kl_ae.bench.common import images
+    from kl_ae.bench.step import our_step_fn
+    from kl_autoencoder import Autoencoder
+
+    calls = []
+    real = training.step.TrainStep.__call__
+    monkeypatch.setattr(training.step.TrainStep, "__call__", lambda *a: calls.append(a[3]) or real(*a))
+    torch.manual_seed(0)
+    for gan in (False, True):
+        our_step_fn(Autoencoder(tiny("tiny")), images(32, 2, 0), "fp32", gan, None, disc_channels=8)()
+    assert [schedule.disc_factor for schedule in calls] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_the_benchs_stand_in_for_accelerate_trains_as_accelerate_does(precision):
+    """The bench runs the step with `LocalAccelerator` (several precisions in one process); two steps with it, GAN
+    and EMA on, leave the same weights as two with an `Accelerator`, bit for bit, in fp32 and under bf16 autocast."""
+    import torch
+    from accelerate import Accelerator
+
+    from kl_ae.bench.common import images
+    from kl_ae.bench.step import LocalAccelerator
+    from kl_autoencoder import Autoencoder
+    from training.config import LossConfig
+    from training.discriminator import PatchDiscriminator
+    from training.step import AutoencoderWithLoss, GuardedEMA, StepModules, StepSchedule, TrainStep, adamw
+
+    x = images(32, 2, 0)
+
+    def two_steps(accelerator, prepare):
+        torch.manual_seed(0)
+        ae = Autoencoder(tiny("tiny"))
+        model, disc = AutoencoderWithLoss(ae, True, 0.0), PatchDiscriminator(base_channels=8, norm="group")
+        opt_g, opt_d = adamw(model.parameters(), lr=1e-3), adamw(disc.parameters(), lr=1e-3)
+        ema = GuardedEMA(ae.parameters(), decay=0.9)
+        modules = StepModules(*prepare(model, disc, opt_g, opt_d), ema=ema)
+        step = TrainStep(accelerator, modules, LossConfig(kl_weight=1e-2), grad_clip=1.0, fp16=False)
+        torch.manual_seed(1)
+        for _ in range(2):
+            step(x, None, StepSchedule(disc_factor=0.5))
+        return [*model.parameters(), *disc.parameters(), *ema.shadow_params]
+
+    local = LocalAccelerator("fp32" if precision == "no" else precision, "cpu")
+    ours = two_steps(
+        local, lambda m, d, g, o: (*map(local.prepare_module, (m, d)), *map(local.prepare_optimizer, (g, o)))
+    )
+    accelerator = Accelerator(cpu=True, mixed_precision=precision)
+    theirs = two_steps(accelerator, accelerator.prepare)
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from kl_ae.common.config import DataConfig
-from kl_ae.common.data import build_datasets
+from kl_ae.common.data import build_datasets, load_images
 from kl_ae.common.images import SAMPLE_TRAIN, SAMPLE_VAL, list_sample_images, to_rgb
 
 
@@ -217,3 +217,16 @@ def test_hub_source_without_network(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ValueError, match="could not be loaded from the Hugging Face hub"):
         build_datasets(cfg, seed=0)
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_fixed_split_of_a_run_is_the_trainers_split(tmp_path, split):
+    """`load_images(..., folder_split=True)` (probe, encode --split) with the run's data section: the run's
+    non-default val_fraction holds out 2 of 40 images, exactly the trainer's validation images (default: 4)."""
+    for i in range(40):
+        Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    run_data = DataConfig(source=str(tmp_path), resolution=8, val_fraction=0.05)
+    trainer = build_datasets(run_data, seed=3)[0 if split == "train" else 1]
+    images = load_images(str(tmp_path), 8, split, 8, seed=3, folder_split=True, run_data=run_data)
+    assert len(trainer.paths()) == (2 if split == "val" else 38)
+    assert [v["path"] for v in images.table[images.column]] == trainer.paths()

@@ -234,19 +234,29 @@ def test_extra_config_keys_are_checked(tmp_path):
 def test_from_pretrained_resolves_run_and_checkpoint_folders(tmp_path):
     model = perturbed(Autoencoder(tiny("tiny")))
     run = tmp_path / "run"
-    # a checkpoint folder: <ckpt>/autoencoder/, found through <run>/checkpoints/latest
-    for step in ("step_000050", "step_000100"):
+    # a checkpoint folder: <ckpt>/autoencoder/, found through <run>/checkpoints/latest; trainer_state.json marks
+    # it complete
+    for step in ("step_0000050", "step_0000100"):
         model.save_pretrained(run / "checkpoints" / step / "autoencoder")
-    (run / "checkpoints" / "step_000050" / "autoencoder" / "config.json").unlink()  # only the latest is valid
-    (run / "checkpoints" / "latest").write_text("step_000100\n")
-    assert find_diffusers_folder(run) == run / "checkpoints" / "step_000100" / "autoencoder"
-    assert find_diffusers_folder(run / "checkpoints" / "step_000100") == run / "checkpoints/step_000100/autoencoder"
+        (run / "checkpoints" / step / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "step_0000050" / "autoencoder" / "config.json").unlink()  # only the latest is valid
+    (run / "checkpoints" / "latest").write_text("step_0000100\n")
+    latest = run / "checkpoints" / "step_0000100" / "autoencoder"
+    assert find_diffusers_folder(run) == latest
+    assert find_diffusers_folder(run / "checkpoints" / "step_0000100") == latest
     loaded = Autoencoder.from_pretrained(run)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    # an exported run: <run>/diffusers wins over checkpoints
-    save_diffusers(model, run / "diffusers")
+    # an exported run: <run>/diffusers wins when it was exported from the latest checkpoint's step (or later) ...
+    save_diffusers(model, run / "diffusers", extra_config={"_kl_ae_export": {"step": 100}})
     assert find_diffusers_folder(run) == run / "diffusers"
     assert find_diffusers_folder(run / "diffusers") == run / "diffusers"
+    # ... and not when the checkpoint is newer, nor when its step is unknown
+    save_diffusers(model, run / "diffusers", extra_config={"_kl_ae_export": {"step": 99}})
+    assert find_diffusers_folder(run) == latest
+    save_diffusers(model, run / "diffusers")
+    assert find_diffusers_folder(run) == latest
+    (run / "checkpoints" / "step_0000100" / "trainer_state.json").unlink()  # an incomplete checkpoint is no weights
+    assert find_diffusers_folder(run) == run / "diffusers"
     with pytest.raises(FileNotFoundError, match="config.json.*empty"):
         Autoencoder.from_pretrained(tmp_path / "empty")
 

@@ -120,7 +120,7 @@ def test_resume_is_exact_on_the_gpu(tmp_path, monkeypatch, capsys):
     cuDNN's and the math attention; the default ones may sum in a different order on every run)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .test_operations import checkpoint_tensors, run
+    from .conftest import checkpoint_tensors, run
 
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)

@@ -20,7 +20,7 @@ from training.losses import (
     nll_loss,
     reconstruction_error,
 )
-from training.step import Generator, discriminator_objective, generator_objective
+from training.step import AutoencoderWithLoss, Forward, StepSchedule, discriminator_objective, generator_objective
 
 LOGITS_REAL = torch.tensor([[2.0, -0.5], [0.3, 1.5]])
 LOGITS_FAKE = torch.tensor([[-1.5, 0.2], [0.9, -3.0]])
@@ -28,6 +28,12 @@ LOGITS_FAKE = torch.tensor([[-1.5, 0.2], [0.9, -3.0]])
 
 def sigmoid_log(x):
     return torch.log(torch.sigmoid(x))
+
+
+def objective(gen, x, out, disc, lpips, cfg, step):
+    """The generator objective of `gen`'s forward `out` on x at `step`, with the schedule the loop gives it."""
+    fwd = Forward(x, *out)
+    return generator_objective(fwd, gen.loss_inputs(disc, lpips), cfg, StepSchedule.at(step, cfg))
 
 
 def test_hinge_losses_closed_form():
@@ -119,11 +125,11 @@ def test_adaptive_weight_equals_ldm_computation():
 def parts():
     torch.manual_seed(0)
     cfg = dataclasses.replace(PRESETS["tiny"], base_channels=8, norm_num_groups=4)
-    gen = Generator(Autoencoder(cfg), learn_logvar=True, logvar_init=0.0)
+    gen = AutoencoderWithLoss(Autoencoder(cfg), learn_logvar=True, logvar_init=0.0)
     disc = PatchDiscriminator(base_channels=8, n_layers=2, norm="group")
     lpips = LPIPS(net="alex", random_backbone=True)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    loss_cfg = LossConfig(disc_start=0, kl_weight=1e-6)
+    loss_cfg = LossConfig(disc_start=0, disc_ramp=0, kl_weight=1e-6)
     return gen, disc, lpips, x, loss_cfg
 
 
@@ -133,30 +139,28 @@ def _decoder_grad(gen):
 
 def test_perceptual_and_adversarial_terms_reach_the_decoder(parts):
     gen, disc, lpips, x, loss_cfg = parts
-    recon, post, _ = gen(x)
+    out = gen(x)
+    recon = out[0]
     # each term alone: perceptual only (no L1, no D), then adversarial only
     p_cfg = dataclasses.replace(loss_cfg, disc_start=10**9)
     error = lpips(x, recon).sum()
     error.backward(retain_graph=True)
     assert _decoder_grad(gen).abs().sum() > 0
     gen.zero_grad()
-    loss, logs, factor = generator_objective(
-        x, recon, post, gen.logvar, lpips, disc, gen.autoencoder.last_layer, loss_cfg, step=0
-    )
-    assert factor == 1.0 and "train/g_adv" in logs and logs["train/d_weight"] > 0
+    loss, logs = objective(gen, x, out, disc, lpips, loss_cfg, step=0)
+    assert StepSchedule.at(0, loss_cfg).disc_factor == 1.0 and "train/g_adv" in logs and logs["train/d_weight"] > 0
     adv = generator_adv_loss(disc(recon), loss_cfg.gan_loss)
     grads = torch.autograd.grad(adv, list(gen.autoencoder.decoder.parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     # the perceptual term is in the objective: it changes when LPIPS is dropped
-    no_p, _, _ = generator_objective(x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, p_cfg, 0)
-    with_p, _, _ = generator_objective(x, recon, post, gen.logvar, lpips, disc, gen.autoencoder.last_layer, p_cfg, 0)
+    no_p, _ = objective(gen, x, out, disc, None, p_cfg, 0)
+    with_p, _ = objective(gen, x, out, disc, lpips, p_cfg, 0)
     assert with_p > no_p
 
 
 def test_generator_update_leaves_discriminator_alone(parts):
     gen, disc, lpips, x, loss_cfg = parts
-    recon, post, _ = gen(x)
-    loss, _, _ = generator_objective(x, recon, post, gen.logvar, lpips, disc, gen.autoencoder.last_layer, loss_cfg, 0)
+    loss, _ = objective(gen, x, gen(x), disc, lpips, loss_cfg, 0)
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())
     assert all(p.requires_grad for p in disc.parameters())  # unfrozen again for its own update
@@ -165,8 +169,9 @@ def test_generator_update_leaves_discriminator_alone(parts):
 
 def test_discriminator_update_leaves_autoencoder_gradients_untouched(parts):
     gen, disc, lpips, x, loss_cfg = parts
-    recon, post, _ = gen(x)
-    loss, _, _ = generator_objective(x, recon, post, gen.logvar, lpips, disc, gen.autoencoder.last_layer, loss_cfg, 0)
+    out = gen(x)
+    recon = out[0]
+    loss, _ = objective(gen, x, out, disc, lpips, loss_cfg, 0)
     loss.backward()
     before = {n: p.grad.clone() for n, p in gen.named_parameters() if p.grad is not None}
     d_loss, logs = discriminator_objective(x, recon, disc, loss_cfg, factor=1.0)
@@ -185,15 +190,14 @@ def test_learned_logvar_gets_gradient_and_moves(parts):
     assert any(p is gen.logvar for g in opt.param_groups for p in g["params"])
     start = gen.logvar.item()
     for _ in range(3):
-        recon, post, _ = gen(x)
-        loss, logs, _ = generator_objective(x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, cfg, 0)
+        loss, logs = objective(gen, x, gen(x), disc, None, cfg, 0)
         loss.backward()
         assert gen.logvar.grad is not None and gen.logvar.grad != 0
         opt.step()
         opt.zero_grad()
     assert gen.logvar.item() != start
     # and it is a fixed buffer-like parameter when not learned
-    assert not Generator(gen.autoencoder, learn_logvar=False, logvar_init=0.0).logvar.requires_grad
+    assert not AutoencoderWithLoss(gen.autoencoder, learn_logvar=False, logvar_init=0.0).logvar.requires_grad
 
 
 def test_no_discriminator_before_disc_start(parts):
@@ -201,10 +205,10 @@ def test_no_discriminator_before_disc_start(parts):
     calls = []
     disc.register_forward_hook(lambda *a: calls.append(1))
     cfg = dataclasses.replace(loss_cfg, disc_start=5)
-    recon, post, _ = gen(x)
-    _, logs, factor = generator_objective(x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, cfg, 4)
-    assert factor == 0.0 and not calls and "train/g_adv" not in logs
-    generator_objective(x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, cfg, 5)
+    out = gen(x)
+    _, logs = objective(gen, x, out, disc, None, cfg, 4)
+    assert StepSchedule.at(4, cfg).disc_factor == 0.0 and not calls and "train/g_adv" not in logs
+    objective(gen, x, out, disc, None, cfg, 5)
     assert calls
 
 
@@ -215,15 +219,17 @@ def test_adversarial_objective_has_the_gradients_of_ldm_loss(parts, vq):
     gen, disc, lpips, x, loss_cfg = parts
     if vq:
         torch.manual_seed(0)
-        gen = Generator(Autoencoder(dataclasses.replace(PRESETS["tiny-vq"], base_channels=8, norm_num_groups=4)),
-                        learn_logvar=True, logvar_init=0.0)  # fmt: skip
+        gen = AutoencoderWithLoss(Autoencoder(dataclasses.replace(PRESETS["tiny-vq"], base_channels=8,
+                                  norm_num_groups=4)), learn_logvar=True, logvar_init=0.0)  # fmt: skip
         gen.autoencoder.quantize.embedding.weight.requires_grad_(True)
     cfg = dataclasses.replace(loss_cfg, disc_ramp=4, disc_weight=0.7, codebook_weight=1.0)
     gen.train()
     torch.manual_seed(1)
-    recon, post, _ = gen(x)
+    out = gen(x)
+    recon, post, _ = out
     last = gen.autoencoder.last_layer
-    loss, logs, factor = generator_objective(x, recon, post, gen.logvar, lpips, disc, last, cfg, 1)
+    loss, logs = objective(gen, x, out, disc, lpips, cfg, 1)
+    factor = StepSchedule.at(1, cfg).disc_factor
     assert 0 < factor < 1
     params = [p for p in gen.parameters() if p.requires_grad]
     ours = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -244,3 +250,27 @@ def test_adversarial_objective_has_the_gradients_of_ldm_loss(parts, vq):
     assert a.numel() >= 0.9 * sum(p.numel() for p in params)  # encoder, decoder, logvar (not an EMA codebook)
     # equal up to fp32 summation order (biases before a GroupNorm have a gradient of ~0 plus rounding)
     assert (a - b).norm() <= 1e-5 * b.norm() and (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("disc_factor", [0.0, 0.5], ids=["no-gan", "gan"])
+def test_the_kl_term_pulls_the_posterior_towards_the_prior(parts, disc_factor):
+    """The objective's KL term is +kl_weight x KL: its gradient at the encoder's moments is KL's own (a step
+    against it lowers the KL), and it adds kl_weight x KL to the logged loss. At a weight where it shows (the
+    LDM-equality test above runs at 1e-6, below its tolerance), with and without the adversarial term."""
+    gen, disc, lpips, x, loss_cfg = parts
+    out = gen(x)
+    post = out[1]
+    schedule = StepSchedule(disc_factor=disc_factor)
+
+    def at_moments(kl_weight):
+        cfg = dataclasses.replace(loss_cfg, kl_weight=kl_weight)
+        loss, logs = generator_objective(Forward(x, *out), gen.loss_inputs(disc, lpips), cfg, schedule)
+        return torch.autograd.grad(loss, post.moments, retain_graph=True)[0], logs["train/loss"]
+
+    weight = 100.0  # the KL's part of the gradient well above the rest's rounding
+    (with_kl, loss_1), (without, loss_0) = at_moments(weight), at_moments(0.0)
+    kl = kl_loss(post.mean, post.logvar, "sum")[0]
+    kl_grad = weight * torch.autograd.grad(kl, post.moments, retain_graph=True)[0]
+    assert kl_grad.abs().max() > without.abs().max()
+    assert (with_kl - without - kl_grad).abs().max() <= 1e-4 * kl_grad.abs().max()
+    assert (loss_1 - loss_0).item() == pytest.approx(weight * kl.item(), rel=1e-4)

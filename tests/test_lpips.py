@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kl_ae.common.lpips import LPIPS, autocast_dtype, build_lpips, missing_weights_message, resolve_backbone
+from kl_ae.common.lpips import LPIPS, autocast_dtype, build_lpips, find_backbone, missing_weights_message
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_distance_and_gradient(random_vgg):
 
 
 def test_required_without_weights_names_file_and_folder(hub_dir):
-    assert resolve_backbone("vgg", None) is None
+    assert find_backbone("vgg", None)[0] is None
     with pytest.raises(FileNotFoundError) as e:
         build_lpips("required", "vgg")
     msg = str(e.value)

@@ -17,46 +17,11 @@ from kl_ae.commands.cli import main as kl_ae
 from kl_autoencoder import Autoencoder
 from training.config import load_config
 from training.step import guarded_step
-from training.train import main as train_main
 
-from .conftest import TINY_RUN, Spoiled, launch_two_processes
+from .conftest import TINY, Spoiled, checkpoint_tensors, launch_two_processes, run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    *TINY_RUN,
-    "train.log_every=1",
-    "train.eval_every=3",
-    "train.sample_every=100",
-    "train.checkpoint_every=3",
-    "train.tracker=none",
-    "train.mixed_precision=no",
-    "loss.disc_start=2",
-    "loss.disc_channels=8",
-    "loss.disc_norm=batch",
-    "loss.lpips=off",
-    "loss.learn_logvar=true",
-]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def run(out, steps, *extra):
-    return train_main(load_config(None, [*TINY, f"out_dir={out}", f"train.max_steps={steps}", *extra]))
-
-
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Everything a checkpoint holds as tensors: both models, both optimizers, EMA, schedulers."""
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        out |= {f"{f.stem}/{k}": v for k, v in load_file(f).items()}
-    for f in sorted(folder.glob("optimizer*.bin")):
-        state = torch.load(f, weights_only=True)["state"]
-        out |= {f"{f.stem}/{i}/{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
-    ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
-    out |= {f"ema/{i}": v for i, v in enumerate(ema["shadow_params"])}
-    out["ema/step"] = torch.tensor(ema["optimization_step"])
-    for f in sorted(folder.glob("scheduler*.bin")):
-        out[f.stem] = torch.tensor(torch.load(f, weights_only=False)["last_epoch"])
-    return out
 
 
 @pytest.mark.slow
@@ -77,7 +42,7 @@ def test_resume_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_ema_weights_are_what_is_exported(tmp_path):
-    run(tmp_path / "r", 3)
+    run(tmp_path / "r", 3, "train.export=true")
     ckpt = tmp_path / "r" / "checkpoints" / "step_0000003"
     ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)["shadow_params"]
     exported = Autoencoder.from_pretrained(tmp_path / "r")
@@ -195,7 +160,7 @@ def test_too_many_nonfinite_steps_stop_with_checkpoint_intact(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_decoder_only_training_keeps_the_encoder_bit_identical(tmp_path):
-    run(tmp_path / "base", 2)
+    run(tmp_path / "base", 2, "train.export=true")  # fine-tuned from its diffusers folder
     start = Autoencoder.from_pretrained(tmp_path / "base")
     run(tmp_path / "ft", 3, f"model.init_from={tmp_path / 'base' / 'diffusers'}", "train.trainable=decoder",
         "train.ema=false")  # fmt: skip
@@ -218,7 +183,7 @@ def test_two_processes_gather_validation_from_both(tmp_path):
     """Validation over 2 held-out images on 2 processes equals the 1-process figure: both halves gathered."""
     single = run(tmp_path / "one", 1)["first_eval"]
     out = tmp_path / "two"
-    launch_two_processes(["--out", str(out), "--max-steps", "1", *TINY], port=29519)
+    launch_two_processes(["--out", str(out), "--max-steps", "1", *TINY])
     double = json.loads((out / "summary.json").read_text())
     assert double["num_processes"] == 2 and double["first_eval"]["val/images"] == single["val/images"] == 2
     assert double["first_eval"]["val/psnr"] == pytest.approx(single["val/psnr"], rel=1e-5)

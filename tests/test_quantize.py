@@ -217,6 +217,7 @@ def _two_process_worker(rank: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_codebooks_stay_identical_across_processes(tmp_path):
     mp.spawn(_two_process_worker, args=(str(tmp_path),), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"synced_{rank}.pt") for rank in (0, 1))

@@ -10,20 +10,32 @@ import torch
 
 from kl_ae.common.transforms import apply_pair
 from kl_autoencoder import PRESETS, Autoencoder
-from training.align import random_align
+from training.align import FoundationFeatures
 from training.config import LossConfig, load_config
 from training.discriminator import PatchDiscriminator
 from training.losses import nll_loss, reconstruction_error, vf_loss
 from training.shaping import Shaping, draw, shape_latent
-from training.step import Generator, generator_objective
+from training.step import AutoencoderWithLoss, Forward, StepSchedule, generator_objective
 
-from .test_operations import TINY, checkpoint_tensors
+from .conftest import TINY, checkpoint_tensors
 
 
-def _tiny_generator(align_dim: int = 0) -> Generator:
+def _tiny_generator(align_dim: int = 0) -> AutoencoderWithLoss:
     torch.manual_seed(0)
     cfg = dataclasses.replace(PRESETS["tiny"], base_channels=8, norm_num_groups=4)
-    return Generator(Autoencoder(cfg), learn_logvar=False, logvar_init=0.0, align_dim=align_dim)
+    return AutoencoderWithLoss(Autoencoder(cfg), learn_logvar=False, logvar_init=0.0, align_dim=align_dim)
+
+
+def random_align(hidden_size: int = 32, patch_size: int = 4) -> FoundationFeatures:
+    """A tiny DINOv2 with RANDOM weights, in place of the foundation model this machine does not have."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(
+        hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * hidden_size,
+        patch_size=patch_size, image_size=8 * patch_size,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return FoundationFeatures(Dinov2Model(config))
 
 
 def _grads(module) -> dict[str, float]:
@@ -81,9 +93,9 @@ def test_eq_term_is_the_nll_of_the_transformed_pair_and_trains_encoder_and_decod
     if transform == "scale":  # 0.5 by default
         assert x_t.shape[2:] == (16, 16) and z_t.shape[2:] == (4, 4)
     cfg = LossConfig(disc_start=10**9, eq_weight=1.0)
-    args = (x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer)
-    with_eq, logs, _ = generator_objective(*args, cfg, 0, extras=extras)
-    without, _, _ = generator_objective(*args, dataclasses.replace(cfg, eq_weight=0.0), 0, extras=extras)
+    fwd, inputs, schedule = Forward(x, recon, post, extras), gen.loss_inputs(disc), StepSchedule.at(0, cfg)
+    with_eq, logs = generator_objective(fwd, inputs, cfg, schedule)
+    without, _ = generator_objective(fwd, inputs, dataclasses.replace(cfg, eq_weight=0.0), schedule)
     eq = nll_loss(reconstruction_error(x_t, recon_t), gen.logvar)[0]
     assert torch.allclose(with_eq - without, eq) and torch.allclose(logs["train/eq"], eq)
     (with_eq - without).backward()
@@ -114,10 +126,11 @@ def test_vf_loss_trains_the_encoder_and_projection_not_the_decoder():
     recon, post, extras = gen(x)
     assert extras["align"].shape == (2, 16, 8, 8) and align(x, (8, 8)).shape == (2, 16, 8, 8)
     cfg = LossConfig(disc_start=10**9, align_weight=0.5)
-    args = (x, recon, post, gen.logvar, None, disc, gen.autoencoder.last_layer, cfg, 0)
-    layer = gen.autoencoder.encoder.conv_out.weight
-    with_vf, logs, _ = generator_objective(*args, extras=extras, align=align, align_layer=layer)
-    without, _, _ = generator_objective(*args, extras=extras)
+    fwd, schedule = Forward(x, recon, post, extras), StepSchedule.at(0, cfg)
+    inputs = gen.loss_inputs(disc, align=align)
+    assert inputs.align_layer is gen.autoencoder.encoder.conv_out.weight  # the VF loss's adaptive weight is there
+    with_vf, logs = generator_objective(fwd, inputs, cfg, schedule)
+    without, _ = generator_objective(fwd, gen.loss_inputs(disc), cfg, schedule)
     assert logs["train/vf_weight"] > 0 and torch.allclose(with_vf - without, logs["train/vf_weight"] * logs["train/vf"])
     (with_vf - without).backward()
     grads = _grads(gen)

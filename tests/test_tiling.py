@@ -57,8 +57,7 @@ def test_tiled_matches_untiled(image, trained):
     # per-tile GroupNorm statistics are what the whole-image ones fix: with them the tiles visibly disagree
     per_tile = decode_tiled(model, posterior.mode(), tile=64, overlap=32, norm="tile")
     assert _psnr(per_tile, ref) < 35
-    assert torch.equal(per_tile, decode_tiled(model, posterior.mode(), tile=64, overlap=32, global_norm=False))
-    assert torch.equal(out, decode_tiled(model, posterior.mode(), tile=64, overlap=32, global_norm=True))
+    assert torch.equal(out, decode_tiled(model, posterior.mode(), tile=64, overlap=32, norm="exact"))  # the default
 
 
 @pytest.mark.parametrize("trained", [False, True])
@@ -142,8 +141,6 @@ def test_tile_checks(image):
         decode_tiled(model, torch.zeros(1, 4, 8, 8), tile=32, overlap=32)
     with pytest.raises(ValueError, match="norm"):
         decode_tiled(model, torch.zeros(1, 4, 8, 8), tile=32, norm="global")
-    with pytest.raises(ValueError, match="not both"):
-        decode_tiled(model, torch.zeros(1, 4, 8, 8), tile=32, norm="exact", global_norm=True)
 
 
 @pytest.mark.slow

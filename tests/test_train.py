@@ -146,10 +146,12 @@ def test_lpips_precision_in_training(tmp_path, monkeypatch, autocast):
 
     monkeypatch.setattr(training.train, "build_lpips", random_lpips)
     argv = ["train", "--out", str(tmp_path / "run"), "--max-steps", "2", *TINY, "loss.lpips=required"]
+    argv += ["train.export=false"]  # not checked here: a finished run then writes no diffusers folder
     assert kl_ae([*argv, "train.mixed_precision=bf16", f"loss.lpips_autocast={str(autocast).lower()}"]) == 0
     assert seen == ({torch.bfloat16} if autocast else {torch.float32})
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert ("under bf16 autocast" in summary["lpips"]) == autocast
+    assert summary["steps"] == 2 and not (tmp_path / "run" / "diffusers").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs a CUDA GPU")
@@ -169,7 +171,7 @@ def test_fp16_on_cpu_is_a_config_error(tmp_path, monkeypatch, capsys):
 def test_two_process_cpu_run_keeps_replicas_identical(tmp_path):
     """Two real processes (accelerate's CPU multi-process launch), discriminator on after 2 steps."""
     out = tmp_path / "ddp"
-    proc = launch_two_processes(["--out", str(out), "--max-steps", "4", *TINY, "loss.disc_norm=batch"], port=29517)
+    proc = launch_two_processes(["--out", str(out), "--max-steps", "4", *TINY, "loss.disc_norm=batch"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2
     assert summary["replicas_identical"] is True
@@ -265,18 +267,19 @@ def test_learned_logvar_is_optimized_in_a_real_run(gan_run):
 def test_a_skipped_discriminator_step_still_updates_the_autoencoder_and_its_ema(gan_run, tmp_path, monkeypatch):
     """Non-finite discriminator gradients at the last step skip the discriminator's update only: the autoencoder
     and its EMA end bit-identical to the run without them, and the step counts as a discriminator skip."""
+    import training.step
     import training.train
-    from tests.test_operations import checkpoint_tensors
+    from tests.conftest import checkpoint_tensors
     from training.config import load_config
 
-    real, calls = training.train.discriminator_objective, []
+    real, calls = training.step.discriminator_objective, []
 
     def nan_at_step_3(*args, **kwargs):
         loss, logs = real(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan"), logs) if len(calls) == 3 else (loss, logs)
 
-    monkeypatch.setattr(training.train, "discriminator_objective", nan_at_step_3)
+    monkeypatch.setattr(training.step, "discriminator_objective", nan_at_step_3)
     out = tmp_path / "nan_d"
     summary = training.train.main(load_config(None, [*GAN, f"out_dir={out}"]))
     assert summary["nonfinite_steps"] == 0 and summary["nonfinite_discriminator_steps"] == 1

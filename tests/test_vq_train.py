@@ -43,7 +43,7 @@ def test_tiny_vq_trains_and_exports_a_vqmodel(tmp_path):
 
 @pytest.mark.slow
 def test_vq_resume_is_exact(tmp_path):
-    from tests.test_operations import checkpoint_tensors
+    from .conftest import checkpoint_tensors
 
     args = [*TINY_VQ, "train.checkpoint_every=2"]
     kl_ae(["train", "--out", str(tmp_path / "a"), "--max-steps", "4", *args])
@@ -60,7 +60,7 @@ def test_vq_resume_is_exact(tmp_path):
 @pytest.mark.slow
 def test_two_processes_keep_one_codebook(tmp_path):
     out = tmp_path / "ddp"
-    launch_two_processes(["--out", str(out), "--max-steps", "4", *TINY_VQ], port=29523)
+    launch_two_processes(["--out", str(out), "--max-steps", "4", *TINY_VQ])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["replicas_identical"] is True  # codebook included
 
@@ -90,6 +90,38 @@ def test_decoder_only_training_keeps_the_codebook_bit_identical(tmp_path):
     rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert all(r["vq/dead_codes"] > 0 for r in rows)  # codes a live quantizer would have restarted
     assert all(r["vq/usage"] > 0 for r in rows) and rows[-1]["vq/restarts"] == 0  # usage is still counted
+
+
+def test_decoder_only_training_keeps_a_loss_trained_codebook_frozen(tmp_path):
+    """With `vq.codebook=loss` the codebook is learned by gradient, so `train.trainable=decoder` must freeze it with
+    the encoder: the trainer's own setup leaves it out of the optimizer, and real steps (GAN on) leave it
+    bit-identical while the decoder trains."""
+    from accelerate import Accelerator
+
+    from kl_autoencoder import QuantizerConfig
+    from training.step import StepSchedule
+    from training.train import build_data, build_models, prepare_step
+
+    from .conftest import tiny
+
+    torch.manual_seed(0)
+    Autoencoder(tiny("tiny-vq", num_codes=32), vq=QuantizerConfig(codebook="loss")).save_pretrained(tmp_path / "base")
+    overrides = [*TINY_VQ[2:], "vq.codebook=loss", f"model.init_from={tmp_path / 'base'}", "train.trainable=decoder",
+                 "loss.disc_start=0", f"out_dir={tmp_path / 'ft'}"]  # fmt: skip
+    cfg = load_config("tiny-vq", overrides)
+    accelerator = Accelerator(cpu=True)
+    models = build_models(cfg, accelerator, "no", print)
+    step, _, _ = prepare_step(cfg, accelerator, models, build_data(cfg, accelerator, print), fp16=False)
+    ae = models.model.autoencoder
+    codebook, start = ae.quantize.embedding.weight, ae.quantize.embedding.weight.detach().clone()
+    decoder = [p.detach().clone() for p in ae.decoder.parameters()]
+    optimized = {id(p) for group in step.modules.opt_g.optimizer.param_groups for p in group["params"]}
+    assert id(codebook) not in optimized and id(ae.decoder.conv_out.weight) in optimized
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for _ in range(2):
+        step(x, None, StepSchedule(disc_factor=1.0))
+    assert torch.equal(codebook, start)
+    assert any(not torch.equal(a, b) for a, b in zip(decoder, ae.decoder.parameters()))
 
 
 def test_vq_options_on_a_kl_model_are_an_error():

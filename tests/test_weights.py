@@ -114,7 +114,7 @@ def test_fetch_weights_command(mirror, monkeypatch, capsys):
 
 
 KL_F8_TINY = ["--config", "kl-f8", "--max-steps", "1", "--data", "sample", *TINY_RUN, "data.num_workers=0",
-              "train.tracker=none"]  # fmt: skip
+              "train.tracker=none", "train.export=false"]  # fmt: skip
 
 
 @pytest.mark.slow

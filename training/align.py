@@ -6,8 +6,7 @@ equals the latent's (VA-VAE resizes 256 px images to 224 for DINOv2's 14 px patc
 
 Its weights are handled as LPIPS's (`loss.align`): `required` stops before training with one line saying what is
 missing, `auto` trains without the term and says so loudly, `off` never loads it. `transformers` fetches the
-model into the Hugging Face cache when online; `HF_HUB_OFFLINE=1` never tries. A random-weight model is only
-built on request, for tests, and says so (`random`).
+model into the Hugging Face cache when online; `HF_HUB_OFFLINE=1` never tries.
 """
 
 from __future__ import annotations
@@ -23,10 +22,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class FoundationFeatures(nn.Module):
     """Frozen patch features of a ViT from `transformers` (a `Dinov2Model`-like module), in fp32, eval mode."""
 
-    def __init__(self, model: nn.Module, random: bool = False):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.random = random
         config = model.config
         self.patch_size = int(config.patch_size)
         self.dim = int(config.hidden_size)
@@ -76,15 +74,3 @@ def build_align(mode: str, name: str) -> tuple[FoundationFeatures | None, str]:
     if mode == "required":
         raise FileNotFoundError(missing_message(name, why))
     return None, f"{name} unavailable ({why}) (loss.align=auto): training WITHOUT the VF loss"
-
-
-def random_align(hidden_size: int = 32, patch_size: int = 4) -> FoundationFeatures:
-    """A tiny DINOv2 with RANDOM weights, marked `random=True`: for tests only, never for training."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    config = Dinov2Config(
-        hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * hidden_size,
-        patch_size=patch_size, image_size=8 * patch_size,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return FoundationFeatures(Dinov2Model(config), random=True)

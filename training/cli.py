@@ -1,15 +1,14 @@
 """`kl-ae train` / `python -m training.train`: the training command's arguments, turned into a `TrainConfig`.
 
 kl-ae train [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [--trust-pickle] [section.key=value ...]
+
+The arguments only: running the config is `training.train`'s (its `cli`), so this module never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from kl_ae.common.config import ConfigError
-from training.checkpoint import CheckpointWriteError, NonFiniteError
 from training.config import TrainConfig, load_config
 
 
@@ -39,22 +38,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return load_config(args.config, overrides)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    from training.train import main
-
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The config the command line `argv` asks for (a ConfigError for a bad key or value)."""
     parser = argparse.ArgumentParser(prog="kl-ae train", description="Train a KL autoencoder.")
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        main(config_from_args(args))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, CheckpointWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
+    return config_from_args(parser.parse_args(argv))

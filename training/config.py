@@ -1,10 +1,10 @@
 """The training configuration: typed dataclasses whose defaults are the recipe.
 
-A run's config is built in three layers: the dataclass defaults (the CPU default run: `tiny` on the
-bundled photos), then a YAML recipe (`configs/<name>.yaml` or any file), then `section.key=value`
-overrides from the command line. Every key is checked against the dataclasses and every value
-against its type and range before anything heavy starts; a mistake is a `ConfigError` naming the
-key. The resolved config is saved as `<out>/config.yaml`.
+A run's config is built in three layers: the dataclass defaults, which ARE the CPU default run (the `tiny`
+recipe on the bundled photos: `configs/tiny.yaml` adds nothing to them), then a YAML recipe
+(`configs/<name>.yaml` or any file), then `section.key=value` overrides from the command line. Every key is
+checked against the dataclasses and every value against its type and range before anything heavy starts; a
+mistake is a `ConfigError` naming the key. The resolved config is saved as `<out>/config.yaml`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class LossConfig:
     rec_loss: Literal["l1", "l2"] = "l1"  # l1: Laplace NLL (LDM); l2: Gaussian NLL
     perceptual_weight: float = 1.0
     lpips: Literal["required", "auto", "off"] = "auto"  # auto: train without LPIPS (loudly) if weights are missing
-    lpips_net: Literal["vgg", "alex"] = "vgg"
+    lpips_net: Literal["vgg", "alex"] = "alex"  # AlexNet costs a quarter of VGG16 here; the full-size recipes use vgg
     lpips_weights: str | None = None  # explicit path to the torchvision backbone file
     lpips_autocast: bool = False  # run LPIPS in the step's bf16/fp16 (faster) instead of fp32 (more exact)
     learn_logvar: bool = False  # learn the decoder's output log-variance (sigma_x^2), LDM's `logvar`
@@ -93,10 +93,10 @@ class LossConfig:
     free_bits: float = 0.0  # per-channel KL floor, nats per latent element (0: off)
     gan_loss: Literal["hinge", "vanilla", "non_saturating"] = "hinge"
     disc_weight: float = 0.5
-    disc_start: int = 50001  # step at which the discriminator starts (LDM's ImageNet value)
-    disc_ramp: int = 0  # linear ramp of the adversarial factor over this many steps after disc_start
-    disc_norm: Literal["batch", "group"] = "batch"
-    disc_channels: int = 64
+    disc_start: int = 900  # step at which the discriminator starts (LDM's ImageNet recipes: 50001)
+    disc_ramp: int = 300  # linear ramp of the adversarial factor over this many steps after disc_start
+    disc_norm: Literal["batch", "group"] = "group"
+    disc_channels: int = 32  # the discriminator's first width (LDM's: 64)
     disc_layers: int = 3
     codebook_weight: float = 1.0  # vq models: weight of the VQ loss, which takes the KL term's place
     # latent shaping for diffusion (training/shaping.py, training/align.py); all off by default
@@ -132,13 +132,13 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
+    lr: float = 1e-3
     disc_lr: float | None = None  # None: the same as lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # LDM's Adam betas
     weight_decay: float = 0.0
     warmup_steps: int = 100
     # after the warm-up: constant, or a cosine decay to lr * min_lr_ratio at train.max_steps
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm per model (0: off)
     scale_lr: bool = False  # LDM rule: lr x batch_size x processes x grad_accum
@@ -184,6 +184,7 @@ class TrainSection:
     # wall-clock budget, "H:MM:SS" or "D-HH:MM:SS" (SLURM) or seconds: checkpoint and exit 0 before it runs out.
     # YAML 1.1 reads an unquoted 3:50:00 as the integer 13800 (base 60): the same number of seconds
     max_time: str | int | None = None
+    export: bool = True  # write RUN/diffusers/ with measured latent factors when the run finishes (false: skip it)
 
     def max_time_seconds(self) -> int | None:
         """`max_time` in seconds (None: no budget); a ConfigError for a malformed value."""
@@ -218,16 +219,21 @@ class TrainSection:
 
 
 @dataclass
+class TrainDataConfig(DataConfig):
+    """The data section of a run: `DataConfig` (shared with the evaluation commands, whose images come at any
+    size) with the default run's sizes."""
+
+    resolution: int = 64  # crop size
+    resize: int | None = 128  # shorter side before cropping
+    repeats: int = 64  # visits of each training image per epoch (the bundled set has a few dozen photographs)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    # the sections' own defaults are LDM-like; these are the CPU default run (`configs/tiny.yaml` adds nothing)
-    data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, resize=128, batch_size=8, repeats=64))
-    loss: LossConfig = field(
-        default_factory=lambda: LossConfig(
-            disc_start=900, disc_ramp=300, disc_norm="group", disc_channels=32, lpips_net="alex"
-        )
-    )
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="cosine"))
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     vq: QuantizerConfig = field(default_factory=QuantizerConfig)  # how a vq model's codebook trains
     out_dir: str = "runs/default"
@@ -301,3 +307,18 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as {"section.key": value}, values the trackers take (numbers, strings, booleans; others as text)."""
+
+    def flat(d: dict, prefix: str) -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        return out
+
+    return flat(cfg.to_dict(), "")

@@ -1,5 +1,6 @@
-"""What a run reports as it trains: running means of the step's logs, kept on the device, and one row per
-logging step to the trackers, `metrics.jsonl` and the progress bar.
+"""What a run reports as it trains and when it stops: running means of the step's logs, kept on the device, one
+row per logging step to the trackers, `metrics.jsonl` and the progress bar, the count of skipped (non-finite)
+steps, the decision to stop before `train.max_time` runs out, agreed by every process, and the run's summary.
 
 Nothing here makes a step wait for the device: each step adds its detached logs, masked by whether its update
 was applied, to device tensors; a logging step reads them all back with a single `.tolist()`.
@@ -14,6 +15,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch import nn
+
+from kl_ae.common.data import read_skipped
+from kl_ae.common.runs import find_latest_checkpoint
+from training.checkpoint import NonFiniteError
+from training.config import TrainConfig
+from training.step import NonFiniteGuard, replicas_identical
 
 
 class RunningMeans:
@@ -41,13 +49,18 @@ class RunningMeans:
 
 
 class LogWriter:
-    """One row per logging step: `accelerator.log` (the trackers), `metrics.jsonl` and the progress bar."""
+    """One row per logging step: `accelerator.log` (the trackers), `metrics.jsonl` and the progress bar, with the
+    images per second trained since the previous row (`img_per_s`)."""
 
-    def __init__(self, accelerator: Accelerator, path: Path, bar) -> None:
-        self.accelerator, self.bar = accelerator, bar
+    def __init__(self, accelerator: Accelerator, path: Path, bar, images_per_step: int, step: int) -> None:
+        self.accelerator, self.bar, self.images_per_step = accelerator, bar, images_per_step
         self.file = open(path, "a") if accelerator.is_main_process else None
+        self.clock, self.step = time.perf_counter(), step  # when and at which step the previous row was written
 
     def write(self, step: int, record: dict[str, float]) -> None:
+        now = time.perf_counter()
+        record = record | {"img_per_s": (step - self.step) * self.images_per_step / (now - self.clock)}
+        self.clock, self.step = now, step
         self.accelerator.log(record, step=step)
         if self.file is not None:
             self.file.write(json.dumps({"step": step, **record}) + "\n")
@@ -97,3 +110,55 @@ class TimeBudget:
         t = self.clock()
         save()
         self.longest_save = max(self.longest_save or 0.0, self.clock() - t)
+
+
+def check_nonfinite(guards: dict[str, NonFiniteGuard], history: dict, step: int, limit: int, out: Path, log) -> None:
+    """Count the skipped steps of each model (one host read); stop after `limit` in a row of either."""
+    for name, guard in guards.items():
+        new, longest = guard.check()
+        key, what = ("nonfinite_steps", "") if name == "autoencoder" else (f"nonfinite_{name}_steps", f" {name}")
+        if new:
+            history[key] = history.get(key, 0) + new
+            log(f"WARNING: {new}{what} step(s) with non-finite loss or gradients skipped by step {step}")
+        if longest >= limit:
+            last = find_latest_checkpoint(out)
+            raise NonFiniteError(
+                f"{longest} non-finite{what} steps in a row by step {step}; stopping. Last good checkpoint: "
+                f"{last or 'none'} (skipped steps leave the weights untouched). Lower optim.lr or check the data"
+            )
+
+
+def agree_on_stop(accelerator: Accelerator, requested: bool) -> bool:
+    """True on every process when any process was asked to stop, so that all save together."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor(float(requested), device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
+def run_summary(cfg: TrainConfig, accelerator: Accelerator, trained: tuple[nn.Module, ...], status: dict[str, str],
+                history: dict, step: int, stopped_by: str | None, precision: str) -> dict:  # fmt: skip
+    """The run's summary (summary.json), with a check that every process ends with the same `trained` weights;
+    `status` says how LPIPS and the VF loss's model were loaded, or why not."""
+    in_sync = replicas_identical(accelerator, *trained)
+    if not in_sync:
+        accelerator.print("WARNING: the processes hold different weights at the end of the run")
+    images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
+    return {
+        "steps": step,
+        "interrupted": stopped_by is not None,
+        "stopped_by": stopped_by,
+        "wall_s": round(history["wall_s"], 2),
+        "img_per_s": round(step * images_per_step / max(history["wall_s"], 1e-9), 2),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": precision,
+        "ema": cfg.train.ema,
+        "nonfinite_steps": history["nonfinite_steps"],
+        "nonfinite_discriminator_steps": history.get("nonfinite_discriminator_steps", 0),
+        "skipped_images": len(read_skipped(Path(cfg.out_dir) / "skipped.txt")),
+        "replicas_identical": in_sync,
+        "lpips": status["lpips"],
+        "align": status["align"],
+        "first_eval": history["first_eval"],
+        "last_eval": history["last_eval"],
+    }

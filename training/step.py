@@ -1,12 +1,18 @@
-"""One training step's pieces: the generator wrapper, both objectives, and the guarded optimizer step.
+"""One training step: the autoencoder with what trains beside it, both objectives, and the guarded updates.
 
-Kept apart from the loop in `train.py` so tests can drive exactly the code the trainer runs.
+`TrainStep` is the whole step the loop in `train.py` runs on each batch and `kl-ae bench` times: ONE autoencoder
+forward feeds the generator update and then the discriminator update (the discriminator frozen in the first,
+shown the detached reconstruction in the second, not run at all while its factor is 0), each optimizer steps
+only on finite gradients, and the EMA follows the autoencoder's update. The loop decides the step's weights
+(`StepSchedule`: the adversarial factor and the KL warm-up) and passes them down. Tests drive these same pieces.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -14,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from kl_ae.common.transforms import apply_pair
-from kl_autoencoder import Autoencoder, QuantizerOutput
+from kl_autoencoder import Autoencoder, DiagonalGaussian, QuantizerOutput
 from training.config import LossConfig
 from training.losses import (
     adaptive_weight,
@@ -30,8 +36,10 @@ from training.losses import (
 )
 from training.shaping import Shaping, shape_latent
 
+Logs = dict[str, torch.Tensor]
 
-class Generator(nn.Module):
+
+class AutoencoderWithLoss(nn.Module):
     """The autoencoder plus what trains with it: the decoder's output log-variance and, with the VF loss, the
     projection of the latent to the foundation model's width. All under one DDP wrapper.
 
@@ -62,33 +70,71 @@ class Generator(nn.Module):
             z = shape_latent(z, shaping)
         return ae.decode(z), posterior, extras
 
+    def loss_inputs(
+        self,
+        discriminator: nn.Module,
+        lpips: nn.Module | None = None,
+        align: nn.Module | None = None,
+        no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> LossInputs:
+        """What the generator objective reads of this module, with the loss networks beside it."""
+        ae = self.autoencoder
+        return LossInputs(self.logvar, ae.last_layer, discriminator, lpips, align, ae.encoder.conv_out.weight, no_sync)
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """The weights the loop sets for one step: the adversarial factor (0: the discriminator does not run) and
+    the KL warm-up factor."""
+
+    disc_factor: float = 0.0
+    kl_factor: float = 1.0
+
+    @classmethod
+    def at(cls, step: int, cfg: LossConfig) -> StepSchedule:
+        """The schedule of `loss.disc_start` / `disc_ramp` and `loss.kl_anneal_steps` at optimizer step `step`."""
+        return cls(disc_factor(step, cfg.disc_start, cfg.disc_ramp), kl_anneal(step, cfg.kl_anneal_steps))
+
+
+@dataclass
+class Forward:
+    """One forward of `AutoencoderWithLoss` on the images x: what the objectives read."""
+
+    x: torch.Tensor
+    recon: torch.Tensor
+    posterior: DiagonalGaussian | QuantizerOutput
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossInputs:
+    """The generator objective's other inputs (`AutoencoderWithLoss.loss_inputs` fills them)."""
+
+    logvar: torch.Tensor  # the decoder's output log-variance
+    last_layer: torch.Tensor  # the decoder's last weight: LDM's adaptive GAN weight is taken there
+    discriminator: nn.Module
+    lpips: nn.Module | None = None  # None: no perceptual term
+    align: nn.Module | None = None  # the frozen foundation model of the VF loss (None: off)
+    align_layer: torch.Tensor | None = None  # the encoder's last weight: the VF loss's adaptive weight
+    # DDP: the discriminator's forward in the generator update stays out of its gradient bookkeeping
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
 
 def generator_objective(
-    x: torch.Tensor,
-    recon: torch.Tensor,
-    posterior,
-    logvar: torch.Tensor,
-    lpips: nn.Module | None,
-    discriminator: nn.Module,
-    last_layer: torch.Tensor,
-    cfg: LossConfig,
-    step: int,
-    no_sync=contextlib.nullcontext,
-    extras: dict | None = None,
-    align: nn.Module | None = None,
-    align_layer: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    fwd: Forward, inputs: LossInputs, cfg: LossConfig, schedule: StepSchedule
+) -> tuple[torch.Tensor, Logs]:
     """The autoencoder's loss: NLL(rec + perceptual) + beta * KL or the VQ loss (+ adaptive-weighted adversarial),
-    + the latent-shaping terms of `extras` (`Generator.forward`): eq_weight * NLL of the transformed pair, and the
-    VF loss against `align`'s features of x, adaptively weighted at `align_layer` (the encoder's last layer).
+    + the latent-shaping terms of `fwd.extras` (`AutoencoderWithLoss.forward`): eq_weight * NLL of the transformed
+    pair, and the VF loss against `inputs.align`'s features of x, adaptively weighted at `inputs.align_layer`.
 
-    The discriminator runs only once `disc_start` is reached, frozen, and outside DDP's gradient
-    bookkeeping (`no_sync`), so its parameters get no gradient while the reconstruction does.
-    Returns (loss to backpropagate, logs, disc_factor); with the adversarial term on, that loss is a surrogate
-    with the objective's gradients (its value is in logs["train/loss"]).
+    The discriminator runs only when `schedule.disc_factor` > 0, frozen, and outside DDP's gradient bookkeeping
+    (`inputs.no_sync`), so its parameters get no gradient while the reconstruction does.
+    Returns (loss to backpropagate, logs); with the adversarial term on, that loss is a surrogate with the
+    objective's gradients (its value is in logs["train/loss"]).
     """
-    recon = recon.float()  # fp32 losses, and fp32 gradients at the reconstruction (no fp16 underflow)
-    error, logs = _error(x, recon, lpips, cfg)
+    x, posterior, logvar = fwd.x, fwd.posterior, inputs.logvar
+    recon = fwd.recon.float()  # fp32 losses, and fp32 gradients at the reconstruction (no fp16 underflow)
+    error, logs = _error(x, recon, inputs.lpips, cfg)
     nll, nll_logs = nll_loss(error, logvar, cfg.rec_loss, cfg.reduction)
     logs |= nll_logs
     if isinstance(posterior, QuantizerOutput):  # vq: the codebook + commitment loss takes the KL's place
@@ -96,40 +142,41 @@ def generator_objective(
         logs |= posterior.logs
     else:
         kl, kl_logs = kl_loss(posterior.mean, posterior.logvar, cfg.reduction, cfg.free_bits, x[0].numel())
-        rest = cfg.kl_weight * kl_anneal(step, cfg.kl_anneal_steps) * kl
+        rest = cfg.kl_weight * schedule.kl_factor * kl
         logs |= kl_logs
-    extras = extras or {}
-    if "eq" in extras:  # EQ-VAE: the transformed latent must decode to the transformed image
-        x_t, recon_t = extras["eq"]
-        eq, _ = nll_loss(_error(x_t, recon_t.float(), lpips, cfg)[0], logvar, cfg.rec_loss, cfg.reduction)
+    if "eq" in fwd.extras:  # EQ-VAE: the transformed latent must decode to the transformed image
+        x_t, recon_t = fwd.extras["eq"]
+        eq, _ = nll_loss(_error(x_t, recon_t.float(), inputs.lpips, cfg)[0], logvar, cfg.rec_loss, cfg.reduction)
         rest = rest + cfg.eq_weight * eq
         logs["train/eq"] = eq.detach()
-    if "align" in extras and align is not None:  # VA-VAE: the latent's structure follows the foundation model's
-        vf, vf_logs = vf_loss(extras["align"], align(x, extras["align"].shape[2:]))
-        vf_weight = gradient_ratio(nll, vf, align_layer) * cfg.align_weight
+    if "align" in fwd.extras and inputs.align is not None:  # VA-VAE: the latent's structure follows the model's
+        projected = fwd.extras["align"]
+        vf, vf_logs = vf_loss(projected, inputs.align(x, projected.shape[2:]))
+        vf_weight = gradient_ratio(nll, vf, inputs.align_layer) * cfg.align_weight
         rest = rest + vf_weight * vf
         logs |= vf_logs | {"train/vf": vf.detach(), "train/vf_weight": vf_weight}
     loss = nll + rest
-    factor = disc_factor(step, cfg.disc_start, cfg.disc_ramp)
-    if factor > 0:
-        discriminator.requires_grad_(False)
-        with no_sync():
-            g_adv = generator_adv_loss(discriminator(recon), cfg.gan_loss)
-        discriminator.requires_grad_(True)
-        # LDM's adaptive weight, with LPIPS and the discriminator differentiated once each (see below)
-        grad_nll, grad_adv = (torch.autograd.grad(t, recon, retain_graph=True)[0] for t in (nll, g_adv))
-        d_weight = adaptive_weight(recon, grad_nll, grad_adv, last_layer) * cfg.disc_weight
-        logs |= {"train/g_adv": g_adv.detach(), "train/d_weight": d_weight}
-        logs["train/loss"] = (loss + d_weight * factor * g_adv).detach()
-        # the same gradients as loss + d_weight * factor * g_adv: d/d(recon) is handed to the decoder directly
-        # (LDM backpropagates that loss again through LPIPS and the discriminator, so each runs backward twice)
-        grad = grad_nll + (d_weight * factor).to(grad_nll.dtype) * grad_adv
-        loss = (recon * grad).sum() + rest
-        if logvar.requires_grad:  # nll's other input: the learned log-variance
-            loss = loss + nll_loss(error.detach(), logvar, cfg.rec_loss, cfg.reduction)[0]
-        return loss, logs, factor
-    logs["train/loss"] = loss.detach()
-    return loss, logs, factor
+    factor = schedule.disc_factor
+    if factor <= 0:
+        logs["train/loss"] = loss.detach()
+        return loss, logs
+    discriminator = inputs.discriminator
+    discriminator.requires_grad_(False)
+    with inputs.no_sync():
+        g_adv = generator_adv_loss(discriminator(recon), cfg.gan_loss)
+    discriminator.requires_grad_(True)
+    # LDM's adaptive weight, with LPIPS and the discriminator differentiated once each (see below)
+    grad_nll, grad_adv = (torch.autograd.grad(t, recon, retain_graph=True)[0] for t in (nll, g_adv))
+    d_weight = adaptive_weight(recon, grad_nll, grad_adv, inputs.last_layer) * cfg.disc_weight
+    logs |= {"train/g_adv": g_adv.detach(), "train/d_weight": d_weight}
+    logs["train/loss"] = (loss + d_weight * factor * g_adv).detach()
+    # the same gradients as loss + d_weight * factor * g_adv: d/d(recon) is handed to the decoder directly
+    # (LDM backpropagates that loss again through LPIPS and the discriminator, so each runs backward twice)
+    grad = grad_nll + (d_weight * factor).to(grad_nll.dtype) * grad_adv
+    loss = (recon * grad).sum() + rest
+    if logvar.requires_grad:  # nll's other input: the learned log-variance
+        loss = loss + nll_loss(error.detach(), logvar, cfg.rec_loss, cfg.reduction)[0]
+    return loss, logs
 
 
 def _error(x: torch.Tensor, recon: torch.Tensor, lpips, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
@@ -145,10 +192,89 @@ def _error(x: torch.Tensor, recon: torch.Tensor, lpips, cfg: LossConfig) -> tupl
 
 def discriminator_objective(
     x: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module, cfg: LossConfig, factor: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, Logs]:
     """The discriminator's loss on real images and the DETACHED reconstruction of the same forward."""
     loss, logs = discriminator_loss(discriminator(x), discriminator(recon.detach()), cfg.gan_loss)
     return factor * loss, logs
+
+
+@dataclass
+class StepModules:
+    """What a training step updates and reads, as the accelerator prepared them (DDP-wrapped on several
+    processes); the EMA and the learning-rate schedulers are optional."""
+
+    model: nn.Module  # an AutoencoderWithLoss
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    lpips: nn.Module | None = None
+    align: nn.Module | None = None
+    ema: GuardedEMA | None = None  # follows the autoencoder's applied updates
+    schedulers: tuple = ()  # (the autoencoder's, the discriminator's), stepped with their optimizers
+
+
+@dataclass
+class StepResult:
+    """What a step did: whether it was an optimizer step (False while gradients accumulate), whether each
+    model's update was applied (0-dim bool tensors, on the device), and each model's logs."""
+
+    applied: bool
+    g_ok: torch.Tensor
+    d_ok: torch.Tensor
+    g_logs: Logs
+    d_logs: Logs
+
+
+class TrainStep:
+    """One training step on a batch: the generator update, then the discriminator update from the same forward,
+    each guarded (a non-finite step is skipped and counted in `guards`), then the EMA.
+
+    `accelerator` is an `accelerate.Accelerator`, or anything with the members used here (`accumulate`,
+    `backward`, `sync_gradients`, `clip_grad_norm_`, `no_sync`, `unwrap_model`, `device`): `kl-ae bench` runs
+    this step with a single-process stand-in. Nothing here waits for the device.
+    """
+
+    def __init__(self, accelerator: Accelerator, modules: StepModules, cfg: LossConfig, grad_clip: float, fp16: bool):
+        self.accelerator, self.modules, self.cfg = accelerator, modules, cfg
+        self.grad_clip, self.fp16 = grad_clip, fp16
+        self.core = accelerator.unwrap_model(modules.model)  # to reach logvar and the layers' weights
+        self.params_g = [p for p in modules.model.parameters() if p.requires_grad]
+        self.params_d = list(modules.discriminator.parameters())
+        disc = modules.discriminator
+        self.inputs = self.core.loss_inputs(disc, modules.lpips, modules.align, lambda: accelerator.no_sync(disc))
+        device = accelerator.device
+        self.no_skip = torch.ones((), dtype=torch.bool, device=device)
+        self.guards = {"autoencoder": NonFiniteGuard(device), "discriminator": NonFiniteGuard(device)}
+
+    def __call__(self, x: torch.Tensor, shaping: Shaping | None, schedule: StepSchedule) -> StepResult:
+        acc, m = self.accelerator, self.modules
+        g_ok = d_ok = self.no_skip
+        d_logs: Logs = {}
+        with acc.accumulate(m.model, m.discriminator):
+            recon, posterior, extras = m.model(x, shaping)
+            loss, g_logs = generator_objective(Forward(x, recon, posterior, extras), self.inputs, self.cfg, schedule)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                g_ok, g_logs["train/grad_norm"] = guarded_step(acc, m.opt_g, self.params_g, self.grad_clip, self.fp16)
+            if schedule.disc_factor > 0:
+                d_loss, d_logs = discriminator_objective(x, recon, m.discriminator, self.cfg, schedule.disc_factor)
+                acc.backward(d_loss)
+                if acc.sync_gradients:
+                    d_ok, _ = guarded_step(acc, m.opt_d, self.params_d, self.grad_clip, self.fp16)
+        if not acc.sync_gradients:
+            return StepResult(False, g_ok, d_ok, g_logs, d_logs)
+        # each optimizer skips a non-finite batch on its own (it still counts as a step); the EMA follows the
+        # autoencoder's update
+        self.guards["autoencoder"].update(g_ok)
+        if m.schedulers:
+            m.schedulers[0].step()
+        if m.ema is not None:
+            m.ema.step(self.core.autoencoder.parameters(), keep=g_ok)
+        if schedule.disc_factor > 0:
+            self.guards["discriminator"].update(d_ok)
+            if m.schedulers:
+                m.schedulers[1].step()
+        return StepResult(True, g_ok, d_ok, g_logs, d_logs)
 
 
 def adamw(parameters, lr: float, **kwargs) -> torch.optim.AdamW:

@@ -1,9 +1,11 @@
-"""The shards-against-folder half of `kl-ae bench --what data`: images per second ONE data worker delivers from
-JPEG webdataset shards (the streamed path: `datasets` webdataset streaming, our shuffle blocks, decoding,
-resizing, a random crop and flip) against the same images as a folder (the map-style path), at `--resolution`
-(256 for the recorded figure), and how many such workers one training step of `--preset` (kl-f8) consumes.
+"""The data section of `kl-ae bench` (`--what data`): images per second the default recipe's training set
+delivers (decoded from its files, and cached) against what the default step consumes (`bench_data_pipeline`);
+and images per second ONE data worker delivers from JPEG webdataset shards (the streamed path: `datasets`
+webdataset streaming, our shuffle blocks, decoding, resizing, a random crop and flip) against the same images as
+a folder (the map-style path), at `--resolution` (256 for the recorded figure), and how many such workers one
+training step of `--preset` (kl-f8) consumes (`bench_shards`).
 
-The images are the bundled photographs, cut into `32 x --steps` distinct JPEGs (quality 90) whose shorter side
+The shards' images are the bundled photographs, cut into `32 x --steps` distinct JPEGs (quality 90) whose shorter side
 is 1.25x the resolution, as img2dataset writes them. Both paths run in this process (one worker), interleaved,
 `--repeats` times, from the page cache; the median is reported. The step is our training step (G and D, random
 LPIPS backbone, fp32) on CUDA when there is one, else on this CPU.
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kl_ae.bench.step import images, interleaved, lpips_random, our_step_fn
+from kl_ae.bench.common import BenchConfig, images, interleaved, lpips_random
+from kl_ae.bench.step import our_step_fn
 
 
 def write_jpegs(folder: Path, count: int, resolution: int, seed: int) -> None:
@@ -106,4 +109,46 @@ def bench_shards(preset: str, resolution: int, batch_size: int, steps: int, repe
             f"{resolution} px random crops + flips, one worker; step: {preset} at {resolution} px, batch "
             f"{batch_size}, G+D, fp32, on {device}"
         ),
+    }
+
+
+def bench_data_pipeline(cfg: BenchConfig) -> dict:
+    """The data section: images/s decoded and augmented by the default recipe's training set, against what the
+    default step eats; and JPEG shards against a folder (`bench_shards`)."""
+    from kl_ae.common.data import build_datasets
+    from kl_autoencoder import PRESETS, Autoencoder
+    from training.config import TrainConfig
+
+    data_cfg = TrainConfig().data  # the default recipe: 64 px crops from 128 px, the bundled sample photos
+    train_ds, _ = build_datasets(data_cfg, cfg.seed)
+    n = min(len(train_ds), 16 * cfg.steps)
+    cache, train_ds.cache = train_ds.cache, None  # cold: every image decoded from its file and resized
+
+    def per_image() -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            train_ds[i]
+        return (time.perf_counter() - t) / n
+
+    cold = statistics.median(per_image() for _ in range(cfg.repeats))
+    train_ds.cache = cache  # warm: the trainer's steady state on this small set (decoded uint8 cached)
+    per_image()
+    warm = statistics.median(per_image() for _ in range(cfg.repeats))
+    torch.manual_seed(cfg.seed)
+    tiny = Autoencoder(PRESETS["tiny"]).to(cfg.device)
+    x = images(data_cfg.resolution, data_cfg.batch_size, cfg.seed, cfg.device)
+    lpips = lpips_random(device=cfg.device)
+    s = interleaved(
+        {gan: our_step_fn(tiny, x, "bf16", gan == "gan", lpips) for gan in ("gan", "nogan")}, cfg.steps, cfg.repeats
+    )
+    consume = data_cfg.batch_size / min(s.values())  # the faster step (before disc_start) eats the most
+    return {
+        "data_img_s": 1 / cold,
+        "data_cached_img_s": 1 / warm,
+        "train_tiny_bf16_gan_img_s": data_cfg.batch_size / s["gan"],
+        "train_tiny_bf16_nogan_img_s": data_cfg.batch_size / s["nogan"],
+        "data_over_consumption": 1 / cold / consume,
+        "data_cached_over_consumption": 1 / warm / consume,
+        "config": f"sample source, {data_cfg.resolution} px crops from {data_cfg.resize} px, num_workers 0",
+        "shards_vs_folder": bench_shards(cfg.preset, cfg.resolution, cfg.batch_size, cfg.steps, cfg.repeats, cfg.seed),
     }

@@ -8,15 +8,12 @@ raising, so there `--max-batch` must stay below what the memory holds.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
+from kl_ae.bench.common import BenchConfig, images, interleaved, lpips_random, model_pair
 from kl_ae.bench.device import largest_batch, peak_memory_mib, reset_peak_memory, timed
-from kl_ae.bench.step import images, interleaved, lpips_random, model_pair, our_step_fn
-
-if TYPE_CHECKING:
-    from kl_ae.bench.run import BenchConfig
+from kl_ae.bench.step import our_step_fn
 
 PRECISIONS = ("fp16", "bf16")
 

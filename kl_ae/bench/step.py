@@ -1,9 +1,11 @@
 """The training-step half of `kl-ae bench`: our step against reference-style loops, and its FLOP/s against a
 GEMM peak measured in the same run (and, on a GPU, against its datasheet's bf16 peak: MFU).
 
-Our step is `training/train.py`'s: ONE autoencoder forward feeds the generator update and then the discriminator
-update (the D sees the detached reconstruction), the adversarial weight computed with LPIPS and D differentiated
-once, fused AdamW, a fused EMA, no host synchronisation. The baselines are the loop of diffusers'
+Our step is the trainer's own, `training.step.TrainStep` (the loop in `training/train.py` runs it on every batch):
+ONE autoencoder forward feeds the generator update and then the discriminator update (the D sees the detached
+reconstruction), the adversarial weight computed with LPIPS and D differentiated once, fused AdamW, a fused EMA, no
+host synchronisation. Here it runs in one process without accelerate's process-wide state (`LocalAccelerator`), so
+steps of several precisions can be timed in turns. The baselines are the loop of diffusers'
 `train_autoencoderkl.py` (the reference the project grew from), with our weights in diffusers' `AutoencoderKL`,
 `lpips.LPIPS`, the same PatchGAN, `torch.optim.AdamW` and diffusers' `EMAModel` at their defaults, the same
 losses and the same precision (bf16 autocast over fp32 weights): G and D alternate by step parity, and every
@@ -23,81 +25,63 @@ gradient: not the same loss) and keep fp32 weights (the script casts them to bf1
 from __future__ import annotations
 
 import contextlib
-import statistics
-from typing import TYPE_CHECKING
+from types import MethodType
 
 import torch
+from accelerate.utils import convert_outputs_to_fp32
 
+from kl_ae.bench.common import BenchConfig, images, interleaved, lpips_random, model_pair
 from kl_ae.bench.device import DTYPES, autocast, bf16_peak_tflops, gemm_peak, timed
-
-if TYPE_CHECKING:
-    from kl_ae.bench.run import BenchConfig
 
 BASELINES = ("reference", "fixed")
 
 
-def interleaved(fns: dict, steps: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turns after one untimed warm-up call each (the device's
-    queued work waited for at both ends of each timing)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(timed(lambda fn=fn: [fn() for _ in range(steps)]) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+class LocalAccelerator:
+    """The members of `accelerate.Accelerator` that `TrainStep` uses, for one process and without accelerate's
+    process-wide state (steps of several precisions interleave in one bench process), doing what accelerate does
+    there: a prepared module's forward runs under autocast with fp32 outputs, and fp16 scales the loss with a
+    GradScaler, unscales every prepared optimizer's gradients before clipping and steps through the scaler."""
 
+    sync_gradients = True  # no gradient accumulation
 
-class _Single:
-    """What `guarded_step` needs of an Accelerator, for one process without one."""
+    def __init__(self, precision: str, device: torch.device | str, scaler: torch.amp.GradScaler | None = None):
+        self.device, self.dtype = torch.device(device), DTYPES[precision]
+        fp16 = precision == "fp16"
+        self.scaler = (scaler or torch.amp.GradScaler(self.device.type)) if fp16 else None
+        self.optimizers: list[torch.optim.Optimizer] = []
 
-    clip_grad_norm_ = staticmethod(torch.nn.utils.clip_grad_norm_)
+    def prepare_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.dtype is not None:
+            forward = torch.autocast(self.device.type, dtype=self.dtype)(type(module).forward)
+            module.forward = MethodType(convert_outputs_to_fp32(forward), module)
+        return module
 
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer):
+        self.optimizers.append(optimizer)
+        return optimizer if self.scaler is None else _Scaled(optimizer, self.scaler)
 
-def images(resolution: int, batch: int, seed: int, device: str = "cpu") -> torch.Tensor:
-    """Smooth random images in [-1, 1] (B, 3, H, W): cheaper than decoding files, not constant."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(batch, 3, max(resolution // 8, 1), max(resolution // 8, 1), generator=g)
-    x = torch.nn.functional.interpolate(low, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return (x * 2 - 1).clamp(-1, 1).to(device)
+    def accumulate(self, *models):
+        return contextlib.nullcontext()
 
+    def no_sync(self, model):
+        return contextlib.nullcontext()
 
-def diffusers_twin(ours):
-    """diffusers' AutoencoderKL holding our KL autoencoder's weights (loaded strictly), fp32."""
-    from diffusers import AutoencoderKL
+    def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
 
-    from kl_autoencoder.diffusers_format import to_diffusers_config, to_diffusers_state_dict
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    theirs = AutoencoderKL(**to_diffusers_config(ours.config))
-    theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
-    return theirs
-
-
-def model_pair(preset: str, seed: int, device: str = "cpu"):
-    """Our autoencoder of `preset` (initialised from `seed`) and its diffusers twin, both fp32."""
-    from kl_autoencoder import PRESETS, Autoencoder
-
-    torch.manual_seed(seed)
-    ours = Autoencoder(PRESETS[preset])
-    return ours.to(device), diffusers_twin(ours).to(device)
-
-
-def lpips_random(dtype: torch.dtype | None = None, device: str = "cpu"):
-    from kl_ae.common.lpips import LPIPS
-
-    return LPIPS(net="vgg", random_backbone=True, dtype=dtype).to(device)
-
-
-def _disc(seed: int, device: torch.device, channels: int = 64):
-    from training.discriminator import PatchDiscriminator
-
-    torch.manual_seed(seed + 1)
-    return PatchDiscriminator(base_channels=channels, norm="group").to(device)  # GroupNorm, as the default run's
+    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
+        if self.scaler is not None:
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
 class _Scaled:
-    """fp16's loss scaling as accelerate's optimizer wrapper does it: `step` steps through the GradScaler (which
-    skips an update whose gradients overflowed) and updates the scale."""
+    """fp16's optimizer as accelerate wraps it: `step` steps through the GradScaler (which skips an update whose
+    gradients overflowed) and updates the scale."""
 
     def __init__(self, optimizer, scaler):
         self.optimizer, self.scaler = optimizer, scaler
@@ -110,60 +94,38 @@ class _Scaled:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
+def _disc(seed: int, device: torch.device, channels: int = 64):
+    from training.discriminator import PatchDiscriminator
+
+    torch.manual_seed(seed + 1)
+    return PatchDiscriminator(base_channels=channels, norm="group").to(device)  # GroupNorm, as the default run's
+
+
 def our_step_fn(
     autoencoder, x: torch.Tensor, precision: str, gan: bool, lpips, ema: bool = True, scaler=None, disc_channels=64
 ):
-    """One step of OUR trainer (training/train.py), with the default recipe's EMA, in x's device.
+    """A call runs one `training.step.TrainStep` on x (the trainer's step, its defaults: AdamW, grad_clip 1.0, the
+    EMA), on x's device.
 
     precision: fp32, bf16 or fp16 autocast; fp16 scales the loss with `scaler` (a torch.amp.GradScaler; one is
-    made when none is given), as accelerate does for the trainer. lpips: None for a step without it.
+    made when none is given), as accelerate does for the trainer. gan: the discriminator on (factor 1) or not yet
+    started. lpips: None for a step without it.
     """
     from training.config import LossConfig
-    from training.step import (
-        Generator,
-        GuardedEMA,
-        adamw,
-        discriminator_objective,
-        generator_objective,
-        guarded_step,
-    )
+    from training.step import AutoencoderWithLoss, GuardedEMA, StepModules, StepSchedule, TrainStep, adamw
 
-    device, dtype, fp16 = x.device, DTYPES[precision], precision == "fp16"
-    loss_cfg = LossConfig(disc_start=0 if gan else 10**9, disc_norm="group", disc_channels=disc_channels)
-    gen = Generator(autoencoder, learn_logvar=False, logvar_init=0.0).to(device).train()
-    disc = _disc(0, device, disc_channels).train()
-    params_g = [p for p in gen.parameters() if p.requires_grad]
-    opt_g = adamw(params_g, lr=1e-4, betas=(0.5, 0.9))
+    device = x.device
+    acc = LocalAccelerator(precision, device, scaler)
+    model = acc.prepare_module(AutoencoderWithLoss(autoencoder, learn_logvar=False, logvar_init=0.0).to(device))
+    disc = acc.prepare_module(_disc(0, device, disc_channels))
+    model.train(), disc.train()
+    opt_g = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.5, 0.9))
     opt_d = adamw(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    if fp16:
-        scaler = scaler or torch.amp.GradScaler(device.type)
-        opt_g, opt_d = _Scaled(opt_g, scaler), _Scaled(opt_d, scaler)
     average = GuardedEMA(autoencoder.parameters(), decay=0.999, use_ema_warmup=True) if ema else None
-
-    def backward(loss, opt) -> None:
-        if fp16:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt.optimizer)  # before clipping, as accelerate's clip_grad_norm_ does
-        else:
-            loss.backward()
-
-    def step() -> None:
-        with autocast(dtype, device.type):
-            recon, posterior, _ = gen(x)
-            loss, _, factor = generator_objective(
-                x, recon, posterior, gen.logvar, lpips, disc, autoencoder.last_layer, loss_cfg, step=1
-            )
-        backward(loss, opt_g)
-        ok, _ = guarded_step(_Single, opt_g, params_g, 1.0, fp16)
-        if factor > 0:
-            with autocast(dtype, device.type):
-                d_loss, _ = discriminator_objective(x, recon, disc, loss_cfg, factor)
-            backward(d_loss, opt_d)
-            guarded_step(_Single, opt_d, list(disc.parameters()), 1.0, fp16)  # the EMA follows the autoencoder's
-        if average is not None:
-            average.step(autoencoder.parameters(), keep=ok)
-
-    return step
+    modules = StepModules(model, disc, acc.prepare_optimizer(opt_g), acc.prepare_optimizer(opt_d), lpips, ema=average)
+    train_step = TrainStep(acc, modules, LossConfig(), grad_clip=1.0, fp16=precision == "fp16")
+    schedule = StepSchedule(disc_factor=1.0 if gan else 0.0)
+    return lambda: train_step(x, None, schedule)
 
 
 def baseline_step_fn(vae, x: torch.Tensor, bf16: bool, gan: bool, variant: str = "fixed", ema: bool = True):
@@ -268,50 +230,34 @@ def bench_train(cfg: BenchConfig, precisions: list[str]) -> dict:
 
 def bench_default(cfg: BenchConfig, precisions: list[str]) -> dict:
     """The default run's step (`kl-ae train` with no arguments: the `tiny` preset, 64 px crops, batch 8, no LPIPS
-    as offline, its discriminator) against the default run before it was made for fp32 CPUs (`tiny` at 32 base
-    channels, a 64-channel discriminator), before and after `disc_start`; and the run's step time, those two
-    weighted by the steps the recipe spends in each (the rest of a run, validation and export, not counted).
-    Also the default step with LPIPS (random VGG and AlexNet backbones: the cost is right), as it trains online."""
-    import dataclasses
-
+    as offline, its discriminator) before and after `disc_start`, and the run's step time: those two weighted by
+    the steps the recipe spends in each (the rest of a run, validation and export, not counted). Also the default
+    step with LPIPS (random VGG and AlexNet backbones: the cost is right), as it trains online."""
+    from kl_ae.common.lpips import LPIPS
     from kl_autoencoder import PRESETS, Autoencoder
     from training.config import TrainConfig
 
     recipe = TrainConfig()
     data, loss, steps = recipe.data, recipe.loss, recipe.train.max_steps
     x = images(data.resolution, data.batch_size, cfg.seed, cfg.device)
-    arms = {
-        "default": (PRESETS[recipe.model.preset], loss.disc_channels),
-        "before": (dataclasses.replace(PRESETS[recipe.model.preset], base_channels=32), 64),
-    }
     out: dict = {"config": f"{data.resolution} px, batch {data.batch_size}, {steps} steps, GAN from step "
-                           f"{loss.disc_start}, no LPIPS; before: base_channels 32, disc_channels 64"}  # fmt: skip
-    from kl_ae.common.lpips import LPIPS
-
+                           f"{loss.disc_start}, no LPIPS"}  # fmt: skip
     perceptual = {net: LPIPS(net=net, random_backbone=True).to(cfg.device) for net in ("vgg", "alex")}
     for prec in precisions:
-        fns = {}
-        for arm, (model_cfg, disc_channels) in arms.items():
-            torch.manual_seed(cfg.seed)
-            model = Autoencoder(model_cfg).to(cfg.device)
-            for gan in (False, True):
-                fns[(arm, gan)] = our_step_fn(model, x, prec, gan, None, disc_channels=disc_channels)
+        torch.manual_seed(cfg.seed)
+        model = Autoencoder(PRESETS[recipe.model.preset]).to(cfg.device)
+        fns = {gan: our_step_fn(model, x, prec, gan, None, disc_channels=loss.disc_channels) for gan in (False, True)}
         for net, lp in perceptual.items():  # online, the run also trains with LPIPS (loss.lpips_net)
             torch.manual_seed(cfg.seed)
-            model = Autoencoder(arms["default"][0]).to(cfg.device)
-            fns[(f"default_lpips_{net}", False)] = our_step_fn(
-                model, x, prec, False, lp, disc_channels=loss.disc_channels
-            )
+            model = Autoencoder(PRESETS[recipe.model.preset]).to(cfg.device)
+            fns[f"lpips_{net}"] = our_step_fn(model, x, prec, False, lp, disc_channels=loss.disc_channels)
         s = interleaved(fns, cfg.steps, cfg.repeats)
         for net in perceptual:
-            out[f"default_lpips_{net}_{prec}_nogan_img_s"] = data.batch_size / s[(f"default_lpips_{net}", False)]
-        run = {arm: (min(loss.disc_start, steps) * s[(arm, False)] + max(steps - loss.disc_start, 0) * s[(arm, True)])
-               for arm in arms}  # fmt: skip
-        for arm in arms:
-            out[f"{arm}_{prec}_nogan_img_s"] = data.batch_size / s[(arm, False)]
-            out[f"{arm}_{prec}_gan_img_s"] = data.batch_size / s[(arm, True)]
-            out[f"{arm}_{prec}_run_step_seconds"] = run[arm]
-        out[f"speedup_{prec}"] = run["before"] / run["default"]
+            out[f"default_lpips_{net}_{prec}_nogan_img_s"] = data.batch_size / s[f"lpips_{net}"]
+        out[f"default_{prec}_nogan_img_s"] = data.batch_size / s[False]
+        out[f"default_{prec}_gan_img_s"] = data.batch_size / s[True]
+        nogan_steps = min(loss.disc_start, steps)
+        out[f"default_{prec}_run_step_seconds"] = nogan_steps * s[False] + (steps - nogan_steps) * s[True]
     return out
 
 

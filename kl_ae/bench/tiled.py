@@ -15,14 +15,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from kl_ae.bench.common import BenchConfig, photos
 from kl_ae.bench.device import autocast, peak_memory_mib, reset_peak_memory, timed
-
-if TYPE_CHECKING:
-    from kl_ae.bench.run import BenchConfig
 
 UNTILED_MAX = {"cpu": 2048, "cuda": 4096}  # the largest size whose untiled decode (the PSNR reference) is run
 
@@ -105,7 +102,6 @@ def _latents(cfg: BenchConfig, size: int) -> torch.Tensor:
     for a trained model), encoded tiled with estimated statistics, so that no untiled encode of a large image is
     needed. Photographs, not random latents: white-noise latents have none of the spatial correlation the
     statistics modes are about."""
-    from kl_ae.bench.run import photos
     from kl_autoencoder.tiling import encode_tiled
 
     ae = _model(cfg.preset, cfg.model, cfg.seed).to(cfg.device)

@@ -170,13 +170,13 @@ class DataConfig:
     resolution: int = 256  # crop size
     resize: int | None = None  # shorter side before cropping; None = resolution
     random_crop: bool = True  # False: center crop (training); validation always center-crops
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flips for training
     batch_size: int = 8  # per process
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes
     # held-out images: a seeded split of the file list, at least 1, never trained on
     # (the "sample" source uses a fixed split instead; none is held out with val_source)
     val_fraction: float = 0.1
-    val_max: int = 256
+    val_max: int = 256  # at most this many held-out images (or images of val_source)
     # a fixed validation set of its own: a folder, "sample", shards, or a hub dataset "name" / "name:split"
     # (at most val_max images). Required by streamed sources, which hold nothing out
     val_source: str | None = None

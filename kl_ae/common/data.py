@@ -29,6 +29,7 @@ Bad input. Real folders are dirty; no single file may end a run, and none is dro
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -374,6 +375,18 @@ def _stored_size(value: dict) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF 5-8 are transposed
 
 
+def trainer_split(data: str, run_data: DataConfig | None = None) -> DataConfig:
+    """The data section that splits `data` as the trainer did: a run's (`val_fraction`, `val_max`, its fixed
+    validation set, hub split and column) with `source` = `data`, or the defaults without a run. A run's fixed
+    validation set (`val_source`) is its held-out set only for the run's own source."""
+    if run_data is None:
+        return DataConfig(source=data)
+    cfg = dataclasses.replace(run_data, source=data)
+    if data != run_data.source:
+        cfg.val_source = None
+    return cfg
+
+
 def load_images(
     data: str,
     factor: int,
@@ -383,11 +396,14 @@ def load_images(
     seed: int = 0,
     folder_split: bool = False,
     protocol: str = "torchvision",
+    run_data: DataConfig | None = None,
 ) -> EvalImages:
     """A fixed image set (evaluation, export, encoding): every image of a folder; the first `max_images` (default
     256) of shards; the held-out (`split="val"`) or training (`"train"`) split of `sample` or a hub dataset, brought
-    to `resolution` by `protocol` (PROTOCOLS). `folder_split`: a folder is split too, as the trainer splits it
-    (seeded by `seed`). Errors name the command's `--data` / `--split`."""
+    to `resolution` by `protocol` (PROTOCOLS). `folder_split`: a folder is split too. A split is the trainer's
+    (`build_datasets`) seeded by `seed`, with the split settings of `run_data`, the run's data section, when given
+    (`trainer_split`): pass it and the run's seed wherever the held-out images must be the run's validation set.
+    Errors name the command's `--data` / `--split`."""
     folder = Path(data).expanduser()
     try:
         if shard_files(data, "--data") is not None:  # shards: the first images of the stream
@@ -405,7 +421,7 @@ def load_images(
             table = datasets.Dataset.from_dict({"image": [str(p) for p in files]})
             table, column = table.cast_column("image", datasets.Image(decode=False)), "image"
         else:
-            train, val = build_datasets(DataConfig(source=data), seed)
+            train, val = build_datasets(trainer_split(data, run_data), seed)
             chosen = train if split == "train" else val
             table, column = chosen.table, chosen.column
     except (ValueError, FileNotFoundError) as e:  # build_datasets' messages name data.source; here it is --data

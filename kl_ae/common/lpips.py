@@ -45,11 +45,6 @@ def find_backbone(net: str, weights_path: str | None = None, download: bool = Tr
     return weights.fetch(f"lpips-{net}", download)
 
 
-def resolve_backbone(net: str, weights_path: str | None = None, download: bool = True) -> Path | None:
-    """Return the torchvision backbone file for `net`, or None when it is not on disk and cannot be fetched."""
-    return find_backbone(net, weights_path, download)[0]
-
-
 def missing_weights_message(net: str, weights_path: str | None = None, why: str = "") -> str:
     """One message that says exactly which file is missing, why, where it goes and where it comes from."""
     file = _check_net(net)

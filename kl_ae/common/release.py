@@ -31,7 +31,8 @@ from kl_ae.common.runs import find_run, latest_weights
 from kl_ae.common.shards import looks_like_hub_name
 from kl_ae.common.weights import offline_switch
 from kl_autoencoder import Autoencoder
-from kl_autoencoder.diffusers_format import WEIGHTS_NAME, find_diffusers_folder, is_hub_name, save_diffusers
+from kl_autoencoder.diffusers_format import WEIGHTS_NAME, is_hub_name, save_diffusers
+from kl_autoencoder.folders import EXPORT_KEY, find_diffusers_folder, weights_step
 
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' variant naming: variant="fp16"
 # fp16 agrees with fp32 when the largest pixel difference (images in [-1, 1]) stays under this
@@ -39,9 +40,11 @@ FP16_TOLERANCE = 0.05
 
 
 def held_out_images(run: Path | None, data: str | None, resolution: int, max_images: int | None) -> tuple[Dataset, str]:
-    """(images in [-1, 1], a description): `data` (a folder: all its images) or else the run's validation split."""
+    """(images in [-1, 1], a description): `data` (a folder: all its images; "sample" or a hub name: its held-out
+    split, as the run's trainer splits it) or else the run's validation split."""
     if data is not None:
-        images = load_images(data, 1, resolution=resolution, max_images=max_images)
+        run_data, seed = run_data_config(run) if run is not None else (None, 0)
+        images = load_images(data, 1, resolution=resolution, max_images=max_images, seed=seed, run_data=run_data)
         return images, f"{data} ({len(images)} images at {resolution}px)"
     if run is None:
         raise ConfigError("export: not inside a training run (no config.yaml found); pass --data SPEC")
@@ -241,10 +244,13 @@ def export_run(
     seed: int = 0,
     license: str = "apache-2.0",
 ) -> Path:
-    """Write `source`'s weights (a run: its EMA weights, as `Autoencoder.from_pretrained`) as a diffusers folder.
+    """Write `source`'s weights (a run: its newest, EMA, weights, as `Autoencoder.from_pretrained`) as a diffusers
+    folder.
 
     Latent statistics come from held-out images: `data` (a folder: all its images; "sample" or a hub name:
-    its held-out split) or, by default, the run's validation split; at most `max_images` of them.
+    its held-out split) or, by default, the run's validation split; at most `max_images` of them. The config
+    records how they were measured and the training step of the weights (`EXPORT_KEY`), by which a run folder's
+    release is known to be current (`kl_autoencoder.folders.run_weights`).
     """
     try:
         model = Autoencoder.from_pretrained(source)
@@ -267,7 +273,7 @@ def export_run(
     if model.config.bottleneck == "kl":  # diffusers' VQModel has no shift or per-channel statistics
         extra |= {k: stats[k] for k in ("shift_factor", "latents_mean", "latents_std")}
     info = {"data": description, "seed": seed, "num_values": stats["num_values"], "fp16_check": fp16_note}
-    extra["_kl_ae_export"] = {**info, "weights": str(weights), "posterior": "sample"}
+    extra[EXPORT_KEY] = {**info, "weights": str(weights), "step": weights_step(weights), "posterior": "sample"}
 
     out = Path(out_dir)
     save_diffusers(model, out, extra_config=extra)
@@ -284,8 +290,8 @@ def export_run(
 
 
 def export_after_training(run: str | Path, fp16_variant: bool = False) -> Path:
-    """What the trainer calls at the end of a run: `<run>/diffusers` from the final checkpoint's
-    weights, with measured factors, force_upcast and a model card."""
+    """What the trainer calls at the end of a run: `<run>/diffusers` from the run's newest weights (the final
+    checkpoint's), with measured factors, force_upcast, the step and a model card."""
     run = Path(run)
     tmp = run / ".diffusers_export"
     shutil.rmtree(tmp, ignore_errors=True)

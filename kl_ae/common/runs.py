@@ -1,30 +1,20 @@
-"""The run folder's layout, as every command reads it: the checkpoint pointer and where the weights are.
+"""The run folder as every command reads it; its layout and the one rule for its weights are the model package's.
 
-A run folder holds `config.yaml` and `checkpoints/`; `checkpoints/latest` names the newest complete
-checkpoint `step_NNNNNNN/`, whose `autoencoder/` subfolder holds the weights to use (the EMA weights when
-the run keeps one) as a diffusers folder. Writing checkpoints is training's job (`training/checkpoint.py`).
+A run folder holds `config.yaml`, `checkpoints/` and, once a run has finished, the release `diffusers/`.
+`checkpoints/latest` names the newest complete checkpoint `step_NNNNNNN/`, whose `autoencoder/` subfolder holds
+the weights to use (the EMA weights when the run keeps one) as a diffusers folder. Which weights a run folder
+means is decided once, by `kl_autoencoder.folders.run_weights` (the newest: see there), because
+`Autoencoder.from_pretrained(run)` must decide it without importing this layer. Writing checkpoints is training's
+job (`training/checkpoint.py`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-POINTER = "latest"
-STATE_FILE = "trainer_state.json"
+from kl_autoencoder.folders import POINTER, STATE_FILE, checkpoint_name, find_latest_checkpoint, run_weights
 
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint named by `checkpoints/latest`, which only ever names a complete checkpoint."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / POINTER
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+__all__ = ["POINTER", "STATE_FILE", "checkpoint_name", "find_latest_checkpoint", "find_run", "latest_weights"]
 
 
 def find_run(path: str | Path) -> Path | None:
@@ -37,6 +27,5 @@ def find_run(path: str | Path) -> Path | None:
 
 
 def latest_weights(path: str | Path) -> Path:
-    """A run folder -> its latest complete checkpoint's `autoencoder/` (the EMA weights); anything else as is."""
-    latest = find_latest_checkpoint(path) if (Path(path) / "checkpoints").is_dir() else None
-    return latest / "autoencoder" if latest is not None else Path(path)
+    """A run folder -> its newest weights (`kl_autoencoder.folders.run_weights`); anything else as it is."""
+    return run_weights(path) or Path(path)

@@ -1,0 +1,52 @@
+"""DC-AE (diffusers `AutoencoderDC`; SANA): a deterministic deep-compression autoencoder (f32c32 and others).
+
+The latent is a point, not a distribution: `encode` returns a `PointPosterior` (sample() == mode(), kl() == 0).
+SANA's pipelines scale the latents by `scaling_factor` alone, which its config describes as the inverse of
+the latents' root mean square; `measure_normalization` measures it that way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .base import ChannelMoments, DiffusersAdapter, PointPosterior, load_module
+
+
+class DC(DiffusersAdapter):
+    family = "dc-ae"
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.module.spatial_compression_ratio)
+
+    @property
+    def fp16_safe(self) -> bool | None:
+        return None  # no force_upcast in the config
+
+    def encode(self, x: torch.Tensor) -> PointPosterior:
+        return PointPosterior(self.module.encode(x).latent)  # (B, C, H/f, W/f)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.module.decode(z).sample
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.config["scaling_factor"]
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.config["scaling_factor"]
+
+    def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
+        # a scalar cannot make every channel unit; 1 / RMS makes the mean square of all values 1
+        return {"scaling_factor": 1.0 / ChannelMoments(batches).rms()}
+
+    def normalization(self) -> dict:
+        return {"convention": "z * scaling_factor", "scaling_factor": self.config["scaling_factor"]}
+
+
+def load(folder: Path, class_name: str) -> DC:
+    from diffusers import AutoencoderDC
+
+    return DC(load_module(AutoencoderDC, folder), class_name)

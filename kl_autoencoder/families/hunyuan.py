@@ -1,0 +1,52 @@
+"""HunyuanImage 2.1's autoencoder (diffusers `AutoencoderKLHunyuanImage`): f32, 64 latent channels, DC-AE-style
+residual shortcuts, a Gaussian posterior. Its pipeline scales the latents by `scaling_factor` alone (no shift).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ..model import DiagonalGaussian
+from .base import ChannelMoments, DiffusersAdapter, load_module
+
+
+class Hunyuan(DiffusersAdapter):
+    family = "hunyuan-image"
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.config["spatial_compression_ratio"])
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.module.encode(x).latent_dist.parameters)  # over (B, C, H/f, W/f)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.module.decode(z).sample
+
+    @property
+    def scaling_factor(self) -> float:
+        # the class's default is None (no normalization measured yet): latents pass unscaled
+        scale = self.config["scaling_factor"]
+        return 1.0 if scale is None else float(scale)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scaling_factor
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scaling_factor
+
+    def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
+        # a scalar cannot make every channel unit; 1 / RMS makes the mean square of all values 1
+        return {"scaling_factor": 1.0 / ChannelMoments(batches).rms()}
+
+    def normalization(self) -> dict:
+        return {"convention": "z * scaling_factor", "scaling_factor": self.scaling_factor}
+
+
+def load(folder: Path, class_name: str) -> Hunyuan:
+    from diffusers import AutoencoderKLHunyuanImage
+
+    return Hunyuan(load_module(AutoencoderKLHunyuanImage, folder), class_name)

@@ -1,0 +1,109 @@
+"""Our own KL / VQ `Autoencoder` (diffusers `AutoencoderKL` / `VQModel`: SD, SDXL, SD3, FLUX.1, LDM) behind the
+family interface.
+
+The model already encodes to a posterior and decodes; the adapter adds the latent normalization of the
+SD3 / FLUX.1 pipelines, (z - shift_factor) * scaling_factor (no shift: SD's z * scaling_factor), its
+measurement as LDM's scale_by_std, and the parameter groups. A VQ model's latents are those before
+quantization (what LDM diffuses): `encode` returns them as a point posterior and `decode` quantizes first,
+as diffusers' `VQModel.decode` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ..model import Autoencoder, DiagonalGaussian
+from .base import Adapter, ChannelMoments, PointPosterior, parameters
+
+
+class Ours(Adapter):
+    module: Autoencoder
+
+    @property
+    def family(self) -> str:
+        return self.module.config.bottleneck  # "kl" or "vq"
+
+    @property
+    def vq(self) -> bool:
+        return self.module.config.bottleneck == "vq"
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.module.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.module.config.code_dim if self.vq else self.module.config.latent_channels
+
+    @property
+    def sample_size(self) -> int:
+        return self.module.config.sample_size
+
+    @property
+    def fp16_safe(self) -> bool:
+        return not self.module.config.force_upcast
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian | PointPosterior:
+        posterior = self.module.encode(x)
+        return PointPosterior(posterior.latents) if self.vq else posterior
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vq:
+            z = self.module.quantize(z).z_q
+        return self.module.decode(z)
+
+    def _factors(self) -> tuple[float, float]:
+        cfg = self.module.config
+        return float(cfg.scaling_factor), float(cfg.shift_factor or 0.0)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        scale, shift = self._factors()
+        return (z - shift) * scale
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        scale, shift = self._factors()
+        return latents / scale + shift
+
+    def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
+        """LDM's scale_by_std: scaling_factor = 1 / std and shift_factor = mean of all values, plus the per-channel
+        statistics some pipelines read; VQModel has a scaling_factor only."""
+        moments = ChannelMoments(batches)
+        mean, std = moments.pooled()
+        if self.vq:
+            return {"scaling_factor": 1.0 / std}
+        return {"scaling_factor": 1.0 / std, "shift_factor": mean, "latents_mean": moments.mean.tolist(),
+                "latents_std": moments.std.tolist()}  # fmt: skip
+
+    def set_normalization(self, updates: dict) -> None:
+        for key, value in updates.items():
+            setattr(self.module.config, key, value)
+
+    def normalization(self) -> dict:
+        scale, shift = self._factors()
+        return {"convention": "(z - shift_factor) * scaling_factor", "scaling_factor": scale, "shift_factor": shift}
+
+    def param_groups(self) -> dict[str, list[torch.Tensor]]:
+        m = self.module
+        return {
+            # the codebook belongs to the latent space: a decoder-only fine-tune keeps it
+            "encoder": parameters(m.encoder, m.quant_conv, getattr(m, "quantize", None)),
+            "decoder": parameters(m.post_quant_conv, m.decoder),
+            "decoder_head": parameters(m.decoder.conv_norm_out, m.decoder.conv_out),
+            "normalization": [],  # scaling_factor / shift_factor live in the config
+        }
+
+    def freeze(self, trainable: Iterable[str]) -> None:
+        trainable = list(trainable)
+        super().freeze(trainable)
+        if self.vq and "encoder" not in trainable:
+            self.module.quantize.frozen = True  # no EMA update or restart of the codes either
+
+    def save_pretrained(self, path: str | Path, extra_config: dict | None = None) -> Path:
+        return Path(self.module.save_pretrained(path, extra_config=extra_config))
+
+
+def load(folder: Path, class_name: str) -> Ours:
+    return Ours(Autoencoder.from_pretrained(folder), class_name)
