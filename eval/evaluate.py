@@ -1,11 +1,16 @@
 """`kl-ae eval`: reconstruction metrics, latent statistics, latent geometry and VAE diagnostics of an autoencoder.
 
-KL models: rate, active units, the aggregate posterior's distance to the prior. VQ models: codebook usage,
-perplexity, dead codes and the code histogram, and statistics of the latents before quantization (what LDM diffuses).
-One pass over the set per model, batched, under python or `accelerate launch` (sharded loader, per-image values
-through `gather_for_metrics`). Images are evaluated at their own size (cropped to a multiple of the factor) or
-brought to `resolution` by a named protocol (`kl_ae.common.data.PROTOCOLS`); protocol, posterior and FID implementation
-are recorded; rFID's real side is cached per image set and protocol (`kl_ae.common.fid_stats`).
+Any family `kl_autoencoder.interface.load_autoencoder` takes (our KL / VQ model, FLUX.2, DC-AE, Qwen-Image, Wan,
+HunyuanImage, RAE). Gaussian posteriors: rate, active units, the aggregate posterior's distance to the prior.
+Deterministic latents (DC-AE, RAE): no rate; the aggregate's distance to N(0, I). VQ models: codebook usage,
+perplexity, dead codes and the code histogram, and statistics of the latents before quantization (what LDM
+diffuses). Every model: the statistics of its raw latents and of its latents normalized as its diffusion pipeline
+normalizes them (`normalized_latents`). One pass over the set per model, batched, under python or `accelerate
+launch` (sharded loader, per-image values through `gather_for_metrics`). Images are evaluated at their own size
+(cropped to what every model takes) or brought to `resolution` by a named protocol (`kl_ae.common.data.PROTOCOLS`);
+protocol, posterior and FID implementation are recorded; rFID's real side is cached per image set and protocol
+(`kl_ae.common.fid_stats`). A `--split` of `sample` or a hub name, or of a run's own folder, is the run's
+held-out split when the model is a run (its split settings and seed).
 
     kl-ae eval --model RUN|CHECKPOINT|DIFFUSERS_DIR|HUB_NAME --data FOLDER|sample|HUB_NAME [--compare PATH2] ...
 """
@@ -24,8 +29,9 @@ from tqdm.auto import tqdm
 
 from eval import diagnostics as diag
 from eval import report
-from eval.geometry import geometry_row
+from eval.geometry import TRANSFORMS, geometry_row, scale_size
 from eval.geometry import summarize as summarize_geometry
+from eval.models import check_resolution, check_sizes, image_multiple, load_model
 from kl_ae.common.config import ConfigError
 from kl_ae.common.data import PROTOCOLS, EvalImages, load_images
 from kl_ae.common.fid_stats import load_reference, reference_file, reference_key, save_reference
@@ -43,31 +49,60 @@ from kl_ae.common.metrics import (
     ssim,
     to_unit,
 )
-from kl_autoencoder import Autoencoder
+from kl_ae.common.release import run_data_config
+from kl_ae.common.runs import find_run
+from kl_autoencoder.interface import LatentAutoencoder
 
 
 @dataclass
 class EvalConfig:
-    model: str  # a run, checkpoint or diffusers AutoencoderKL / VQModel folder, or a hub name (REPO[/SUBFOLDER])
+    model: str  # a run, checkpoint or diffusers folder of any supported class, or a hub name (REPO[/SUBFOLDER])
     data: str = "sample"  # a folder (all its images), "sample" or a hub name (their held-out split)
     split: str = "val"  # "sample" or a hub name: "val" (held out) or "train" (the images the recipe trains on)
     out: str | None = None  # default <model>/eval
-    resolution: int | None = None  # None: each image at its own size (cropped to a multiple of the factor)
+    resolution: int | None = None  # None: each image at its own size (cropped to a multiple of what the models take)
     protocol: str = "torchvision"  # how images are brought to `resolution`: torchvision | adm (data.PROTOCOLS)
-    posterior: str = "mode"  # KL reconstructions from the posterior's mode() or a sample() (EQ-VAE, LightningDiT)
+    posterior: str = "mode"  # reconstructions from the posterior's mode() or a sample() (EQ-VAE, LightningDiT)
     batch_size: int = 8  # per process; 1 when the images differ in size
     compare: str | None = None  # a second model evaluated on the same images
     lpips: str = "auto"  # required | auto | off
     max_images: int | None = None  # the first N images only
-    seed: int = 0  # posterior noise (per process) and the subsamples of the prior comparison
+    seed: int = 0  # posterior noise (per process), the prior comparison's subsamples, the split outside a run
     kl_threshold: float = 0.01  # nats per latent element for an active channel / unit
     vectors_per_image: int = 64  # latent vectors kept per image for the MMD and the histograms
     grid_images: int = 8
 
 
+def latent_row(ae: LatentAutoencoder, posterior, z: torch.Tensor, cfg: EvalConfig, gen) -> dict:
+    """Per-image latent summaries of one batch: moments of z (what a diffusion model is trained on) and of z
+    normalized as the family's pipeline does, a few latent vectors, the code histogram (VQ) or the posterior's
+    mean moments and KL per channel (Gaussian posteriors)."""
+    count, mean, m2 = channel_moments(z)
+    n_count, n_mean, n_m2 = channel_moments(ae.normalize(z))  # FLUX.2: (B, 4C, h/2, w/2)
+    row = {"count": count, "z_mean": mean, "z_m2": m2, "norm_count": n_count, "norm_mean": n_mean, "norm_m2": n_m2,
+           "vectors": diag.subsample_positions(z, cfg.vectors_per_image, gen)}  # fmt: skip
+    if ae.family == "vq":  # the codes the decoder sees: decode quantizes these latents
+        row["code_counts"] = diag.code_histogram(ae.module.quantize(z).indices, ae.module.config.num_codes)
+    elif posterior.logvar is not None:
+        _, mu_mean, mu_m2 = channel_moments(posterior.mean)
+        row |= {"mu_mean": mu_mean, "mu_m2": mu_m2, "kl": diag.kl_per_channel(posterior.mean, posterior.logvar)}
+    return row
+
+
+def scale_transform(ae: LatentAutoencoder, x: torch.Tensor) -> tuple[str, ...]:
+    """The geometry transforms `ae` can decode for images like x: downscaling needs a latent size the decoder
+    takes (RAE decodes its one size only); rotations keep the size."""
+    z_size = (x.shape[2] // ae.spatial_factor, x.shape[3] // ae.spatial_factor)
+    try:
+        ae.check_size(*(s * ae.spatial_factor for s in scale_size(z_size)))
+    except ValueError:
+        return tuple(t for t in TRANSFORMS if t != "scale")
+    return TRANSFORMS
+
+
 @torch.no_grad()
 def collect(
-    model: Autoencoder, loader, accelerator: Accelerator, lpips, inception, cfg: EvalConfig, name: str, real: bool
+    ae: LatentAutoencoder, loader, accelerator: Accelerator, lpips, inception, cfg: EvalConfig, name: str, real: bool
 ):
     """Per-image metrics and latent summaries over the whole set, gathered from every process. (N, ...) each.
 
@@ -77,23 +112,15 @@ def collect(
     """
     gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     geo_gen = torch.Generator().manual_seed(cfg.seed + 7919 * (1 + accelerator.process_index))  # latent noise
-    vq = model.config.bottleneck == "vq"
-    decode = (lambda z: model.decode(model.quantize(z).z_q)) if vq else model.decode  # a latent before quantization
     values: dict[str, list[torch.Tensor]] = {}
     ms_ssim_reason = ""
     for x in tqdm(loader, desc=f"eval {name}", disable=not accelerator.is_main_process, dynamic_ncols=True):
-        posterior = model.encode(x)
-        if vq:
-            # reconstructions through the codebook, as model(x); statistics on the latents before quantization,
-            # which LDM diffuses (its VQ decode quantizes, as diffusers' VQModel.decode does)
-            quantized = model.quantize(posterior.latents)
-            x_hat = model.decode(quantized.z_q)
-            z = posterior.latents
-        else:
-            z = posterior.sample(gen)  # statistics and rate describe what the diffusion model is trained on
-            x_hat = model.decode(z if cfg.posterior == "sample" else posterior.mode())
+        posterior = ae.encode(x)
+        # statistics and rate describe what the diffusion model is trained on: a posterior sample (VQ: the latents
+        # before quantization, which LDM diffuses and decode quantizes; deterministic families: the latent)
+        z, z_mode = posterior.sample(gen), posterior.mode()
+        x_hat = ae.decode(z if cfg.posterior == "sample" else z_mode)
         a, b = to_unit(x), to_unit(x_hat)
-        count, mean, m2 = channel_moments(z)
         ms, reason = ms_ssim(a, b)
         ms_ssim_reason = ms_ssim_reason or reason
         n = len(x)
@@ -102,19 +129,10 @@ def collect(
             "ssim": ssim(a, b),
             "mse": mse(a, b),
             "ms_ssim": ms if ms is not None else torch.full((n,), math.nan, device=x.device),
-            "count": count,
-            "z_mean": mean,
-            "z_m2": m2,
             "pixels": torch.full((n,), float(x.shape[2] * x.shape[3]), dtype=torch.float64, device=x.device),
-            "vectors": diag.subsample_positions(z, cfg.vectors_per_image, gen),
         }
-        z_mode = posterior.latents if vq else posterior.mode()
-        row |= geometry_row(decode, x, z_mode, z, x_hat, model.config.downsample_factor, geo_gen)
-        if vq:
-            row["code_counts"] = diag.code_histogram(quantized.indices, model.config.num_codes)
-        else:
-            _, mu_mean, mu_m2 = channel_moments(posterior.mean)
-            row |= {"mu_mean": mu_mean, "mu_m2": mu_m2, "kl": diag.kl_per_channel(posterior.mean, posterior.logvar)}
+        row |= latent_row(ae, posterior, z, cfg, gen)
+        row |= geometry_row(ae.decode, x, z_mode, z, x_hat, ae.spatial_factor, geo_gen, scale_transform(ae, x))
         if lpips is not None:
             row["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
         if inception is not None:
@@ -130,10 +148,8 @@ def collect(
     return {k: torch.cat(v) for k, v in values.items()}, ms_ssim_reason
 
 
-def summarize(
-    values: dict[str, torch.Tensor], lpips_status: str, fid_status: str, cfg: EvalConfig, reason: str, reference
-):
-    """The metrics.json entry of one model from its gathered per-image values.
+def reconstruction(values: dict[str, torch.Tensor], lpips_status: str, fid_status: str, reason: str, reference):
+    """The `reconstruction` entry: PSNR, SSIM, MSE, MS-SSIM, LPIPS and rFID (the last three where available).
 
     reference: (mean, covariance, where they come from) of the real images' Inception features, or None.
     """
@@ -157,8 +173,27 @@ def summarize(
     else:
         why = fid_status if "inception_fake" not in values else "needs at least 2 images"
         rec["rfid"] = {"available": False, "reason": why}
+    return rec
+
+
+def normalized_latents(ae: LatentAutoencoder, values: dict[str, torch.Tensor]) -> dict:
+    """Statistics of the latents as the family's pipeline normalizes them: what its diffusion model sees."""
+    stats = latent_statistics(values["norm_count"], values["norm_mean"], values["norm_m2"])
+    keep = ("num_values", "global_mean", "global_std", "latents_mean", "latents_std")
+    return {"convention": ae.normalization()["convention"], "channels": len(stats["latents_mean"])} | {
+        k: stats[k] for k in keep
+    }
+
+
+def summarize(
+    values: dict[str, torch.Tensor], lpips_status: str, fid_status: str, cfg: EvalConfig, reason: str, reference,
+    ae: LatentAutoencoder,
+):  # fmt: skip
+    """The metrics.json entry of one model from its gathered per-image values (`reconstruction` for `reference`)."""
+    rec = reconstruction(values, lpips_status, fid_status, reason, reference)
     stats = latent_statistics(values["count"], values["z_mean"], values["z_m2"])
     geometry = summarize_geometry(values, rec["psnr"])
+    family = {"family": ae.family, "class_name": ae.class_name, "normalized_latents": normalized_latents(ae, values)}
     if "code_counts" in values:  # VQ: codebook use instead of the Gaussian posterior's diagnostics
         codebook = diag.codebook_statistics(values["code_counts"][0], float(values["pixels"].sum()))
         warning = diag.codebook_warning(codebook)
@@ -169,7 +204,12 @@ def summarize(
             "codebook": codebook,
             "geometry": geometry,
             "warnings": [warning] if warning else [],
-        }
+        } | family
+    prior = diag.prior_distance(values["vectors"].flatten(0, 1), stats, seed=cfg.seed)
+    if "kl" not in values:  # a deterministic latent: no posterior variance, so no rate or KL
+        why = f"{ae.class_name} encodes to a point (no posterior variance): no rate, KL or active units"
+        return {"reconstruction": rec, "latents": stats, "posterior": {"deterministic": True, "note": why},
+                "prior_distance": prior, "geometry": geometry, "warnings": []} | family  # fmt: skip
     positions = values["count"]
     rate = diag.rate_summary(values["kl"], positions, values["pixels"], cfg.kl_threshold)
     burda = diag.burda_active_units(positions, values["mu_mean"], values["mu_m2"], cfg.kl_threshold)
@@ -179,29 +219,30 @@ def summarize(
         "latents": stats,
         "rate": rate,
         "active_units": burda,
-        "prior_distance": diag.prior_distance(values["vectors"].flatten(0, 1), stats, seed=cfg.seed),
+        "prior_distance": prior,
         "geometry": geometry,
         "warnings": [warning] if warning else [],
-    }
+    } | family
 
 
 @torch.no_grad()
-def figures(model: Autoencoder, images: EvalImages, result: dict, tag: str, out: Path, cfg: EvalConfig, device):
+def figures(ae: LatentAutoencoder, images: EvalImages, result: dict, tag: str, out: Path, cfg: EvalConfig, device):
     """Reconstruction grid and prior-sample grid (VQ: random-code grid) of one model (main process).
 
-    Returns {caption key: file}: "recon", and "prior" (KL) or "codes" (VQ).
+    Returns {caption key: file}: "recon", and "prior" (continuous latents) or "codes" (VQ).
     """
     n = min(cfg.grid_images, len(images))
     x = [images[i].to(device) for i in range(n)]
-    x_hat = [model(xi[None])[0] for xi in x]
+    x_hat = [ae.decode(ae.encode(xi[None]).mode())[0] for xi in x]
     x, x_hat = [to_unit(t).cpu() for t in x], [to_unit(t).cpu() for t in x_hat]
-    factor = model.config.downsample_factor
-    size = report.display_size([tuple(t.shape[1:]) for t in x], factor)
+    factor = ae.spatial_factor
+    size = report.display_size([tuple(t.shape[1:]) for t in x], ae.image_multiple)
     report.save_reconstruction_grid(x, x_hat, out / f"recon_{tag}.png", size)
     # prior samples at the tile size, next to the same images' reconstructions at that size
     gen = torch.Generator().manual_seed(cfg.seed)
-    recon = torch.stack([to_unit(model(report.thumbnail(t, size)[None].to(device) * 2 - 1)[0]).cpu() for t in x])
-    if model.config.bottleneck == "vq":
+    thumbs = [report.thumbnail(t, size)[None].to(device) * 2 - 1 for t in x]
+    recon = torch.stack([to_unit(ae.decode(ae.encode(t).mode())[0]).cpu() for t in thumbs])
+    if ae.family == "vq":
         # codes drawn independently per position, uniformly over the used codes and from the code histogram
         counts = torch.tensor(result["codebook"]["histogram"], dtype=torch.float64)
         if counts.sum() == 0:
@@ -210,22 +251,22 @@ def figures(model: Autoencoder, images: EvalImages, result: dict, tag: str, out:
         uniform = torch.multinomial((counts > 0).double(), math.prod(shape), replacement=True, generator=gen)
         unigram = torch.multinomial(counts, math.prod(shape), replacement=True, generator=gen)
         rows = [recon]
-        for idx in (uniform, unigram):
-            rows.append(to_unit(model.decode(codes_to_latents(model, idx.view(shape).to(device)))).cpu())
+        for idx in (uniform, unigram):  # quantized latents: the module's decode, which does not quantize again
+            rows.append(to_unit(ae.module.decode(codes_to_latents(ae.module, idx.view(shape).to(device)))).cpu())
         report.save_code_grid(*rows, out / f"codes_{tag}.png")
         return {"recon": f"recon_{tag}.png", "codes": f"codes_{tag}.png"}
     stats = result["latents"]
-    shape = (n, model.config.latent_channels, size // factor, size // factor)
+    shape = (n, ae.latent_channels, size // factor, size // factor)
     eps = torch.randn(shape, generator=gen).to(device)
     mean = torch.tensor(stats["latents_mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(stats["latents_std"], device=device).view(1, -1, 1, 1)
-    prior = to_unit(model.decode(eps)).cpu()
-    aggregate = to_unit(model.decode(eps * std + mean)).cpu()
+    prior = to_unit(ae.decode(eps)).cpu()
+    aggregate = to_unit(ae.decode(eps * std + mean)).cpu()
     report.save_prior_grid(recon, prior, aggregate, out / f"prior_{tag}.png")
     return {"recon": f"recon_{tag}.png", "prior": f"prior_{tag}.png"}
 
 
-def codes_to_latents(model: Autoencoder, indices: torch.Tensor) -> torch.Tensor:
+def codes_to_latents(model: torch.nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """Code indices (B, h, w) -> the quantized latents (B, code_dim, h, w) that `model.decode` takes."""
     codebook = model.quantize.embedding.weight
     if model.config.normalize_codes:  # the quantizer looks up (and outputs) unit-norm codes
@@ -260,21 +301,13 @@ def _json_safe(value):
     return value
 
 
-def _load_model(path: str) -> Autoencoder:
-    try:
-        model = Autoencoder.from_pretrained(path)  # a local folder, or a hub name (downloaded, cached)
-    except ValueError as e:
-        raise ConfigError(f"--model: {path}: {e}") from None
-    return model  # KL or VQ: see `collect` and `summarize` for what differs
-
-
 def default_out(model: str) -> Path:
     """MODEL/eval for a local model; eval/<org>--<name>[--sub] for a hub name."""
     return Path(model) / "eval" if Path(model).exists() else Path("eval") / model.strip("/").replace("/", "--")
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Evaluate `cfg.model` (and `cfg.compare`) on `cfg.data`; writes metrics.json + report.html; returns the dict."""
+def check_config(cfg: EvalConfig) -> None:
+    """One-line ConfigErrors for values no model or data could make right."""
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {cfg.batch_size}")
     if cfg.split not in ("val", "train"):
@@ -287,16 +320,43 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ConfigError("--protocol: adm makes N x N images; give --resolution N")
     if cfg.posterior not in ("mode", "sample"):
         raise ConfigError(f"--posterior: must be 'mode' or 'sample', got {cfg.posterior!r}")
-    accelerator = Accelerator()  # no mixed precision argument: evaluation runs the model in fp32
-    models = {"model": _load_model(cfg.model)}
+
+
+def load_models(cfg: EvalConfig) -> dict[str, LatentAutoencoder]:
+    """{"model": ..., "compare": ...}: two families may differ in factor, channels and normalized shape; each is
+    measured in its own shapes, on the same images."""
+    models = {"model": load_model(cfg.model)}
     if cfg.compare:
-        models["compare"] = _load_model(cfg.compare)
-    factor = models["model"].config.downsample_factor
-    if any(m.config.downsample_factor != factor for m in models.values()):
-        raise ConfigError("--compare: the two models have different downsampling factors")
-    if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % factor):
-        raise ConfigError(f"--resolution: {cfg.resolution} is not a positive multiple of the factor {factor}")
-    images = load_images(cfg.data, factor, cfg.split, cfg.resolution, cfg.max_images, cfg.seed, protocol=cfg.protocol)
+        models["compare"] = load_model(cfg.compare, "--compare")
+    if cfg.resolution is not None:
+        for name, ae in models.items():
+            check_resolution(ae, cfg.resolution, name)
+    return models
+
+
+def same_folder(data: str, source: str) -> bool:
+    """Whether `data` names the folder `source` names (a run's own data, however the path is written)."""
+    return Path(data).expanduser().is_dir() and Path(data).expanduser().resolve() == Path(source).expanduser().resolve()
+
+
+def eval_images(cfg: EvalConfig, models: dict[str, LatentAutoencoder]) -> tuple[EvalImages, dict]:
+    """The images and how they were split: a run's held-out (or training) split when the model is a run (its split
+    settings and seed, its own folder split as its trainer split it), else `cfg.seed`'s split of `sample` or a hub
+    name, or a whole folder."""
+    run = find_run(cfg.model) if Path(cfg.model).exists() else None
+    run_data, seed = run_data_config(run) if run is not None else (None, cfg.seed)
+    own_folder = run_data is not None and same_folder(cfg.data, run_data.source)
+    multiple = image_multiple(*models.values())
+    images = load_images(cfg.data, multiple, cfg.split, cfg.resolution, cfg.max_images, seed, own_folder,
+                         protocol=cfg.protocol, run_data=run_data)  # fmt: skip
+    for name, ae in models.items():
+        check_sizes(ae, images.sizes(), name)
+    split = {"split_seed": seed, "run": str(run) if run is not None else None}
+    return images, split
+
+
+def measure(cfg: EvalConfig, models: dict, images: EvalImages, accelerator: Accelerator) -> tuple[dict, dict, int]:
+    """(results, latent vectors for the histograms, batch size): every model over the loader, summarized."""
     sizes = images.sizes()
     batch_size = cfg.batch_size if len(sizes) == 1 else 1  # different sizes cannot share a batch
     loader = accelerator.prepare(DataLoader(images, batch_size=batch_size, shuffle=False))
@@ -304,33 +364,83 @@ def evaluate(cfg: EvalConfig) -> dict:
         first = accelerator.is_local_main_process
         lpips, lpips_status = lpips_for_eval(cfg.lpips, download=first)
         inception, fid_status = build_inception(download=first)
-    device = accelerator.device
-    for module in (lpips, inception, *models.values()):
+    for module in (lpips, inception, *(ae.module for ae in models.values())):
         if module is not None:
-            module.to(device).eval()
+            module.to(accelerator.device).eval()
     fid_key = reference = None
     if inception is not None:
         # every process looks before its first gather; the main process writes only after the last one
         fid_key = reference_key(images, sizes, fid_implementation())
         cached = load_reference(fid_key)
         reference = None if cached is None else (cached[0], cached[1], f"cached statistics: {cached[2]}")
-
     results, vectors = {}, {}
-    for name, model in models.items():
-        values, reason = collect(model, loader, accelerator, lpips, inception, cfg, name, real=reference is None)
+    for name, ae in models.items():
+        values, reason = collect(ae, loader, accelerator, lpips, inception, cfg, name, real=reference is None)
         if reference is None and len(values.get("inception_real", ())) >= 2:
             mu, sigma = gaussian_statistics(values["inception_real"])
             if accelerator.is_main_process:
                 save_reference(fid_key, mu, sigma)
             reference = (mu, sigma, f"computed here, cached in {reference_file(fid_key)}")
         results[name] = {"path": cfg.model if name == "model" else cfg.compare}
-        results[name] |= summarize(values, lpips_status, fid_status, cfg, reason, reference)
+        results[name] |= summarize(values, lpips_status, fid_status, cfg, reason, reference, ae)
         vectors[name] = values["vectors"].flatten(0, 1)  # (N * k, C), for the histograms
+    return results, vectors, batch_size
+
+
+def write_report(cfg, models, images, results, vectors, out: Path, accelerator: Accelerator, summary: dict) -> None:
+    """The figures, report.html and the console summary (main process)."""
+    figs: dict[str, dict[str, str]] = {"Reconstructions": {}, "Prior samples (holes)": {}, "Random codes": {}}
+    for name, ae in models.items():
+        files = figures(ae, images, results[name], name, out, cfg, accelerator.device)
+        figs["Reconstructions"][f"{name}: images, reconstructions, |x - x_hat| x 5"] = files["recon"]
+        if "prior" in files:
+            figs["Prior samples (holes)"][f"{name}: reconstructions, N(0, I), N(mean, std^2)"] = files["prior"]
+        else:
+            caption = f"{name}: reconstructions, codes uniform over the used codes, codes from the histogram"
+            figs["Random codes"][caption] = files["codes"]
+    kl_results = {n: r for n, r in results.items() if "rate" in r}
+    vq_results = {n: r for n, r in results.items() if "codebook" in r}
+    if kl_results:
+        report.save_kl_bars({n: r["rate"]["kl_per_channel"] for n, r in kl_results.items()}, cfg.kl_threshold,
+                            out / "kl_per_channel.png")  # fmt: skip
+        figs["Rate per channel"] = {"KL per channel": "kl_per_channel.png"}
+    if vq_results:
+        histograms = {n: r["codebook"]["histogram"] for n, r in vq_results.items()}
+        report.save_code_usage(histograms, out / "code_usage.png")
+        figs["Code usage"] = {"code histogram, and code frequencies ranked": "code_usage.png"}
+    geometry = {n: r["geometry"] for n, r in results.items()}
+    spectra = {n: (g["spectrum"]["latent_radial_power"], g["spectrum"]["image_radial_power"]) for n, g in
+               geometry.items()}  # fmt: skip
+    report.save_spectra(spectra, out / "spectrum.png")
+    report.save_correlations({n: g["channel_correlation"] for n, g in geometry.items()}, out / "correlation.png")
+    figs["Latent geometry"] = {
+        "radial power spectrum of the latents and of the images": "spectrum.png",
+        "correlation between latent channels": "correlation.png",
+    }
+    report.save_latent_histograms(vectors, out / "latent_hist.png")
+    what = "posterior samples" if not vq_results else "VQ: latents before quantization" if not kl_results else (
+        "posterior samples (KL), latents before quantization (VQ)")  # fmt: skip
+    figs["Latent histograms"] = {f"{what} against N(0, 1)": "latent_hist.png"}
+    figs = {title: files for title, files in figs.items() if files}
+    header = {"model": cfg.model, "compare": cfg.compare or "-", "data": cfg.data, "images": len(images),
+              "sizes": ", ".join(summary["image_sizes"]), "processes": accelerator.num_processes}  # fmt: skip
+    report.write_html(out / "report.html", header, results, figs)
+    print_summary(results, out)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate `cfg.model` (and `cfg.compare`) on `cfg.data`; writes metrics.json + report.html; returns the dict."""
+    check_config(cfg)
+    accelerator = Accelerator()  # no mixed precision argument: evaluation runs the model in fp32
+    models = load_models(cfg)
+    images, split = eval_images(cfg, models)
+    results, vectors, batch_size = measure(cfg, models, images, accelerator)
+    factor = image_multiple(*models.values())
     summary = {
         "data": cfg.data,
         "split": cfg.split,
         "num_images": len(images),
-        "image_sizes": sorted(f"{h}x{w}" for h, w in sizes),
+        "image_sizes": sorted(f"{h}x{w}" for h, w in images.sizes()),
         "batch_size": batch_size,
         "num_processes": accelerator.num_processes,
         "protocol": {
@@ -339,54 +449,19 @@ def evaluate(cfg: EvalConfig) -> dict:
             "resize": PROTOCOLS[cfg.protocol]
             if cfg.resolution is not None
             else f"none: each image centre-cropped to a multiple of {factor}",
-            "posterior": cfg.posterior,  # KL models; VQ models reconstruct through the codebook
+            "posterior": cfg.posterior,  # Gaussian posteriors; VQ reconstructs through the codebook
             "rfid": fid_implementation(),
         },
         "settings": asdict(cfg),
+        **split,
     }
     # metrics.json: the main model's results at the top level, the second model's under "compare"
     metrics = _json_safe({**summary, **results["model"], **({"compare": results["compare"]} if cfg.compare else {})})
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        figs: dict[str, dict[str, str]] = {"Reconstructions": {}, "Prior samples (holes)": {}, "Random codes": {}}
-        for name, model in models.items():
-            files = figures(model, images, results[name], name, out, cfg, device)
-            figs["Reconstructions"][f"{name}: images, reconstructions, |x - x_hat| x 5"] = files["recon"]
-            if "prior" in files:
-                figs["Prior samples (holes)"][f"{name}: reconstructions, N(0, I), N(mean, std^2)"] = files["prior"]
-            else:
-                caption = f"{name}: reconstructions, codes uniform over the used codes, codes from the histogram"
-                figs["Random codes"][caption] = files["codes"]
-        kl_results = {n: r for n, r in results.items() if "rate" in r}
-        vq_results = {n: r for n, r in results.items() if "codebook" in r}
-        if kl_results:
-            report.save_kl_bars({n: r["rate"]["kl_per_channel"] for n, r in kl_results.items()}, cfg.kl_threshold,
-                                out / "kl_per_channel.png")  # fmt: skip
-            figs["Rate per channel"] = {"KL per channel": "kl_per_channel.png"}
-        if vq_results:
-            histograms = {n: r["codebook"]["histogram"] for n, r in vq_results.items()}
-            report.save_code_usage(histograms, out / "code_usage.png")
-            figs["Code usage"] = {"code histogram, and code frequencies ranked": "code_usage.png"}
-        geometry = {n: r["geometry"] for n, r in results.items()}
-        spectra = {n: (g["spectrum"]["latent_radial_power"], g["spectrum"]["image_radial_power"]) for n, g in
-                   geometry.items()}  # fmt: skip
-        report.save_spectra(spectra, out / "spectrum.png")
-        report.save_correlations({n: g["channel_correlation"] for n, g in geometry.items()}, out / "correlation.png")
-        figs["Latent geometry"] = {
-            "radial power spectrum of the latents and of the images": "spectrum.png",
-            "correlation between latent channels": "correlation.png",
-        }
-        report.save_latent_histograms(vectors, out / "latent_hist.png")
-        what = "posterior samples" if not vq_results else "VQ: latents before quantization" if not kl_results else (
-            "posterior samples (KL), latents before quantization (VQ)")  # fmt: skip
-        figs["Latent histograms"] = {f"{what} against N(0, 1)": "latent_hist.png"}
-        figs = {title: files for title, files in figs.items() if files}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
-        header = {"model": cfg.model, "compare": cfg.compare or "-", "data": cfg.data, "images": len(images),
-                  "sizes": ", ".join(summary["image_sizes"]), "processes": accelerator.num_processes}  # fmt: skip
-        report.write_html(out / "report.html", header, results, figs)
-        print_summary(results, out)
+        write_report(cfg, models, images, results, vectors, out, accelerator, summary)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -394,21 +469,28 @@ def evaluate(cfg: EvalConfig) -> dict:
 def print_summary(results: dict, out: Path) -> None:
     for name, r in results.items():
         rec = r["reconstruction"]
+        head = f"{name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}"
         if "codebook" in r:
             cb = r["codebook"]
             print(
-                f"{name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}, codebook usage {cb['usage']:.4g} "
+                f"{head}, codebook usage {cb['usage']:.4g} "
                 f"({cb['used_codes']}/{cb['num_codes']}), perplexity {cb['perplexity']:.4g}, {cb['dead_codes']} dead "
                 f"codes, scaling_factor {r['latents']['scaling_factor']:.5g} (latents before quantization)"
             )
-        else:
+        elif "rate" in r:
             rate = r["rate"]
             print(
-                f"{name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}, rate {rate['bits_per_pixel']:.4g} "
+                f"{head}, rate {rate['bits_per_pixel']:.4g} "
                 f"bits/pixel, {rate['active_channels']}/{len(rate['kl_per_channel'])} active channels, "
                 f"MMD^2 to N(0, I) {r['prior_distance']['mmd2']:.4f}, "
                 f"scaling_factor {r['latents']['scaling_factor']:.5g}"
             )
+        else:
+            print(f"{head}, deterministic latents (no rate), standardised MMD^2 to N(0, I) "
+                  f"{r['prior_distance']['mmd2_standardized']:.4f}")  # fmt: skip
+        norm = r["normalized_latents"]
+        print(f"{name}: normalized latents ({norm['convention']}): {norm['channels']} channels, mean "
+              f"{norm['global_mean']:.4g}, std {norm['global_std']:.4g}")  # fmt: skip
         geo, fmt = r["geometry"], lambda v: "n/a" if v is None else f"{v:.2f}"
         print(
             f"{name}: equivariance gap {fmt(geo['gap_scale_db'])} dB (downscale x2), {fmt(geo['gap_rotation_db'])} dB "

@@ -10,7 +10,9 @@ Per-image values, computed batch by batch and gathered across processes, then co
 - the correlation matrix between latent channels;
 - robustness: PSNR of decode(z + s * std * eps) for noise levels s relative to each image's latent std.
 Equivariance and robustness use the posterior mode (as the reconstructions); the spectrum and the correlations use
-the latents a diffusion model is trained on (posterior samples; VQ: the latents before quantization).
+the latents a diffusion model is trained on (posterior samples; VQ: the latents before quantization). A transform
+the decoder cannot take (downscaling for RAE, whose decoder has a fixed number of patches) is left out: its
+per-image values are NaN and its summary None.
 """
 
 from __future__ import annotations
@@ -27,13 +29,24 @@ NOISE_LEVELS = (0.1, 0.25, 0.5)  # latent noise relative to the latent std
 RADIAL_BINS = 16  # radial frequency bins over [0, 0.5] cycles per sample (beyond 0.5: the corners, last bin)
 
 
+def scale_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The latent size (h, w) after the `scale` transform (`kl_ae.common.transforms.apply_pair` at 1/2)."""
+    return max(1, round(size[0] * 0.5)), max(1, round(size[1] * 0.5))
+
+
 def equivariance_errors(
-    decode: Callable[[Tensor], Tensor], x: Tensor, z: Tensor, recon: Tensor, factor: int
-) -> dict[str, Tensor]:
+    decode: Callable[[Tensor], Tensor], x: Tensor, z: Tensor, recon: Tensor, factor: int,
+    transforms: tuple[str, ...] = TRANSFORMS,
+) -> dict[str, Tensor]:  # fmt: skip
     """Per-image MSEs (B,) in [0, 1] image space for every transform T: `{T}/latent` decode(T(z)) vs T(x),
-    `{T}/image` T(decode(z)) vs T(x), `{T}/consistency` decode(T(z)) vs T(decode(z))."""
+    `{T}/image` T(decode(z)) vs T(x), `{T}/consistency` decode(T(z)) vs T(decode(z)); NaN for a transform not in
+    `transforms` (one the decoder cannot take)."""
     out = {}
     for name in TRANSFORMS:
+        if name not in transforms:
+            nan = torch.full((x.shape[0],), float("nan"), device=x.device)
+            out |= {f"{name}/latent": nan, f"{name}/image": nan, f"{name}/consistency": nan}
+            continue
         x_t, z_t = apply_pair(name, x, z, factor)
         recon_t, _ = apply_pair(name, recon, z, factor)
         decoded = to_unit(decode(z_t))
@@ -111,11 +124,18 @@ def summarize(values: dict[str, Tensor], reconstruction_psnr: float | None) -> d
     equivariance = {}
     for name in TRANSFORMS:
         latent, image = values[f"geo/{name}/latent"], values[f"geo/{name}/image"]
+        taken = ~latent.isnan()  # the images whose latents the decoder could take transformed
+        if not taken.any():
+            equivariance[name] = dict.fromkeys(
+                ("psnr_decode_transformed", "psnr_transform_decoded", "gap_db", "psnr_consistency")
+            ) | {"reason": "the decoder cannot take the transformed latents' size"}
+            continue
+        latent, image = latent[taken], image[taken]
         equivariance[name] = {
             "psnr_decode_transformed": _psnr(latent),
             "psnr_transform_decoded": _psnr(image),
             "gap_db": _gap(latent, image),
-            "psnr_consistency": _psnr(values[f"geo/{name}/consistency"]),
+            "psnr_consistency": _psnr(values[f"geo/{name}/consistency"][taken]),
         }
     rotations = [equivariance[r]["gap_db"] for r in ("rot90", "rot180", "rot270")]
     latent_profile, image_profile = values["geo/latent_spectrum"].sum(0), values["geo/image_spectrum"].sum(0)
@@ -147,9 +167,13 @@ def summarize(values: dict[str, Tensor], reconstruction_psnr: float | None) -> d
     }
 
 
-def geometry_row(decode, x: Tensor, z_mode: Tensor, z_sample: Tensor, recon: Tensor, factor: int, generator) -> dict:
-    """Everything this module measures for one batch, as per-image tensors keyed `geo/...` (gather them)."""
-    row = {f"geo/{k}": v for k, v in equivariance_errors(decode, x, z_mode, recon, factor).items()}
+def geometry_row(
+    decode, x: Tensor, z_mode: Tensor, z_sample: Tensor, recon: Tensor, factor: int, generator,
+    transforms: tuple[str, ...] = TRANSFORMS,
+) -> dict:  # fmt: skip
+    """Everything this module measures for one batch, as per-image tensors keyed `geo/...` (gather them);
+    `transforms`: the equivariance transforms the decoder can take (the others are NaN)."""
+    row = {f"geo/{k}": v for k, v in equivariance_errors(decode, x, z_mode, recon, factor, transforms).items()}
     row |= {f"geo/{k}": v for k, v in noise_errors(decode, x, z_mode, generator).items()}
     row["geo/latent_spectrum"] = radial_power(z_sample)
     row["geo/image_spectrum"] = radial_power(x)

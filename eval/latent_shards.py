@@ -10,7 +10,7 @@ holding index and path), each written under a temporary name and renamed. After 
 `path` is the sample's label (`<shard>:<key>`), `index` its position in the process's stream times the
 process count plus the process index: unique and stable. Bad samples are skipped and listed in
 `OUT/skipped.txt`. When every process is done, the main process writes `OUT/index.json` (format, files, rows)
-and then `latents_config.json` (the factors and settings), which marks the set complete.
+and then `latents_config.json` (the normalization and settings), which marks the set complete.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from kl_ae.common.images import (
     to_rgb,
 )
 from kl_ae.common.shards import TarWriter, image_of, label_of, open_stream
-from kl_autoencoder import Autoencoder
+from kl_autoencoder.interface import LatentAutoencoder
 
 CONFIG_FILE = "latents_config.json"
 INDEX_FILE = "index.json"
@@ -64,6 +64,16 @@ def pixels(value, resolution: int | None, factor: int) -> torch.Tensor:
     return x[:, top : top + th, left : left + tw].float().div(127.5).sub(1.0)  # (3, th, tw)
 
 
+def latent_features(latents: list[np.ndarray]) -> datasets.Features:
+    """float32 latents: a fixed-shape Array3D when all share one shape (one resolution), else nested lists."""
+    shapes = {z.shape for z in latents}
+    if len(shapes) == 1:
+        latent = datasets.Array3D(shape=shapes.pop(), dtype="float32")
+    else:
+        latent = datasets.List(datasets.List(datasets.List(datasets.Value("float32"))))
+    return datasets.Features({"latent": latent, "index": datasets.Value("int64"), "path": datasets.Value("string")})
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -85,8 +95,39 @@ def _write_shard(path: Path, rows: dict, fmt: str, features: datasets.Features) 
     writer.close()
 
 
+def encode_chunk(ae: LatentAutoencoder, chunk: list, indices: list[int], data: str, columns, skip,
+                 resolution: int | None, batch_size: int, sample: bool, gen) -> dict:  # fmt: skip
+    """The rows {"latent", "index", "path"} of one chunk of the stream (its samples numbered `indices`): latent =
+    ae.normalize(z) of each good sample; `skip(label, error)` is told of each bad one."""
+    good = []  # (index, label, pixels)
+    for index, example in zip(indices, chunk):
+        value = image_of(example, columns)
+        label = label_of(example, value, data)
+        try:
+            if value is None:
+                raise ValueError("no image member (none of the image columns / extensions)")
+            x = pixels(value, resolution, ae.image_multiple)
+            ae.check_size(*x.shape[1:])  # RAE: its one size only
+            good.append((index, label, x))
+        except DECODE_ERRORS as e:
+            skip(label, e)
+    rows = {"latent": [], "index": [], "path": []}
+    bs = batch_size if resolution is not None else 1  # images of their own sizes cannot share a batch
+    device = next(ae.module.parameters()).device
+    with torch.no_grad():
+        for b in range(0, len(good), bs):
+            part = good[b : b + bs]
+            posterior = ae.encode(torch.stack([p for _, _, p in part]).to(device))
+            z = posterior.sample(gen) if sample else posterior.mode()
+            for (index, label, _), latent in zip(part, ae.normalize(z.float()).cpu().numpy()):
+                rows["latent"].append(latent)  # (C, h, w)
+                rows["index"].append(index)
+                rows["path"].append(label)
+    return rows
+
+
 def encode_stream(
-    model: Autoencoder,
+    ae: LatentAutoencoder,
     data: str,
     out: str | Path,
     settings: dict,
@@ -98,10 +139,9 @@ def encode_stream(
     fmt: str = "parquet",
     per_shard: int = 1000,
 ) -> Path:
-    """Encode the stream `data` into latent shards under `out` (see the module docstring); `settings` (factors,
-    model, ...) go to latents_config.json."""
-    from eval.latents import latent_factors, latent_features
-
+    """Encode the stream `data` into latent shards under `out` (see the module docstring). `settings` go to
+    latents_config.json; they record `ae.normalization()`, the normalization `ae.normalize` applies here, so the
+    record and the latents cannot disagree."""
     out = Path(out)
     if fmt not in FORMATS:
         raise ConfigError(f"--format: choose one of {list(FORMATS)}, got {fmt!r}")
@@ -117,38 +157,21 @@ def encode_stream(
         progress = json.loads(progress_file.read_text())
     if progress["done"]:
         accelerator.print(f"process {rank}: its latents are written; nothing to encode")
-    scale, shift = latent_factors(model)
-    factor = model.config.downsample_factor
     gen = torch.Generator(accelerator.device).manual_seed(seed + rank)
     listed = set(read_skipped(out / "skipped.txt"))
+
+    def skip(label: str, error: Exception) -> None:
+        if label not in listed:
+            listed.add(label)
+            append_skips(out / "skipped.txt", {label: reason(error)})
+
     stream.load_state_dict(progress["state"])  # None: from the start
     samples = iter(stream) if not progress["done"] else iter(())
     ext = "parquet" if fmt == "parquet" else "tar"
     while chunk := list(itertools.islice(samples, per_shard)):
         state = stream.state_dict()
-        good = []  # (index, label, pixels)
-        for j, example in enumerate(chunk):
-            value = image_of(example, columns)
-            label = label_of(example, value, data)
-            try:
-                if value is None:
-                    raise ValueError("no image member (none of the image columns / extensions)")
-                good.append(((progress["position"] + j) * world + rank, label, pixels(value, resolution, factor)))
-            except DECODE_ERRORS as e:
-                if label not in listed:
-                    listed.add(label)
-                    append_skips(out / "skipped.txt", {label: reason(e)})
-        rows = {"latent": [], "index": [], "path": []}
-        bs = batch_size if resolution is not None else 1  # images of their own sizes cannot share a batch
-        with torch.no_grad():
-            for b in range(0, len(good), bs):
-                part = good[b : b + bs]
-                posterior = model.encode(torch.stack([p for _, _, p in part]).to(accelerator.device))
-                z = posterior.sample(gen) if sample else posterior.mode()
-                for (index, label, _), latent in zip(part, ((z.float() - shift) * scale).cpu().numpy()):
-                    rows["latent"].append(latent)  # (C, h, w)
-                    rows["index"].append(index)
-                    rows["path"].append(label)
+        indices = [(progress["position"] + j) * world + rank for j in range(len(chunk))]
+        rows = encode_chunk(ae, chunk, indices, data, columns, skip, resolution, batch_size, sample, gen)
         if rows["latent"]:
             name = f"{rank:05d}-{len(progress['files']):05d}.{ext}"
             _write_shard(out / name, rows, fmt, latent_features(rows["latent"]))

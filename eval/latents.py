@@ -1,10 +1,14 @@
 """`kl-ae encode` / `kl-ae decode`: a latent dataset for diffusion training, and images back from one.
 
-encode writes `latents = (z - shift_factor) * scaling_factor` (z the posterior mean, or with `sample` a
-posterior sample; VQ: the latents before quantization), the factors read from the model's config, as a
-`datasets` dataset on disk (`datasets.load_from_disk(out)`; columns `latent` (C, h, w) float32, `index`,
-`path`; with a crop grid, `index` numbers the crops and `path` names the image each is cut from). The factors and
-settings are recorded in `out/latents_config.json` and the dataset's description.
+encode writes `latent = ae.normalize(z)`: z the posterior mean, or with `sample` a posterior sample (VQ: the
+latents before quantization; deterministic families: the latent), normalized exactly as the model family's
+diffusion pipeline normalizes it (`kl_autoencoder.interface`: SD's `(z - shift_factor) * scaling_factor`,
+per-channel `latents_mean` / `latents_std`, FLUX.2's 2x2 patchify and BatchNorm statistics, so its latents are
+(4C, h/2, w/2)). They go to a `datasets` dataset on disk (`datasets.load_from_disk(out)`; columns `latent`
+(C, h, w) float32, `index`, `path`; with a crop grid, `index` numbers the crops and `path` names the image each is
+cut from). The model's `normalization()` (its convention and values; for our KL / VQ model also as
+`scaling_factor` / `shift_factor`) and the settings are recorded in `out/latents_config.json` and the dataset's
+description; decode reads that record back, so latents decode with the normalization they were written with.
 
 Under `accelerate launch` every process encodes a contiguous shard of the images and saves it as
 `<out>.shards/shard_<rank>` (written to a temporary folder, then renamed, so a folder there is complete);
@@ -27,39 +31,72 @@ from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from kl_ae.common.config import ConfigError
+from eval.latent_shards import encode_stream, latent_features, read_latent_shards
+from eval.models import as_adapter, check_resolution, check_sizes, device_of, load_model
+from kl_ae.common.config import ConfigError, DataConfig
 from kl_ae.common.crops import CropGrid, GridCrops
-from kl_ae.common.data import load_images
+from kl_ae.common.data import EvalImages, load_images, trainer_split
 from kl_autoencoder import Autoencoder
+from kl_autoencoder.interface import LatentAutoencoder
 
 CONFIG_FILE = "latents_config.json"
 
 
-def _load_model(path: str) -> Autoencoder:
-    try:
-        return Autoencoder.from_pretrained(path)
-    except ValueError as e:
-        raise ConfigError(f"--model: {path}: {e}") from None
-
-
-def latent_factors(model: Autoencoder) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) from the model's config; no shift is 0."""
-    return float(model.config.scaling_factor), float(model.config.shift_factor or 0.0)
-
-
-def latent_features(latents: list[np.ndarray]) -> datasets.Features:
-    """float32 latents: a fixed-shape Array3D when all share one shape (one resolution), else nested lists."""
-    shapes = {z.shape for z in latents}
-    if len(shapes) == 1:
-        latent = datasets.Array3D(shape=shapes.pop(), dtype="float32")
-    else:
-        latent = datasets.List(datasets.List(datasets.List(datasets.Value("float32"))))
-    return datasets.Features({"latent": latent, "index": datasets.Value("int64"), "path": datasets.Value("string")})
+OURS = "(z - shift_factor) * scaling_factor"  # our KL / VQ model's convention (`families.ours`)
 
 
 def _shard(n: int, rank: int, world: int) -> range:
     per = -(-n // world)
     return range(min(rank * per, n), min((rank + 1) * per, n))
+
+
+def latent_settings(ae: LatentAutoencoder, model_path: str, data: str, resolution: int | None, sample: bool,
+                    seed: int) -> dict:  # fmt: skip
+    """What latents_config.json records about the latents: the model, data and size, and the normalization applied
+    (our KL / VQ model: also its scaling_factor / shift_factor at the top level, where readers have found them)."""
+    norm = ae.normalization()
+    settings = {
+        "model": str(model_path),
+        "data": data,
+        "resolution": resolution,
+        "latent": "posterior sample" if sample else "posterior mean",
+        "seed": seed,
+    }
+    if ae.family in ("kl", "vq"):
+        settings |= {"scaling_factor": norm["scaling_factor"], "shift_factor": norm["shift_factor"]}
+        settings["formula"] = f"latent = {OURS}; z = latent / scaling_factor + shift_factor"
+    else:
+        settings["formula"] = f"latent = {norm['convention']}, z the raw latent (kl-ae decode applies the inverse)"
+    settings["normalization"] = norm
+    if ae.family == "vq":
+        settings["latent"] = "latents before quantization"
+    return settings
+
+
+def split_settings(data: str, split: str | None, grid: CropGrid | None, max_images: int | None, split_seed: int,
+                   run_data: DataConfig | None) -> dict:  # fmt: skip
+    """The record of which images were encoded, when a split, a crop grid or a count chose them."""
+    if split is None and grid is None and max_images is None:
+        return {}
+    settings = {"split": split, "split_seed": split_seed, "max_images": max_images}
+    if split is not None:  # what decides the trainer's split besides the seed
+        split_cfg = trainer_split(data, run_data)
+        settings["split_config"] = {k: getattr(split_cfg, k) for k in ("val_fraction", "val_max", "val_source")}
+    settings["crops"] = None if grid is None else {"k": grid.k, "resize": grid.resize, "hflip": grid.hflip}
+    return settings
+
+
+def check_arguments(ae: LatentAutoencoder, resolution, batch_size: int, split, stream: bool, fmt, grid) -> None:
+    if resolution is not None:
+        check_resolution(ae, resolution)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    if split not in (None, "train", "val"):
+        raise ConfigError(f"--split: must be 'train' or 'val', got {split!r}")
+    if fmt is not None and not stream:
+        raise ConfigError("--format: latent shards are written from a stream (shards, or a hub name with --streaming)")
+    if stream and (split is not None or grid is not None):
+        raise ConfigError("--split / crops: a stream is encoded as it comes; split or crop a folder or hub dataset")
 
 
 def encode_dataset(
@@ -77,11 +114,13 @@ def encode_dataset(
     fmt: str | None = None,
     per_shard: int = 1000,
     streaming: bool = False,
+    run_data: DataConfig | None = None,
 ) -> Path:
     """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`.
 
-    `split` ("train" | "val"): that split of the trainer's split of `data` (seeded by `split_seed`), folders
-    included. `grid`: several fixed crops per image (`kl_ae.common.crops.CropGrid`). `max_images`: the first N images.
+    `split` ("train" | "val"): that split of the trainer's split of `data` (seeded by `split_seed`, with the split
+    settings of `run_data`, the run's data section: `kl_ae.common.data.trainer_split`), folders included. `grid`:
+    several fixed crops per image (`kl_ae.common.crops.CropGrid`). `max_images`: the first N images.
     A stream (shards, or a hub name with `streaming`) is written as latent shards (`eval.latent_shards`, format
     `fmt`).
     """
@@ -93,63 +132,35 @@ def encode_dataset(
         accelerator.print(f"{out} is complete; nothing to do")
         return out
     stream = streaming or shard_files(data, "--data") is not None
-    if fmt is not None and not stream:
-        raise ConfigError("--format: latent shards are written from a stream (shards, or a hub name with --streaming)")
-    model = _load_model(model_path).to(accelerator.device)
-    factor = model.config.downsample_factor
-    if resolution is not None and (resolution <= 0 or resolution % factor):
-        raise ConfigError(f"--resolution: {resolution} is not a positive multiple of the factor {factor}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
-    if split not in (None, "train", "val"):
-        raise ConfigError(f"--split: must be 'train' or 'val', got {split!r}")
-    if stream and (split is not None or grid is not None):
-        raise ConfigError("--split / crops: a stream is encoded as it comes; split or crop a folder or hub dataset")
-    scale, shift = latent_factors(model)
-    settings = {
-        "model": str(model_path),
-        "data": data,
-        "resolution": resolution,
-        "latent": "posterior sample" if sample else "posterior mean",
-        "seed": seed,
-        "scaling_factor": scale,
-        "shift_factor": shift,
-        "formula": "latent = (z - shift_factor) * scaling_factor; z = latent / scaling_factor + shift_factor",
-    }
-    if split is not None or grid is not None or max_images is not None:
-        settings |= {"split": split, "split_seed": split_seed, "max_images": max_images}
-        settings["crops"] = None if grid is None else {"k": grid.k, "resize": grid.resize, "hflip": grid.hflip}
-    if model.config.bottleneck == "vq":
-        settings["latent"] = "latents before quantization"
+    ae = load_model(model_path).to(accelerator.device)
+    check_arguments(ae, resolution, batch_size, split, stream, fmt, grid)
+    settings = latent_settings(ae, model_path, data, resolution, sample, seed)
+    settings |= split_settings(data, split, grid, max_images, split_seed, run_data)
     if stream:
-        from eval.latent_shards import encode_stream
-
         args = (resolution, batch_size, sample, seed, fmt or "parquet", per_shard)
-        return encode_stream(model, data, out, settings, accelerator, *args)
-    images = load_images(data, factor, split or "val", resolution, max_images, split_seed, split is not None)
+        return encode_stream(ae, data, out, settings, accelerator, *args)
+    images = load_images(data, ae.image_multiple, split or "val", resolution, max_images, split_seed,
+                         split is not None, run_data=run_data)  # fmt: skip
+    check_sizes(ae, images.sizes())
     if grid is not None:
         images = GridCrops(images, grid)
+    settings |= {"num_images": len(images.table), "num_latents": len(images)}
+    write_latents(ae, images, out, settings, accelerator, batch_size, sample, seed)
+    return out
+
+
+def write_latents(ae: LatentAutoencoder, images: EvalImages | GridCrops, out: Path, settings: dict,
+                  accelerator: Accelerator, batch_size: int, sample: bool, seed: int) -> None:  # fmt: skip
+    """Each process's shard of the images as `<out>.shards/shard_<rank>` (kept when it is there), then the main
+    process's concatenation into `out`, with latents_config.json written last (it marks completion)."""
     rows = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
     paths = [rows[images.row(i)] for i in range(len(images))]
-    settings |= {"num_images": len(images.table), "num_latents": len(images)}
-
     shards = out.parent / f".{out.name}.shards"
     rank, world = accelerator.process_index, accelerator.num_processes
     shard_dir = shards / f"shard_{rank:05d}"
     if not shard_dir.is_dir():
-        indices = _shard(len(images), rank, world)
-        bs = batch_size if len(images.sizes()) == 1 else 1  # different sizes cannot share a batch
         gen = torch.Generator().manual_seed(seed + rank)
-        rows = {"latent": [], "index": [], "path": []}
-        with torch.no_grad():
-            for i, x in zip(range(0, len(indices), bs), DataLoader(Subset(images, indices), batch_size=bs)):
-                posterior = model.encode(x.to(accelerator.device))
-                z = posterior.sample(gen) if sample else posterior.mode()
-                latents = ((z.float() - shift) * scale).cpu().numpy()  # (B, C, h, w)
-                for j, latent in enumerate(latents):
-                    rows["latent"].append(latent)
-                    rows["index"].append(indices[i + j])
-                    rows["path"].append(paths[indices[i + j]])
+        rows = encode_rows(ae, images, paths, _shard(len(images), rank, world), batch_size, sample, gen)
         tmp = shards / f".tmp_shard_{rank:05d}"
         shutil.rmtree(tmp, ignore_errors=True)
         datasets.Dataset.from_dict(rows, features=latent_features(rows["latent"])).save_to_disk(str(tmp))
@@ -167,34 +178,71 @@ def encode_dataset(
         os.replace(tmp, out)
         shutil.rmtree(shards, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return out
+
+
+@torch.no_grad()
+def encode_rows(ae: LatentAutoencoder, images, paths: list, indices: range, batch_size: int, sample: bool,
+                gen) -> dict:  # fmt: skip
+    """The rows {"latent", "index", "path"} of `images[indices]`: latent = ae.normalize(z), z the posterior mean, or
+    with `sample` a posterior sample drawn from the generator `gen`."""
+    device = device_of(ae)
+    bs = batch_size if len(images.sizes()) == 1 else 1  # different sizes cannot share a batch
+    rows = {"latent": [], "index": [], "path": []}
+    for i, x in zip(range(0, len(indices), bs), DataLoader(Subset(images, indices), batch_size=bs)):
+        posterior = ae.encode(x.to(device))
+        z = posterior.sample(gen) if sample else posterior.mode()
+        for j, latent in enumerate(ae.normalize(z.float()).cpu().numpy()):  # (C, h, w) each (FLUX.2: (4C, ...))
+            rows["latent"].append(latent)
+            rows["index"].append(indices[i + j])
+            rows["path"].append(paths[indices[i + j]])
+    return rows
 
 
 def read_latents(path: str | Path) -> tuple[datasets.Dataset, dict]:
-    """(the latent dataset, its settings: scaling_factor, shift_factor, ...) from an `encode_dataset` folder."""
+    """(the latent dataset, its settings: normalization, model, ...) from an `encode_dataset` folder."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise ConfigError(f"--latents: {path} is not a complete latent dataset (no {CONFIG_FILE})")
     settings = json.loads((path / CONFIG_FILE).read_text())
     if "format" in settings:  # latent shards written from a stream
-        from eval.latent_shards import read_latent_shards
-
         return read_latent_shards(path), settings
     return datasets.load_from_disk(str(path)), settings
 
 
-def decode_z(model: Autoencoder, z: torch.Tensor) -> torch.Tensor:
-    """Unscaled latents (B, C, h, w) -> images in [-1, 1]; VQ latents stored before quantization are quantized."""
-    if model.config.bottleneck == "vq":  # the latents were stored before quantization, as LDM diffuses them
-        z = model.quantize(z).z_q
-    return model.decode(z)
+def recorded_normalization(settings: dict) -> dict:
+    """The normalization latents were written with (latents written before every family had its own record only
+    our model's scaling_factor / shift_factor)."""
+    if "normalization" in settings:
+        return settings["normalization"]
+    return {"convention": OURS, "scaling_factor": settings["scaling_factor"], "shift_factor": settings["shift_factor"]}
+
+
+def use_normalization(ae: LatentAutoencoder, recorded: dict) -> None:
+    """Make `ae` denormalize with the recorded values (the model may have been exported again since, with newly
+    measured ones); ConfigError when the recorded convention is not this model's."""
+    current = ae.normalization()
+    if recorded == current:
+        return
+    if recorded.get("convention") != current["convention"]:
+        raise ConfigError(
+            f"--latents: written with the normalization {recorded.get('convention')!r}, but the model's is "
+            f"{current['convention']!r}; decode them with the model (family) that encoded them"
+        )
+    ae.set_normalization({k: v for k, v in recorded.items() if k not in ("convention", "batch_norm_eps")})
+
+
+def decode_z(model: LatentAutoencoder | Autoencoder, z: torch.Tensor) -> torch.Tensor:
+    """Raw latents (B, C, h, w) -> images in [-1, 1]; VQ latents stored before quantization are quantized."""
+    return as_adapter(model).decode(z)
 
 
 @torch.no_grad()
-def decode_latents(model: Autoencoder, table: datasets.Dataset, settings: dict, batch_size: int = 8):
-    """Yield (index, path, image (C, H, W) in [-1, 1]) for every row, unscaling with the recorded factors."""
-    scale, shift = settings["scaling_factor"], settings["shift_factor"]
-    device = next(model.parameters()).device
+def decode_latents(model: LatentAutoencoder | Autoencoder, table: datasets.Dataset, settings: dict,
+                   batch_size: int = 8):  # fmt: skip
+    """Yield (index, path, image (C, H, W) in [-1, 1]) for every row, denormalized with the recorded normalization."""
+    ae = as_adapter(model)
+    use_normalization(ae, recorded_normalization(settings))
+    device = device_of(ae)
     table = table.with_format("numpy")
     for start in range(0, len(table), batch_size):
         rows = table[start : start + batch_size]
@@ -203,18 +251,18 @@ def decode_latents(model: Autoencoder, table: datasets.Dataset, settings: dict, 
             batches = [torch.from_numpy(np.asarray(v, dtype=np.float32))[None] for v in latents]
         else:
             batches = [torch.from_numpy(latents.astype(np.float32))]
-        images = torch.cat([decode_z(model, z.to(device) / scale + shift).float().cpu() for z in batches])
+        images = torch.cat([ae.decode(ae.denormalize(z.to(device))).float().cpu() for z in batches])
         for index, path, image in zip(rows["index"], rows["path"], images):
             yield int(index), path, image
 
 
 def decode_dataset(model_path: str, latents: str | Path, out: str | Path, batch_size: int = 8) -> Path:
     """Write every latent of an `encode_dataset` folder back to `out/<index>_<name>.png`."""
-    model = _load_model(model_path)
+    ae = load_model(model_path)
     table, settings = read_latents(latents)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for index, path, image in decode_latents(model, table, settings, batch_size):
+    for index, path, image in decode_latents(ae, table, settings, batch_size):
         name = f"{index:06d}" + (f"_{Path(path).stem}" if path else "")
         pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(out / f"{name}.png")

@@ -1,14 +1,19 @@
 """`kl-ae probe`: how well a small diffusion model learns an autoencoder's latents, the use the latents are for.
 
-    kl-ae probe --model RUN|CHECKPOINT|DIFFUSERS_DIR --data FOLDER|sample|HUB_NAME [--compare PATH2] [--steps N] ...
+    kl-ae probe --model RUN|CHECKPOINT|DIFFUSERS_DIR|HUB_NAME [--data FOLDER|sample|HUB_NAME] [--compare PATH2] ...
 
-For each model: the training split and the held-out split of `--data` (as the trainer splits it; `sample`: its
+For each model: the training split and the held-out split of `--data` (default: a run's own `data.source`), as
+the trainer splits it (a run's seed and split settings: its held-out images are its validation set; `sample`: its
 12 training and 2 held-out photographs) are cut into fixed crops (`kl_ae.common.crops.CropGrid`: a k x k grid over
 each image resized to `resize`, and mirrors) and encoded by `eval.latents.encode_dataset` (posterior samples,
 seeded; VQ: the latents before quantization) into `OUT/latents/<model|compare>_<train|val>`, reused when the
-probe is re-run with the same settings. The latents are normalised with the model's `scaling_factor` /
-`shift_factor`; a model without measured factors (scaling_factor 1 and no shift, e.g. a checkpoint folder) gets
-them measured on its training latents (global mean and std), which metrics.json says. Then the recipe of
+probe is re-run with the same settings. Any family `kl_autoencoder.interface` loads: the latents are normalised
+exactly as the family's diffusion pipeline normalises them (`ae.normalize`: scaling / shift, per-channel
+statistics, FLUX.2's 2x2 patchify and BatchNorm statistics), so the denoiser is sized from, and sees, the latents
+the family's diffusion model sees (FLUX.2: 4C channels at twice the factor); two families compared may have
+different latent shapes. A model whose normalization is the identity (no measured factors: a checkpoint folder,
+scaling_factor 1 and no shift) gets its latents rescaled by their global mean and std on the training latents,
+which metrics.json says. Then the recipe of
 `eval.denoiser` trains a small DiT on the training latents for `--steps` steps and reports its held-out
 denoising loss on a fixed timestep grid (same noise draws for every model), the curve of that loss over
 training, samples decoded through the autoencoder (DDIM, seeded), and the FID of the decoded samples against the
@@ -27,8 +32,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -37,15 +43,16 @@ from accelerate import Accelerator
 
 from eval import denoiser as dn
 from eval import probe_report
-from eval.latents import decode_z, encode_dataset, read_latents
-from kl_ae.common.config import ConfigError
+from eval.latents import encode_dataset, read_latents, recorded_normalization, use_normalization
+from eval.models import check_resolution, device_of, image_multiple, load_model
+from kl_ae.common.config import ConfigError, DataConfig
 from kl_ae.common.crops import CropGrid, GridCrops
-from kl_ae.common.data import load_images
+from kl_ae.common.data import load_images, trainer_split
 from kl_ae.common.metrics import build_inception, frechet_distance, inception_features, to_unit
 from kl_ae.common.release import run_data_config
 from kl_ae.common.runs import find_run
-from kl_autoencoder import Autoencoder
-from kl_autoencoder.diffusers_format import find_diffusers_folder
+from kl_autoencoder import find_diffusers_folder
+from kl_autoencoder.interface import LatentAutoencoder
 
 GRID_SAMPLES = 16  # samples shown in the report
 MAX_FID_SAMPLES = 1024
@@ -53,8 +60,9 @@ MAX_FID_SAMPLES = 1024
 
 @dataclass
 class ProbeConfig:
-    model: str  # a run folder, a checkpoint folder or a diffusers AutoencoderKL / VQModel folder
-    data: str = "sample"  # a folder, "sample" or a hub name: its training split and its held-out split
+    model: str  # a run, checkpoint or diffusers folder of any supported class, or a hub name (REPO[/SUBFOLDER])
+    # a folder, "sample" or a hub name: its training split and its held-out split; None: a run's own data.source
+    data: str | None = None
     out: str | None = None  # default <model>/probe
     steps: int = 600  # denoiser training steps (the budget)
     compare: str | None = None  # a second model probed on the same images, seeds and budget
@@ -75,29 +83,46 @@ def _check(cfg: ProbeConfig) -> None:
             raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {value}")
 
 
-def _load_model(path: str) -> Autoencoder:
-    try:
-        return Autoencoder.from_pretrained(path)
-    except ValueError as e:
-        raise ConfigError(f"--model: {path}: {e}") from None
+class Crops(NamedTuple):
+    """What every probed model's latents are cut from: the crop size and grid, and the trainer's split of the data
+    (its seed and, for a run, its data section, so that the held-out images are the run's validation set)."""
+
+    resolution: int
+    grid: CropGrid
+    split_seed: int
+    run_data: DataConfig | None
 
 
-def crop_settings(cfg: ProbeConfig, model_path: str, model: Autoencoder) -> tuple[int, CropGrid, int]:
-    """(resolution, crop grid, split seed): the flags, else the run's data section, else the model's sample_size."""
-    run = find_run(model_path)
+def with_data(cfg: ProbeConfig) -> ProbeConfig:
+    """`cfg` with `data` set: as given, else the run's own `data.source` (a ConfigError for a model without a run)."""
+    if cfg.data is not None:
+        return cfg
+    run = find_run(cfg.model)
+    if run is None:
+        raise ConfigError(f"--data: {cfg.model} is not a run folder (no config.yaml), so it has no data of its own")
+    return replace(cfg, data=run_data_config(run)[0].source)
+
+
+def crop_settings(cfg: ProbeConfig, model_path: str, ae: LatentAutoencoder) -> Crops:
+    """The crops and split: the flags, else the run's data section, else the model's sample_size."""
+    run = find_run(model_path) if Path(model_path).exists() else None
     data, split_seed = run_data_config(run) if run is not None else (None, 0)
-    resolution = cfg.resolution or (data.resolution if data else model.config.sample_size)
+    resolution = cfg.resolution or (data.resolution if data else ae.sample_size)
+    if resolution is None:
+        raise ConfigError(f"--resolution: {ae.class_name} records no sample_size; give the crop size, --resolution N")
     resize = cfg.resize or (data.resize if data and not cfg.resolution else None) or resolution
     if resize < resolution:
         raise ConfigError(f"--resize: must be >= the resolution {resolution}, got {resize}")
-    return resolution, CropGrid(k=cfg.crops, resize=resize, hflip=True), split_seed
+    return Crops(resolution, CropGrid(k=cfg.crops, resize=resize, hflip=True), split_seed, data)
 
 
-def encode_split(cfg: ProbeConfig, path: str, crops: tuple, split: str, folder: Path, accelerator: Accelerator) -> Path:
+def encode_split(cfg: ProbeConfig, path: str, crops: Crops, split: str, folder: Path, accelerator: Accelerator) -> Path:
     """The latent dataset of one split (encoded, or reused when its settings and the weights have not changed)."""
-    resolution, grid, split_seed = crops
+    resolution, grid, split_seed, run_data = crops
+    split_cfg = trainer_split(cfg.data, run_data)
     expect = {"model": str(path), "data": cfg.data, "resolution": resolution, "seed": cfg.seed, "split": split,
               "split_seed": split_seed, "max_images": cfg.max_images,
+              "split_config": {k: getattr(split_cfg, k) for k in ("val_fraction", "val_max", "val_source")},
               "crops": {"k": grid.k, "resize": grid.resize, "hflip": grid.hflip}}  # fmt: skip
     weights = max(f.stat().st_mtime for f in find_diffusers_folder(path).iterdir())
     if accelerator.is_main_process and (folder / "latents_config.json").is_file():
@@ -109,7 +134,8 @@ def encode_split(cfg: ProbeConfig, path: str, crops: tuple, split: str, folder: 
     accelerator.wait_for_everyone()
     try:
         return encode_dataset(path, cfg.data, folder, resolution, batch_size=16, sample=True, seed=cfg.seed,
-                              split=split, grid=grid, max_images=cfg.max_images, split_seed=split_seed)  # fmt: skip
+                              split=split, grid=grid, max_images=cfg.max_images, split_seed=split_seed,
+                              run_data=run_data)  # fmt: skip
     except ConfigError as e:
         raise ConfigError(f"{e} (probe of {path}, {split} split)") from None
 
@@ -119,70 +145,94 @@ def load_latents(folder: Path) -> tuple[torch.Tensor, dict]:
     return torch.from_numpy(np.array(table.with_format("numpy")["latent"])), settings  # (N, C, h, w), a copy
 
 
-def normalise(model: Autoencoder, train: torch.Tensor, heldout: torch.Tensor, settings: dict):
-    """(train, held-out, the record): the stored latents, rescaled to the training latents' mean and std when the
-    model has no measured factors. The record's factors apply to the raw latents z: (z - shift) * scale."""
-    scale, shift = settings["scaling_factor"], settings["shift_factor"]
-    measured = not (model.config.scaling_factor == 1.0 and model.config.shift_factor is None)
-    record = {"source": "the model's config (measured at export)"}
-    if not measured:
+@torch.no_grad()
+def has_normalization(ae: LatentAutoencoder) -> bool:
+    """Whether the model's normalization does anything: False for the identity (scaling_factor 1 and no shift, unit
+    statistics), up to a rearrangement of the values (FLUX.2's patchify) and float rounding (RAE's, FLUX.2's eps)."""
+    side = 2 * ae.image_multiple // ae.spatial_factor
+    z = torch.randn(1, ae.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    latents = ae.normalize(z.to(device_of(ae))).cpu()
+    if latents.numel() != z.numel():
+        return True
+    return not torch.allclose(latents.flatten().sort().values, z.flatten().sort().values, rtol=1e-3, atol=1e-6)
+
+
+def normalise(ae: LatentAutoencoder, train: torch.Tensor, heldout: torch.Tensor, settings: dict):
+    """(train, held-out, the record): the stored latents (normalised as the family's pipeline does), rescaled to the
+    training latents' mean and std when the model's normalization is the identity. The record's `rescale` maps the
+    stored latents to the probe's, (stored - shift) * scale (None: as stored); for our KL / VQ model its
+    scaling_factor / shift_factor give the whole map from the raw latents z, (z - shift_factor) * scaling_factor."""
+    norm = recorded_normalization(settings)
+    record = {"source": "the model's config (measured at export)", "convention": norm["convention"]}
+    rescale = None
+    if not has_normalization(ae):
         mean, std = train.double().mean().item(), train.double().std(correction=0).item()
         if std == 0:
             raise ConfigError("--model: the training latents have zero variance; nothing to diffuse")
         train, heldout = (train - mean) / std, (heldout - mean) / std
-        scale, shift = scale / std, shift + mean / settings["scaling_factor"]
+        rescale = {"scale": 1 / std, "shift": mean}
         record["source"] = "measured on the probe's training latents (the model has no measured factors)"
+    if ae.family in ("kl", "vq"):
+        scale, shift = norm["scaling_factor"], norm["shift_factor"]
+        if rescale is not None:
+            scale, shift = scale / std, shift + mean / norm["scaling_factor"]
+        record |= {"scaling_factor": scale, "shift_factor": shift}
     std = lambda x: x.double().std(correction=0).item()  # noqa: E731
     mean = lambda x: x.double().mean().item()  # noqa: E731
-    record |= {"scaling_factor": scale, "shift_factor": shift, "train_mean": mean(train), "train_std": std(train),
-               "heldout_mean": mean(heldout), "heldout_std": std(heldout)}  # fmt: skip
+    record |= {"rescale": rescale, "train_mean": mean(train), "train_std": std(train), "heldout_mean": mean(heldout),
+               "heldout_std": std(heldout)}  # fmt: skip
     return train, heldout, record
 
 
-def held_out_images(cfg: ProbeConfig, crops: tuple, factor: int, n: int) -> torch.Tensor:
+def split_images(cfg: ProbeConfig, crops: Crops, factor: int, split: str) -> GridCrops:
+    """The crops of one split ("train" or "val") of the trainer's split of `cfg.data`."""
+    images = load_images(cfg.data, factor, split, crops.resolution, cfg.max_images, crops.split_seed, True,
+                         run_data=crops.run_data)  # fmt: skip
+    return GridCrops(images, crops.grid)
+
+
+def held_out_images(cfg: ProbeConfig, crops: Crops, factor: int, n: int) -> torch.Tensor:
     """The first n held-out crops in [0, 1], the FID reference. (n, 3, r, r)"""
-    resolution, grid, split_seed = crops
-    images = GridCrops(load_images(cfg.data, factor, "val", resolution, cfg.max_images, split_seed, True), grid)
+    images = split_images(cfg, crops, factor, "val")
     return torch.stack([to_unit(images[i]) for i in range(min(n, len(images)))])
 
 
 @torch.no_grad()
-def decode(model: Autoencoder, latents: torch.Tensor, factors: dict, device) -> torch.Tensor:
-    """Normalised latents (n, C, h, w) -> images in [0, 1] (n, 3, H, W), in batches of 16."""
-    out = []
+def decode(ae: LatentAutoencoder, latents: torch.Tensor, factors: dict) -> torch.Tensor:
+    """The probe's latents (n, C, h, w) -> images in [0, 1] (n, 3, H, W), in batches of 16: back to the stored
+    latents (undoing the probe's rescale), then the family's denormalize and decode."""
+    out, rescale = [], factors["rescale"]
     for x in latents.split(16):
-        z = x.to(device) / factors["scaling_factor"] + factors["shift_factor"]
-        out.append(to_unit(decode_z(model, z)).cpu())
+        stored = x.to(device_of(ae))
+        if rescale is not None:
+            stored = stored / rescale["scale"] + rescale["shift"]
+        out.append(to_unit(ae.decode(ae.denormalize(stored))).cpu())
     return torch.cat(out)
 
 
-def plan(cfg: ProbeConfig, paths: dict[str, str]) -> tuple:
-    """(resolution, crop grid, split seed) for every model, from the flags or the first model's run: the same
-    images for both. Checks what can be checked before any compute."""
-    models = {tag: _load_model(path) for tag, path in paths.items()}
+def plan(cfg: ProbeConfig, paths: dict[str, str]) -> Crops:
+    """The crops and split for every model, from the flags or the first model's run: the same images for both.
+    Checks what can be checked before any compute."""
+    models = {tag: load_model(path, "--model" if tag == "model" else "--compare") for tag, path in paths.items()}
     crops = crop_settings(cfg, paths["model"], models["model"])
-    resolution, grid, split_seed = crops
-    for tag, model in models.items():
-        factor = model.config.downsample_factor
-        if resolution % factor:
-            raise ConfigError(
-                f"--resolution: {resolution} is not a multiple of the {tag}'s downsampling factor {factor}"
-            )
-    n = len(load_images(cfg.data, factor, "train", resolution, cfg.max_images, split_seed, True)) * grid.per_image
+    for tag, ae in models.items():
+        check_resolution(ae, crops.resolution, tag)
+    n = len(split_images(cfg, crops, image_multiple(*models.values()), "train"))
     if n < cfg.batch_size:
         raise ConfigError(f"--batch-size: {cfg.batch_size} is more than the {n} training latents")
     return crops
 
 
-def probe_one(cfg: ProbeConfig, path: str, crops: tuple, tag: str, out: Path, accelerator, inception, fid_status):
+def probe_one(cfg: ProbeConfig, path: str, crops: Crops, tag: str, out: Path, accelerator, inception, fid_status):
     """One model's metrics.json entry; also writes its sample grid (main process)."""
     start = time.perf_counter()
-    model = _load_model(path).to(accelerator.device)
+    ae = load_model(path).to(accelerator.device)
     folders = {
         s: encode_split(cfg, path, crops, s, out / "latents" / f"{tag}_{s}", accelerator) for s in ("train", "val")
     }
     (train, settings), (heldout, _) = load_latents(folders["train"]), load_latents(folders["val"])
-    train, heldout, factors = normalise(model, train, heldout, settings)
+    use_normalization(ae, recorded_normalization(settings))  # decode as the latents were written
+    train, heldout, factors = normalise(ae, train, heldout, settings)
     encoded = time.perf_counter()
     eval_every = cfg.eval_every or max(1, cfg.steps // 8)
     accelerator.print(f"probe {tag}: {len(train)} training and {len(heldout)} held-out latents of shape "
@@ -195,7 +245,9 @@ def probe_one(cfg: ProbeConfig, path: str, crops: tuple, tag: str, out: Path, ac
     loss = curve[-1]["loss"]
     result = {
         "path": path,
-        "latent_shape": list(train.shape[1:]),
+        "family": ae.family,
+        "class_name": ae.class_name,
+        "latent_shape": list(train.shape[1:]),  # normalised: what the denoiser sees (FLUX.2: 4C, h/2, w/2)
         "num_train_latents": len(train),
         "num_heldout_latents": len(heldout),
         "latents": {
@@ -220,15 +272,14 @@ def probe_one(cfg: ProbeConfig, path: str, crops: tuple, tag: str, out: Path, ac
     if accelerator.is_main_process:
         n = min(len(heldout), MAX_FID_SAMPLES) if inception is not None else GRID_SAMPLES
         n = max(n, GRID_SAMPLES)
-        samples = decode(model, dn.sample(denoiser, tuple(train.shape[1:]), n, cfg.seed, accelerator.device),
-                         factors, accelerator.device)  # fmt: skip
-        reference = decode(model, heldout[:8], factors, accelerator.device)  # reconstructions of held-out latents
+        samples = decode(ae, dn.sample(denoiser, tuple(train.shape[1:]), n, cfg.seed, accelerator.device), factors)
+        reference = decode(ae, heldout[:8], factors)  # reconstructions of held-out latents
         probe_report.save_samples(reference, samples[:GRID_SAMPLES], out / f"samples_{tag}.png")
         result["samples"] = f"samples_{tag}.png"
         if inception is None:
             result["fid"] = {"available": False, "reason": fid_status}
         else:
-            real = held_out_images(cfg, crops, model.config.downsample_factor, len(heldout))
+            real = held_out_images(cfg, crops, ae.image_multiple, len(heldout))
             k = min(len(real), len(samples))
             if k < 2:
                 result["fid"] = {"available": False, "reason": "needs at least 2 held-out images"}
@@ -246,6 +297,7 @@ def probe_one(cfg: ProbeConfig, path: str, crops: tuple, tag: str, out: Path, ac
 def probe(cfg: ProbeConfig) -> dict:
     """Probe `cfg.model` (and `cfg.compare`); writes metrics.json + report.html; returns the dict."""
     _check(cfg)
+    cfg = with_data(cfg)
     start = time.perf_counter()
     accelerator = dn.probe_accelerator(cfg.seed)
     if cfg.batch_size % accelerator.num_processes:

@@ -212,6 +212,7 @@ def save_rd_plot(points: list[dict], path: Path) -> None:
 
 # (label, path into a model's results); optional metrics are {"available": ..., "value" | "reason": ...}
 TABLE_ROWS = [
+    ("autoencoder (diffusers class)", ("class_name",)),
     ("PSNR (dB)", ("reconstruction", "psnr")),
     ("SSIM", ("reconstruction", "ssim")),
     ("MS-SSIM", ("reconstruction", "ms_ssim")),
@@ -226,6 +227,9 @@ TABLE_ROWS = [
     ("latent mean (shift_factor)", ("latents", "shift_factor")),
     ("latent std", ("latents", "global_std")),
     ("scaling_factor (1 / std)", ("latents", "scaling_factor")),
+    ("normalized latents (the pipeline's): channels", ("normalized_latents", "channels")),
+    ("normalized latents: mean", ("normalized_latents", "global_mean")),
+    ("normalized latents: std", ("normalized_latents", "global_std")),
     ("aggregate vs prior: sum_c KL(N(m_c, s_c^2) || N(0,1))", ("prior_distance", "gaussian_kl_per_vector")),
     ("aggregate vs prior: MMD^2", ("prior_distance", "mmd2")),
     ("standardised aggregate vs prior: MMD^2", ("prior_distance", "mmd2_standardized")),
@@ -321,6 +325,14 @@ dead codes the codes never used. Latent statistics (scaling_factor) are of the l
 encode(x).latents, which a latent diffusion model is trained on; diffusers' VQModel.decode quantizes them. Its
 config has scaling_factor only: the latent mean is shown for information and is not exported as a shift.
 The rate, active-unit and prior rows need a Gaussian posterior (-: not applicable).</p>
+"""
+    if any("posterior" in results[n] for n in names):
+        notes += """<p>Deterministic latents (DC-AE, RAE): the encoder gives a point, not a distribution, so there
+is no rate, KL or active units; statistics and the prior comparison use the latent itself.</p>
+"""
+    notes += """<p>Normalized latents: the raw latents as the model's own diffusion pipeline normalizes them
+(scaling / shift; per-channel mean / std; FLUX.2: 2x2 patchified, then its BatchNorm statistics), what a diffusion
+model trained on this latent space sees.</p>
 """
     grids = ""
     if kl:

@@ -214,3 +214,23 @@ def test_the_benchs_stand_in_for_accelerate_trains_as_accelerate_does(precision)
     accelerator = Accelerator(cpu=True, mixed_precision=precision)
     theirs = two_steps(accelerator, accelerator.prepare)
     assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_bench_families_times_kl_ae_against_each_diffusers_class():
+    """`--what families`: one row per family asked for, kl-ae's encode and decode equal to the diffusers class's own
+    (RAE: its [0, 1] images and normalized latents; Qwen-Image: its frame axis), finite img/s and ratios."""
+    from kl_ae.bench.common import BenchConfig
+    from kl_ae.bench.run import format_table, run_bench
+
+    cfg = BenchConfig(what=("families",), families=("qwen-image", "rae"), family_width=8, resolution=32,
+                      batch_size=2, steps=1, repeats=1)  # fmt: skip
+    result = run_bench(cfg)["families"]
+    assert set(result) == {"config", "qwen-image", "rae"}
+    for name in ("qwen-image", "rae"):
+        row = result[name]
+        assert row["max_abs_diff"] <= 1e-5, name
+        for key in ("encode", "decode"):
+            assert 0 < row[f"kl_ae_{key}_img_s"] < math.inf and 0 < row[f"diffusers_{key}_img_s"] < math.inf
+            assert 0 < row[f"{key}_kl_ae_over_diffusers"] < math.inf, (name, key)
+    assert result["rae"]["latent"] == "64x2x2" and result["qwen-image"]["class"] == "AutoencoderKLQwenImage"
+    assert "families.rae.decode_kl_ae_over_diffusers" in format_table({"families": result})

@@ -210,7 +210,7 @@ def test_eval_mistakes_exit_2(tmp_path, models, image_folder, monkeypatch, capsy
 def test_eval_two_processes_gathers_every_image_once(tmp_path, models, image_folder):
     """Three images on two processes: accelerate pads one process's shard; gather_for_metrics drops the copy."""
     args = ["eval", "--model", str(models[0]), "--data", str(image_folder), "--out", str(tmp_path / "two")]
-    launch_two_processes(args, port=29531, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
+    launch_two_processes(args, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_images"] == 3
     assert metrics["reconstruction"]["psnr"] == pytest.approx(reference_psnr(models[0], image_folder), abs=1e-3)
@@ -266,3 +266,50 @@ def test_eval_reports_lpips_and_rfid_when_their_networks_exist(tmp_path, models,
     rec = json.loads((out / "metrics.json").read_text())["reconstruction"]
     assert rec["lpips"]["available"] is True and rec["lpips"]["value"] > 0
     assert rec["rfid"]["available"] is True and rec["rfid"]["num_images"] == 3 and rec["rfid"]["value"] > 0
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_uses_its_held_out_split(tmp_path, monkeypatch):
+    """`kl-ae eval --model RUN --data SOURCE`: the run's own folder split as its trainer split it (a non-default
+    val_fraction and the run's seed), so `val` is exactly the run's validation images and `train` the rest."""
+    import shutil
+
+    import yaml
+
+    from kl_ae.common.config import DataConfig
+    from kl_ae.common.data import build_datasets
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        low = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((40, 40), Image.BICUBIC).save(images / f"{i:02d}.png")
+    data = {"source": str(images), "resolution": 32, "resize": 32, "val_fraction": 0.1}
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_0000001"
+    torch.manual_seed(0)
+    Autoencoder(tiny("tiny", sample_size=32)).save_pretrained(checkpoint / "autoencoder")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text(checkpoint.name)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": data, "train": {"seed": 3}}))
+    validation = build_datasets(DataConfig(**data), seed=3)[1].paths()
+    assert len(validation) == 2 and validation != build_datasets(DataConfig(**data), seed=0)[1].paths()
+    held_out = tmp_path / "held_out"  # the run's validation images alone, evaluated as a whole folder
+    held_out.mkdir()
+    for path in validation:
+        shutil.copy(path, held_out / Path(path).name)
+
+    def metrics(model, folder, out, *extra) -> dict:
+        argv = ["eval", "--model", str(model), "--data", str(folder), "--resolution", "32", "--lpips", "off"]
+        assert kl_ae([*argv, "--out", str(tmp_path / out), *extra]) == 0
+        return json.loads((tmp_path / out / "metrics.json").read_text())
+
+    val = metrics(run, images, "val")
+    assert val["num_images"] == 2 and val["split_seed"] == 3 and val["run"] == str(run.resolve())
+    alone = metrics(checkpoint / "autoencoder", held_out, "alone")
+    assert val["reconstruction"]["psnr"] == pytest.approx(alone["reconstruction"]["psnr"], abs=1e-6)
+    assert metrics(run, images, "train", "--split", "train", "--max-images", "3")["num_images"] == 3
+    plain = shutil.copytree(checkpoint / "autoencoder", tmp_path / "plain")  # the same weights outside the run
+    assert metrics(plain, images, "whole")["num_images"] == 20  # a folder is evaluated whole

@@ -153,7 +153,7 @@ def test_eval_vq_two_processes_counts_every_position_once(tmp_path, vq_model, im
         "--batch-size",
         "1",
     ]
-    launch_two_processes(args, port=29533, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
+    launch_two_processes(args, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_images"] == 3
     counts, psnr, _ = reference(vq_model, images)

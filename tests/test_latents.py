@@ -9,9 +9,12 @@ import skimage.data
 import torch
 from PIL import Image
 
+from eval.latent_shards import pixels
 from eval.latents import decode_latents, read_latents
 from kl_ae.commands.cli import main
 from kl_ae.common.data import load_images
+from kl_ae.common.images import list_images
+from kl_ae.common.shards import write_shards
 from kl_autoencoder import Autoencoder
 
 SCALE, SHIFT = 0.5, 0.1
@@ -86,3 +89,22 @@ def test_encode_sample_records_it(setup):
     args = ["encode", "--model", str(tmp / "model"), "--data", str(tmp / "images"), "--out", str(out), "--sample"]
     assert main([*args, "--resolution", "32"]) == 0
     assert json.loads((out / "latents_config.json").read_text())["latent"] == "posterior sample"
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_encode_from_shards_writes_the_scaled_latents_it_records(setup, fmt):
+    """A stream's latent shards hold latent = (z - shift_factor) * scaling_factor of the model's encode, as their
+    latents_config.json says, not merely a latent per index."""
+    tmp, model = setup
+    pattern = write_shards(tmp / "images", tmp / "shards", per_shard=2, progress=False)
+    out = tmp / "latents"
+    args = ["encode", "--model", str(tmp / "model"), "--data", pattern, "--out", str(out), "--resolution", "32"]
+    assert main([*args, "--per-shard", "2", "--format", fmt]) == 0
+    table, settings = read_latents(out)
+    assert settings["scaling_factor"] == SCALE and settings["shift_factor"] == SHIFT
+    files = list_images(tmp / "images")  # the shards' order: stream index i is files[i]
+    assert sorted(table["index"]) == list(range(len(files)))
+    for row in table.with_format("numpy"):
+        with torch.no_grad():
+            z = model.encode(pixels(str(files[row["index"]]), 32, 4)[None]).mode()
+        torch.testing.assert_close(torch.from_numpy(np.asarray(row["latent"], np.float32))[None], (z - SHIFT) * SCALE)

@@ -8,13 +8,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from eval import denoiser as dn
+from eval.latents import read_latents
 from kl_ae.commands.cli import main as kl_ae
+from kl_ae.common.config import DataConfig
 from kl_ae.common.crops import CropGrid, GridCrops
-from kl_ae.common.data import load_images
+from kl_ae.common.data import build_datasets, load_images
 from kl_autoencoder import Autoencoder
 
 from .conftest import launch_two_processes, tiny
@@ -159,6 +162,52 @@ def test_probe_is_reproducible(tmp_path, models, few_sampling_steps):
     assert again == first
 
 
+@pytest.mark.slow
+def test_probe_compare_with_itself_gives_identical_figures(tmp_path, models, monkeypatch, few_sampling_steps):
+    """--compare is paired: the same crops, posterior noise, denoiser init, data order, training and held-out noise
+    and sampling noise for both models, so a model compared with itself scores exactly the same."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights there
+    out = tmp_path / "probe"
+    assert kl_ae(["probe", "--model", str(models[0]), "--compare", str(models[0]), "--out", str(out), *FAST]) == 0
+    metrics = metrics_without_timing(out / "metrics.json")
+    compare = metrics.pop("compare")
+    for r in (metrics, compare):  # where each wrote its latents and samples
+        r["latents"].pop("encoded"), r.pop("samples")
+    assert compare["heldout_loss"]["mean"] > 0 and {k: metrics[k] for k in compare} == compare
+    assert (out / "samples_model.png").read_bytes() == (out / "samples_compare.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_probe_without_data_probes_the_runs_own_data_and_held_out_split(tmp_path, monkeypatch, few_sampling_steps):
+    """`kl-ae probe --model RUN`: the run's data.source, split as its trainer split it (a non-default val_fraction
+    and the run's seed), so the held-out latents come from exactly the run's validation images."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    data = {"source": str(images), "resolution": 32, "resize": 32, "val_fraction": 0.05}
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_0000001"
+    Autoencoder(tiny("tiny", sample_size=32)).save_pretrained(checkpoint / "autoencoder")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text(checkpoint.name)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": data, "train": {"seed": 3}}))
+    out = tmp_path / "probe"
+    args = ["probe", "--model", str(run), "--out", str(out), "--steps", "2", "--batch-size", "8", "--crops", "1"]
+    assert kl_ae(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    validation = build_datasets(DataConfig(**data), seed=3)[1].paths()
+    assert metrics["data"] == str(images) and len(validation) == 2  # 5 % of 40 (the default 10 % would hold out 4)
+    held_out, _ = read_latents(out / "latents" / "model_val")
+    assert sorted(set(held_out["path"])) == sorted(validation) and metrics["num_heldout_latents"] == 2 * 2
+    assert metrics["num_train_latents"] == 38 * 2
+    # a model outside a run folder has no data of its own
+    Autoencoder(tiny("tiny", sample_size=32)).save_pretrained(tmp_path / "plain")
+    assert kl_ae(["probe", "--model", str(tmp_path / "plain"), "--out", str(out)]) == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -181,7 +230,7 @@ def test_probe_bad_values_are_one_line_errors(tmp_path, models, capsys, args, me
 def test_probe_two_processes(tmp_path, models):
     out = tmp_path / "two"
     args = ["probe", "--model", str(models[0]), "--out", str(out), *FAST]
-    launch_two_processes(args, port=29547, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
+    launch_two_processes(args, module="kl_ae.commands.cli", env={"TORCH_HOME": str(tmp_path / "t")})
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_train_latents"] == 96 and metrics["num_heldout_latents"] == 16
     assert [p["step"] for p in metrics["curve"]] == [2, 4] and (out / "report.html").is_file()

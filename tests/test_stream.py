@@ -29,8 +29,7 @@ from kl_ae.common.stream import build_stream, shard_plan
 from training.config import load_config
 from training.train import main as train_main
 
-from .conftest import TINY_RUN, launch_two_processes
-from .test_operations import checkpoint_tensors
+from .conftest import TINY_RUN, checkpoint_tensors, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [*TINY_RUN, "data.repeats=1", "data.val_source=sample", "data.shuffle_buffer=3", "train.log_every=1",
@@ -202,7 +201,7 @@ def test_two_process_run_on_shards_resumes_exactly(shards, tmp_path):
     weights."""
     out = tmp_path / "ddp"
     args = ["--data", shards["pattern"], "--max-steps", "6", *TRAIN, "train.checkpoint_every=2"]
-    proc = launch_two_processes(["--out", str(out), *args], port=29531)
+    proc = launch_two_processes(["--out", str(out), *args])
     assert "8 shards, 4 per process" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["replicas_identical"] and summary["steps"] == 6
@@ -210,7 +209,7 @@ def test_two_process_run_on_shards_resumes_exactly(shards, tmp_path):
     positions = [torch.load(out / "checkpoints" / "step_0000004" / f"data_state_{r}.pt") for r in (0, 1)]
     assert positions[0] != positions[1]  # each process resumes its own stream
     _resume_from(out, tmp_path / "resumed", 4)
-    launch_two_processes(["--out", str(tmp_path / "resumed"), *args], port=29532)
+    launch_two_processes(["--out", str(tmp_path / "resumed"), *args])
     a = checkpoint_tensors(out / "checkpoints" / "step_0000006")
     b = checkpoint_tensors(tmp_path / "resumed" / "checkpoints" / "step_0000006")
     assert not [k for k in a if not torch.equal(a[k], b[k])]
@@ -237,7 +236,7 @@ def _encoded(out: Path) -> datasets.Dataset:
 def test_encode_from_shards_under_two_processes_writes_each_latent_once(shards, model, tmp_path):
     out = tmp_path / "latents"
     args = ["encode", "--model", model, "--data", shards["pattern"], "--out", str(out), "--resolution", "32"]
-    launch_two_processes([*args, "--per-shard", "3"], port=29533, module="kl_ae.commands.cli")
+    launch_two_processes([*args, "--per-shard", "3"], module="kl_ae.commands.cli")
     index = json.loads((out / "index.json").read_text())
     assert index["processes"] == 2 and {f["file"][:5] for f in index["files"]} == {"00000", "00001"}
     table = _encoded(out)

@@ -12,10 +12,13 @@ import torch
 
 from kl_ae.bench.device import timed
 
-SECTIONS = ("train", "default", "codec", "data", "peak", "optim", "tiled", "maxbatch", "fp16")
-# tiled decoding of large images takes minutes on a CPU; maxbatch and fp16 are meant for a GPU
+SECTIONS = ("train", "default", "codec", "data", "peak", "optim", "tiled", "maxbatch", "fp16", "families")
+# tiled decoding of large images takes minutes on a CPU; maxbatch and fp16 are meant for a GPU; families builds
+# and times eight models
 DEFAULT_SECTIONS = ("train", "codec", "data", "peak", "optim")
 NORMS = ("tile", "estimate", "exact")
+# the families section's autoencoder families (`kl_ae.bench.families.family_config`)
+FAMILIES = ("flux2", "dc-ae", "qwen-image", "wan", "hunyuan-image", "rae", "sd", "sd3")
 
 
 @dataclass
@@ -35,18 +38,26 @@ class BenchConfig:
     model: str | None = None  # codec and tiled sections: a trained KL model (run or folder) instead of the init
     device: str = "cpu"  # cpu or cuda
     max_batch: int = 1024  # maxbatch section: the largest batch tried
+    # families section: which families, and the width of their first level (SD's is 128)
+    families: tuple[str, ...] = FAMILIES
+    family_width: int = 32
 
 
-def interleaved(fns: dict, steps: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turns after one untimed warm-up call each (the device's
-    queued work waited for at both ends of each timing)."""
+def interleaved_times(fns: dict, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of `repeats` turns, timed in turns after one untimed warm-up call
+    each (the device's queued work waited for at both ends of each timing)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(timed(lambda fn=fn: [fn() for _ in range(steps)]) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function (`interleaved_times`)."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, steps, repeats).items()}
 
 
 def images(resolution: int, batch: int, seed: int, device: str = "cpu") -> torch.Tensor:

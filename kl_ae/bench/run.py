@@ -2,7 +2,8 @@
 our training step against reference-style loops, bf16 against fp32, the default run's step, the optimizer and EMA,
 and achieved FLOP/s against a measured GEMM peak (`step.py`); our codec against diffusers' `AutoencoderKL`
 (`codec.py`); the data pipeline against the trainer's consumption, and JPEG shards against a folder (`data.py`);
-tiled decoding (`tiled.py`); on a GPU the largest batch and the fp16 path (`gpu.py`). `--device cuda` runs every
+tiled decoding (`tiled.py`); on a GPU the largest batch and the fp16 path (`gpu.py`); every autoencoder family
+through kl-ae against its diffusers class (`families.py`). `--device cuda` runs every
 section on the GPU (`device.py`: synchronised timing, peak allocation, MFU against the GPU's bf16 datasheet peak).
 
 Every comparison is measured in one process, interleaved (ours, baseline, ours, ...), and reported as a median;
@@ -20,6 +21,7 @@ from kl_ae.bench.codec import bench_codec, peak_memory
 from kl_ae.bench.common import NORMS, SECTIONS, BenchConfig
 from kl_ae.bench.data import bench_data_pipeline
 from kl_ae.bench.device import device_info
+from kl_ae.bench.families import bench_families
 from kl_ae.bench.gpu import bench_fp16, bench_maxbatch
 from kl_ae.bench.step import bench_default, bench_optim, bench_peak, bench_train
 from kl_ae.bench.tiled import bench_tiled
@@ -60,6 +62,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["maxbatch"] = bench_maxbatch(cfg)
     if "fp16" in cfg.what:
         result["fp16"] = bench_fp16(cfg)
+    if "families" in cfg.what:
+        result["families"] = bench_families(cfg)
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 MODEL_HELP = "a run, checkpoint or diffusers folder, or a hub model name (org/name)"
 SUBFOLDER_HELP = "the model's subfolder: vae for the VAE inside a pipeline (stabilityai/stable-diffusion-xl-base-1.0)"
@@ -33,15 +34,22 @@ def add_fetch_weights_command(sub) -> None:
     p.add_argument("--what", default="lpips,fid", help="comma-separated: lpips, fid, or file keys such as lpips-alex")
 
 
+def add_info_command(sub) -> None:
+    p = sub.add_parser("info", help="one screen about an autoencoder: family, factor, channels, normalization, sizes")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--subfolder", help=SUBFOLDER_HELP)
+
+
 def add_latent_commands(sub) -> None:
     """reconstruct, encode and decode: using a trained model; shards: preparing data for a stream."""
     p = sub.add_parser("reconstruct", help="encode and decode one image (tiled with --tile) and write a PNG")
     p.add_argument("image")
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--tile", type=int, help="tile size in pixels (a multiple of the downsampling factor)")
+    p.add_argument("--tile", type=int, help="tile size in pixels (a multiple of the downsampling factor; our model's "
+                   "own tiling, else the diffusers class's enable_tiling where it has one)")  # fmt: skip
 
-    p = sub.add_parser("encode", help="write scaled latents of a data set as a datasets folder (load_from_disk)")
+    p = sub.add_parser("encode", help="write normalized latents of a data set as a datasets folder (load_from_disk)")
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="a folder (all its images), shards, 'sample' or a hub dataset name")
     p.add_argument("--out", required=True)
@@ -97,7 +105,8 @@ def add_eval_commands(sub) -> None:
 
     p = sub.add_parser("probe", help="diffusability: train a small latent DiT on the model's latents, report its loss")
     add_model_arguments(p)
-    p.add_argument("--data", required=True, help="a folder, 'sample' or a hub dataset name (its train and val splits)")
+    p.add_argument("--data", help="a folder, 'sample' or a hub dataset name, split as the trainer splits it "
+                   "(default: a run's own data and its held-out split)")  # fmt: skip
     p.add_argument("--out", help="where metrics.json, report.html and the latents go (default MODEL/probe)")
     p.add_argument("--steps", type=int, default=600, help="denoiser training steps (default 600)")
     p.add_argument("--compare", help="a second model, probed on the same images, seeds and budget")
@@ -135,7 +144,7 @@ def add_bench_command(sub) -> None:
     p.add_argument(
         "--what",
         default="train,codec,data,peak,optim",
-        help="comma-separated sections (also: default, tiled, maxbatch, fp16)",
+        help="comma-separated sections (also: default, tiled, maxbatch, fp16, families)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu or cuda")
     p.add_argument("--tiled-sizes", default="1024,2048", help="tiled section: output sizes in px, comma-separated")
@@ -143,6 +152,12 @@ def add_bench_command(sub) -> None:
     p.add_argument("--overlap", type=int, default=64, help="tiled section: tile overlap in output px")
     p.add_argument("--tiled-norms", default="tile,estimate,exact", help="tiled section: decode_tiled's norm modes")
     p.add_argument("--max-batch", type=int, default=1024, help="maxbatch section: the largest batch tried")
+    p.add_argument(
+        "--families",
+        default="flux2,dc-ae,qwen-image,wan,hunyuan-image,rae,sd,sd3",
+        help="families section: comma-separated autoencoder families",
+    )
+    p.add_argument("--family-width", type=int, default=32, help="families section: first-level channels (SD's: 128)")
     add_model_arguments(p, required=False)  # codec and tiled sections: a trained KL model, the bundled photographs
     p.add_argument("--json", help="also write the results to this file")
 
@@ -155,12 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_arguments(sub.add_parser("train", help="train an autoencoder (re-run the same command to resume)"))
     add_export_command(sub)
+    add_info_command(sub)
     add_fetch_weights_command(sub)
     add_eval_commands(sub)
     add_latent_commands(sub)
     add_bench_command(sub)
     add_study_command(sub)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `section.key=value` overrides allowed anywhere among a subcommand's flags.
+
+    argparse's intermixed parsing does that, but refuses a parser with subcommands; so the subcommand's own parser
+    parses what follows its name, and the top-level parser only help and mistakes in the subcommand's name.
+    """
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the subcommands' parsers (argparse exposes them only through its private action list)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def model_of(args: argparse.Namespace) -> str | None:

@@ -1,9 +1,10 @@
 """The `kl-ae` command line. It lives in the top layer, `kl_ae/commands/`, the only package that may import both
-`training` and `eval` (`rd.py` does too).
+`training` and `eval`.
 
 kl-ae train  [--config NAME|FILE] [--data SPEC] [--out DIR] [--max-steps N] [section.key=value ...]
 kl-ae export RUN_DIR --out DIR [--data SPEC] [--fp16-variant] [--max-images N] [--push-to-hub REPO_ID [--private]]
 kl-ae fetch-weights [--config NAME] [--what lpips,fid]
+kl-ae info   MODEL [--subfolder SUB]
 kl-ae reconstruct IMAGE --model PATH [--subfolder SUB] --out FILE [--tile N]
 kl-ae encode --model PATH [--subfolder SUB] --data SPEC --out DIR [--resolution N] [--batch-size N] [--sample]
              [--format parquet|webdataset] [--per-shard N] [--streaming]
@@ -11,13 +12,14 @@ kl-ae shards FOLDER --out DIR [--per-shard N]
 kl-ae decode --model PATH [--subfolder SUB] --latents DIR --out FOLDER
 kl-ae eval   --model PATH [--subfolder SUB] --data SPEC [--out DIR] [--resolution N] [--protocol torchvision|adm]
              [--posterior mode|sample] [--compare PATH2] [--lpips MODE] ...
-kl-ae probe  --model PATH --data SPEC [--out DIR] [--steps N] [--compare PATH2] [--seed N] [--batch-size N] ...
+kl-ae probe  --model PATH [--data SPEC] [--out DIR] [--steps N] [--compare PATH2] [--seed N] [--batch-size N] ...
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
 kl-ae study  [--variants plain,eq,noise,mask] [--seeds 0,1,2] [--max-steps N] [--probe-steps N] [--out DIR]
 kl-ae bench  [--preset kl-f8] [--resolution 128] [--batch-size 2] [--steps N] [--precision fp32|bf16|both]
-             [--what train,codec,data,peak,optim,tiled,maxbatch,fp16] [--device auto|cpu|cuda] [--model RUN]
+             [--what train,codec,data,peak,optim,tiled,maxbatch,fp16,families] [--device auto|cpu|cuda] [--model RUN]
              [--tiled-sizes 1024,2048] [--tiled-norms tile,estimate,exact] [--max-batch 1024] [--json FILE]
+             [--families flux2,dc-ae,qwen-image,wan,hunyuan-image,rae,sd,sd3] [--family-width 32]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kl_ae.commands.args import build_parser, model_of
+from kl_ae.commands.args import model_of, parse_args
 from kl_ae.commands.study import run_study_command
 from kl_ae.common.config import ConfigError
 from training.checkpoint import CheckpointWriteError, NonFiniteError
@@ -66,36 +68,6 @@ def run_export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) -> Path:
-    """Encode and decode one image (posterior mean), tiled when `tile` is given; writes a PNG."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from kl_ae.common.images import to_rgb
-    from kl_autoencoder import Autoencoder
-    from kl_autoencoder.tiling import decode_tiled, encode_tiled
-
-    model = Autoencoder.from_pretrained(model_path)
-    f = model.config.downsample_factor
-    with Image.open(image) as img:
-        img = to_rgb(img)
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
-    h, w = x.shape[1] // f * f, x.shape[2] // f * f
-    if h == 0 or w == 0:
-        raise ConfigError(f"{image}: smaller than the downsampling factor {f}")
-    x = x[None, :, :h, :w].float() / 127.5 - 1.0
-    with torch.no_grad():
-        if tile:
-            y = decode_tiled(model, encode_tiled(model, x, tile).mode(), tile)
-        else:
-            y = model.decode(model.encode(x).mode())
-    pixels = ((y[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(out, format="PNG")
-    return Path(out)
-
-
 def run_latent_command(args: argparse.Namespace) -> int:
     if args.command == "shards":  # prepares data: no model
         from kl_ae.common.shards import write_shards
@@ -105,6 +77,8 @@ def run_latent_command(args: argparse.Namespace) -> int:
         return 0
     model = model_of(args)
     if args.command == "reconstruct":
+        from eval.reconstruct import reconstruct
+
         print(f"reconstruction: {reconstruct(args.image, model, args.out, args.tile)}")
     elif args.command == "encode":
         from eval.latents import encode_dataset
@@ -184,7 +158,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     norms = tuple(n.strip() for n in args.tiled_norms.split(",") if n.strip())
     fields = dict(preset=args.preset, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
                   tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_norms=norms, model=model_of(args),
-                  max_batch=args.max_batch)  # fmt: skip
+                  max_batch=args.max_batch, family_width=args.family_width,
+                  families=tuple(f.strip() for f in args.families.split(",") if f.strip()))  # fmt: skip
     try:
         device = resolve_device(args.device)
         result = run_bench(
@@ -202,7 +177,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
 
     try:
         if args.command == "train":
@@ -222,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench_command(args)
         elif args.command == "study":
             return run_study_command(args)
+        elif args.command == "info":
+            from kl_ae.commands.info import run_info_command
+
+            return run_info_command(args)
         else:
             return run_eval_command(args)
     except (ConfigError, FileNotFoundError) as e:

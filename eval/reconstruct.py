@@ -1,0 +1,86 @@
+"""`kl-ae reconstruct`: encode and decode one image (the posterior mode) with any supported autoencoder, whole or
+tiled, and write a PNG.
+
+Tiling is the architecture's own: our KL / VQ model uses `kl_autoencoder.tiling` (tiles whose GroupNorms see the
+whole image's statistics); a diffusers family uses the class's `enable_tiling()` (blended overlapping tiles) with
+`tile`-pixel tiles (HunyuanImage: the decode only, diffusers' tiled encode of that class taking video tensors
+only); a class without one (RAE) refuses `--tile` in one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eval.models import load_model
+from kl_ae.common.config import ConfigError
+from kl_ae.common.images import to_rgb
+from kl_autoencoder.interface import LatentAutoencoder
+from kl_autoencoder.tiling import decode_tiled, encode_tiled
+
+
+def enable_tiling(ae: LatentAutoencoder, tile: int) -> None:
+    """Switch a diffusers family to its own tiled encode / decode with `tile`-pixel tiles, overlapping by a quarter
+    (diffusers' default share); ConfigError (one line) where the class has no tiling or the tile does not fit."""
+    m = ae.module
+    if not hasattr(m, "use_tiling"):
+        raise ConfigError(f"--tile: {ae.class_name} has no tiled encode / decode; run without --tile")
+    multiple = ae.image_multiple
+    if tile <= 0 or tile % multiple:
+        raise ConfigError(f"--tile: {tile} is not a positive multiple of {multiple}, what {ae.class_name} takes")
+    stride = max(multiple, tile * 3 // 4 // multiple * multiple)
+    if ae.class_name == "AutoencoderKLHunyuanImage":
+        m.enable_tiling(tile_sample_min_size=tile)
+    elif ae.class_name == "AutoencoderKLFlux2":  # its enable_tiling takes no sizes: set them as its __init__ does
+        m.enable_tiling()
+        m.tile_sample_min_size, m.tile_latent_min_size = tile, tile // ae.spatial_factor
+    else:  # AutoencoderDC, AutoencoderKLQwenImage, AutoencoderKLWan
+        m.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_sample_stride_height=stride,
+                        tile_sample_stride_width=stride)  # fmt: skip
+
+
+@torch.no_grad()
+def codec(ae: LatentAutoencoder, x: torch.Tensor, tile: int | None) -> torch.Tensor:
+    """decode(encode(x).mode()), tiled with `tile`-pixel tiles when given. (B, 3, H, W) in [-1, 1]."""
+    if not tile:
+        return ae.decode(ae.encode(x).mode())
+    if ae.family not in ("kl", "vq"):
+        enable_tiling(ae, tile)
+        # diffusers' tiled encode of AutoencoderKLHunyuanImage takes 5-D video tensors only: encode it whole
+        ae.module.use_tiling = ae.class_name != "AutoencoderKLHunyuanImage"
+        z = ae.encode(x).mode()
+        ae.module.use_tiling = True
+        return ae.decode(z)
+    model = ae.module
+    try:
+        z = encode_tiled(model, x, tile).mode()
+        if ae.family == "vq":  # through the codebook, as decode does (the tiled decoder takes quantized latents)
+            z = model.quantize(z).z_q
+        return decode_tiled(model, z, tile)
+    except ValueError as e:
+        raise ConfigError(f"--tile: {e}") from None
+
+
+def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) -> Path:
+    """Encode and decode one image (posterior mean), tiled when `tile` is given; writes a PNG."""
+    ae = load_model(model_path)
+    m = ae.image_multiple
+    with Image.open(image) as img:
+        img = to_rgb(img)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    h, w = x.shape[1] // m * m, x.shape[2] // m * m
+    if h == 0 or w == 0:
+        raise ConfigError(f"{image}: smaller than {m}, the side multiple {ae.class_name} takes")
+    try:
+        ae.check_size(h, w)
+    except ValueError as e:
+        raise ConfigError(f"{image}: {e}") from None
+    x = x[None, :, :h, :w].float() / 127.5 - 1.0
+    y = codec(ae, x, tile)
+    pixels = ((y[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(out, format="PNG")
+    return Path(out)
