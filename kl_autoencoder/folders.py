@@ -82,8 +82,9 @@ def run_weights(run: str | Path) -> Path | None:
 def find_diffusers_folder(path: str | Path, subfolder: str | None = None) -> Path:
     """Resolve a diffusers folder, a run folder, a checkpoint folder or a hub name to the diffusers folder.
 
-    Run folder: its newest weights (`run_weights`). Checkpoint folder: its `autoencoder/` subfolder (written by
-    `Autoencoder.save_pretrained`). Hub name `org/name[/subfolder]`: downloaded (`download_from_hub`).
+    Run folder: its newest weights (`run_weights`), of whatever family the run trained. Checkpoint folder: its
+    `autoencoder/` subfolder (the weights in their own diffusers class). Hub name `org/name[/subfolder]`: downloaded
+    (`download_from_hub`).
     `subfolder` is appended to either.
     """
     if subfolder:

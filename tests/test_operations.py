@@ -46,7 +46,7 @@ def test_ema_weights_are_what_is_exported(tmp_path):
     ckpt = tmp_path / "r" / "checkpoints" / "step_0000003"
     ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)["shadow_params"]
     exported = Autoencoder.from_pretrained(tmp_path / "r")
-    live = load_file(ckpt / "model.safetensors")  # the Generator: autoencoder.* + logvar
+    live = load_file(ckpt / "model.safetensors")  # AutoencoderWithLoss: autoencoder.* + logvar
     names = [n for n, _ in exported.named_parameters()]
     assert all(torch.equal(e, p) for e, p in zip(ema, exported.parameters()))
     assert any(not torch.equal(live[f"autoencoder.{n}"], p) for n, p in zip(names, ema))

@@ -24,8 +24,8 @@ from accelerate import Accelerator
 
 from kl_ae.common.config import ConfigError
 from kl_ae.common.runs import POINTER, STATE_FILE, checkpoint_name, find_latest_checkpoint
-from kl_autoencoder import Autoencoder
 from kl_autoencoder.diffusers_format import save_diffusers
+from kl_autoencoder.interface import LatentAutoencoder
 
 QUANTIZER_FILE = "quantizer.pt"  # a VQ model's codebook statistics, which its state dict leaves out
 DATA_STATE = "data_state_{}.pt"  # a streamed source's position, one per process
@@ -89,13 +89,21 @@ def commit(root: Path, tmp: Path, step: int, keep: int) -> Path:
     return final
 
 
+def save_weights(ae: LatentAutoencoder, folder: Path) -> None:
+    """The weights as a diffusers folder of the autoencoder's own class (our model: `save_diffusers`)."""
+    if ae.family in ("kl", "vq"):
+        save_diffusers(ae.module, folder)
+    else:
+        ae.save_pretrained(folder)
+
+
 def save(
     accelerator: Accelerator,
     out: Path,
     step: int,
     state: dict,
-    weights: Autoencoder,
-    live: Autoencoder,
+    weights: LatentAutoencoder,
+    live: LatentAutoencoder,
     keep: int,
     data_state: dict | None = None,
 ) -> None:
@@ -115,9 +123,9 @@ def save(
             torch.save(data_state, tmp / DATA_STATE.format(accelerator.process_index))
         accelerator.wait_for_everyone()  # every process's files are written before the folder is renamed
         if accelerator.is_main_process:
-            save_diffusers(weights, tmp / "autoencoder")
-            if live.config.bottleneck == "vq":
-                torch.save(live.quantizer_state(), tmp / QUANTIZER_FILE)
+            save_weights(weights, tmp / "autoencoder")
+            if live.family == "vq":
+                torch.save(live.module.quantizer_state(), tmp / QUANTIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             commit(root, tmp, step, keep)
     except OSError as e:
@@ -131,7 +139,7 @@ def save(
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator: Accelerator, out: Path, ema, live: Autoencoder) -> dict | None:
+def resume(accelerator: Accelerator, out: Path, ema, live: LatentAutoencoder) -> dict | None:
     """Load the latest complete checkpoint of `out` into the prepared objects; returns its trainer state
     (step, batches_seen, history, and this process's `data_state` or None), or None when there is none. A
     checkpoint that cannot be loaded is a ConfigError naming it."""
@@ -150,7 +158,7 @@ def resume(accelerator: Accelerator, out: Path, ema, live: Autoencoder) -> dict 
         ema.to(accelerator.device)
     if (latest / QUANTIZER_FILE).is_file():  # after load_state: loading weights resets these statistics
         stats = torch.load(latest / QUANTIZER_FILE, map_location=accelerator.device, weights_only=True)
-        live.load_quantizer_state(stats)
+        live.module.load_quantizer_state(stats)
     state = json.loads((latest / STATE_FILE).read_text())
     data_state = latest / DATA_STATE.format(accelerator.process_index)
     state["data_state"] = torch.load(data_state, weights_only=True) if data_state.is_file() else None

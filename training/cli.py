@@ -42,4 +42,4 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """The config the command line `argv` asks for (a ConfigError for a bad key or value)."""
     parser = argparse.ArgumentParser(prog="kl-ae train", description="Train a KL autoencoder.")
     add_train_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
+    return config_from_args(parser.parse_intermixed_args(argv))

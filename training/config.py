@@ -35,9 +35,9 @@ class ModelConfig:
     num_codes: int | None = None  # vq presets: codebook size
     code_dim: int | None = None  # vq presets: code width (< latent_channels: low-dimensional codes)
     normalize_codes: bool | None = None  # vq presets: L2-normalised codes and lookups (cosine similarity)
-    # start from: a diffusers AutoencoderKL folder, a run or checkpoint folder, a hub model (org/name, or
-    # org/name/vae inside a pipeline), or an LDM / SD VAE checkpoint file (.safetensors; a pickle .ckpt loads
-    # with weights_only unless trust_pickle)
+    # start from: a diffusers folder of any supported class (kl_autoencoder.interface), a run or checkpoint
+    # folder, a hub model (org/name, or org/name/vae inside a pipeline), or an LDM / SD VAE checkpoint file
+    # (.safetensors; a pickle .ckpt loads with weights_only unless trust_pickle)
     init_from: str | None = None
     trust_pickle: bool = False  # unpickle a .ckpt that needs more than tensors: only for files you trust
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
@@ -78,26 +78,27 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     rec_loss: Literal["l1", "l2"] = "l1"  # l1: Laplace NLL (LDM); l2: Gaussian NLL
-    perceptual_weight: float = 1.0
+    perceptual_weight: float = 1.0  # weight of LPIPS added to the per-pixel error (0: off)
     lpips: Literal["required", "auto", "off"] = "auto"  # auto: train without LPIPS (loudly) if weights are missing
     lpips_net: Literal["vgg", "alex"] = "alex"  # AlexNet costs a quarter of VGG16 here; the full-size recipes use vgg
     lpips_weights: str | None = None  # explicit path to the torchvision backbone file
     lpips_autocast: bool = False  # run LPIPS in the step's bf16/fp16 (faster) instead of fp32 (more exact)
     learn_logvar: bool = False  # learn the decoder's output log-variance (sigma_x^2), LDM's `logvar`
-    logvar_init: float = 0.0
-    kl_weight: float = 1e-6
+    logvar_init: float = 0.0  # the initial (or, without learn_logvar, fixed) output log-variance
+    kl_weight: float = 1e-6  # beta; relative to the reduction below
     # sum: LDM's per-image sums (nll over pixels, KL over latent elements);
     # mean: per-element means, so kl_weight means the same at any resolution and compression ratio.
     reduction: Literal["sum", "mean"] = "sum"
     kl_anneal_steps: int = 0  # linear beta warm-up from 0 over this many steps (0: off)
     free_bits: float = 0.0  # per-channel KL floor, nats per latent element (0: off)
+    # generator loss: hinge / vanilla -mean(D(x_hat)); non_saturating -log sigmoid(D(x_hat))
     gan_loss: Literal["hinge", "vanilla", "non_saturating"] = "hinge"
-    disc_weight: float = 0.5
+    disc_weight: float = 0.5  # multiplies the adaptive GAN weight
     disc_start: int = 900  # step at which the discriminator starts (LDM's ImageNet recipes: 50001)
     disc_ramp: int = 300  # linear ramp of the adversarial factor over this many steps after disc_start
-    disc_norm: Literal["batch", "group"] = "group"
+    disc_norm: Literal["batch", "group"] = "group"  # batch (pix2pix) or group (the same on any number of processes)
     disc_channels: int = 32  # the discriminator's first width (LDM's: 64)
-    disc_layers: int = 3
+    disc_layers: int = 3  # PatchGAN layers
     codebook_weight: float = 1.0  # vq models: weight of the VQ loss, which takes the KL term's place
     # latent shaping for diffusion (training/shaping.py, training/align.py); all off by default
     eq_weight: float = 0.0  # EQ-VAE: weight of reconstructing T(x) from T(z) (same terms as the main loss)
@@ -132,14 +133,14 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW learning rate of the autoencoder
     disc_lr: float | None = None  # None: the same as lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # LDM's Adam betas
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 100  # linear learning-rate warm-up
     # after the warm-up: constant, or a cosine decay to lr * min_lr_ratio at train.max_steps
     schedule: Literal["constant", "cosine"] = "cosine"
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # the cosine schedule's final learning rate relative to lr
     grad_clip: float = 1.0  # max global grad norm per model (0: off)
     scale_lr: bool = False  # LDM rule: lr x batch_size x processes x grad_accum
 
@@ -162,16 +163,16 @@ class OptimConfig:
 
 @dataclass
 class TrainSection:
-    max_steps: int = 1200
-    grad_accum: int = 1
-    log_every: int = 10
-    sample_every: int = 300
-    checkpoint_every: int = 600
-    eval_every: int = 300
+    max_steps: int = 1200  # optimizer steps
+    grad_accum: int = 1  # gradient accumulation (both models)
+    log_every: int = 10  # steps between log lines in metrics.jsonl and the trackers
+    sample_every: int = 300  # steps between reconstruction grids
+    checkpoint_every: int = 600  # steps between checkpoints
+    eval_every: int = 300  # steps between validations
     keep_checkpoints: int = 3  # keep the last K checkpoints
     # auto: bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with AVX-512 BF16 / AMX)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    seed: int = 0
+    seed: int = 0  # seed of the initialisation, data order and noise
     # any tracker Accelerate supports (training/trackers.py); the sample grids go to it as images
     tracker: Literal[
         "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "none"
@@ -179,12 +180,20 @@ class TrainSection:
     ema: bool = True  # keep an EMA of the autoencoder; validation, samples and export use it
     ema_decay: float = 0.999  # the cap; the decay warms up as 1 - (1 + step)^(-2/3)
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
-    trainable: Literal["all", "decoder"] = "all"  # decoder: fine-tune the decoder only (SD ft-EMA/ft-MSE)
+    # the parameter groups that train: all; decoder (SD's ft-EMA / ft-MSE: the latent space stays as it is); or a
+    # list of the autoencoder interface's groups, e.g. [decoder_head]. The others take no gradient
+    trainable: Literal["all", "decoder"] | list[Literal["encoder", "decoder", "decoder_head"]] = "all"
     compile: bool = False  # torch.compile the encoder and decoder (the first steps pay for the compilation)
     # wall-clock budget, "H:MM:SS" or "D-HH:MM:SS" (SLURM) or seconds: checkpoint and exit 0 before it runs out.
     # YAML 1.1 reads an unquoted 3:50:00 as the integer 13800 (base 60): the same number of seconds
     max_time: str | int | None = None
     export: bool = True  # write RUN/diffusers/ with measured latent factors when the run finishes (false: skip it)
+
+    def trainable_groups(self) -> list[str] | None:
+        """The groups `trainable` names (kl_autoencoder.interface.TRAINABLE); None for all."""
+        if self.trainable == "all":
+            return None
+        return ["decoder"] if self.trainable == "decoder" else list(self.trainable)
 
     def max_time_seconds(self) -> int | None:
         """`max_time` in seconds (None: no budget); a ConfigError for a malformed value."""
@@ -215,6 +224,8 @@ class TrainSection:
             raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
         if self.max_nonfinite < 1:
             raise ConfigError(f"train.max_nonfinite: must be >= 1, got {self.max_nonfinite}")
+        if isinstance(self.trainable, list) and (not self.trainable or len(set(self.trainable)) < len(self.trainable)):
+            raise ConfigError(f"train.trainable: a non-empty list of distinct groups, got {self.trainable}")
         self.max_time_seconds()
 
 
@@ -225,7 +236,7 @@ class TrainDataConfig(DataConfig):
 
     resolution: int = 64  # crop size
     resize: int | None = 128  # shorter side before cropping
-    repeats: int = 64  # visits of each training image per epoch (the bundled set has a few dozen photographs)
+    repeats: int = 64  # visits of each training image per epoch (the bundled photos: 12 train, 2 held out)
 
 
 @dataclass
@@ -236,7 +247,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     vq: QuantizerConfig = field(default_factory=QuantizerConfig)  # how a vq model's codebook trains
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"  # the run folder (--out)
 
     def validate(self) -> TrainConfig:
         self.model.validate()
@@ -244,10 +255,16 @@ class TrainConfig:
         self.loss.validate()
         self.optim.validate()
         self.train.validate()
-        if self.train.trainable == "decoder" and not self.model.init_from:
-            raise ConfigError("train.trainable: decoder-only training needs model.init_from (a trained encoder)")
-        if self.train.trainable == "decoder" and self.loss.align_weight > 0:
-            raise ConfigError("loss.align_weight: the VF loss trains the encoder; train.trainable=decoder freezes it")
+        groups = self.train.trainable_groups()
+        if groups is not None and "encoder" not in groups:  # the frozen encoder must come trained
+            if not self.model.init_from:
+                what = "decoder-only" if groups == ["decoder"] else f"{groups}-only"
+                raise ConfigError(f"train.trainable: {what} training needs model.init_from (a trained encoder)")
+            if self.loss.align_weight > 0:
+                raise ConfigError(
+                    f"loss.align_weight: the VF loss trains the encoder; train.trainable={self.train.trainable} "
+                    "freezes it"
+                )
         check_writable("out_dir", Path(self.out_dir))
         try:
             QuantizerConfig(**asdict(self.vq))  # its own checks
@@ -261,8 +278,10 @@ class TrainConfig:
             vq_keys += [f"vq.{f.name}" for f in fields(self.vq) if getattr(self.vq, f.name) != f.default]
             if vq_keys:
                 raise ConfigError(f"{vq_keys[0]}: a VQ option, but model.preset {self.model.preset} is a KL model")
+        # a folder or hub model brings its own architecture: its sizes are checked when it is loaded
+        init_folder = self.model.init_from is not None and not Path(self.model.init_from).is_file()
         factor = ae.downsample_factor
-        if self.data.resolution % factor:
+        if not init_folder and self.data.resolution % factor:
             raise ConfigError(
                 f"data.resolution: {self.data.resolution} is not a multiple of the model's downsampling factor {factor}"
             )

@@ -1,6 +1,6 @@
 """Latent-shaping regularizers: what a training step does to the latent so that a diffusion model learns it better.
 
-All are off by default (`loss.*`, README "Is my latent space good for diffusion?"):
+All are off by default (`loss.*`, docs/diffusability.md):
 - `eq_weight`, `eq_prob`, `eq_transforms` (EQ-VAE, Kouzelis et al. 2025; scale equivariance, Skorokhodov et al.
   2025): in a share `eq_prob` of the steps the decoder also reconstructs T(x) from T(z), T drawn uniformly from
   `eq_transforms` (`kl_ae.common.transforms`: downscaling by 2, rotations), with the main loss's reconstruction and

@@ -21,6 +21,8 @@ from torch import nn
 
 from kl_ae.common.transforms import apply_pair
 from kl_autoencoder import Autoencoder, DiagonalGaussian, QuantizerOutput
+from kl_autoencoder.families.ours import wrap
+from kl_autoencoder.interface import LatentAutoencoder, PointPosterior
 from training.config import LossConfig
 from training.losses import (
     adaptive_weight,
@@ -43,32 +45,64 @@ class AutoencoderWithLoss(nn.Module):
     """The autoencoder plus what trains with it: the decoder's output log-variance and, with the VF loss, the
     projection of the latent to the foundation model's width. All under one DDP wrapper.
 
-    Keeping `logvar` inside the wrapped module means it sits in the optimizer and its gradient is all-reduced
-    with the autoencoder's (LDM declares it and never optimizes it). Every decoder call of a step, the shaped
-    ones included, runs inside `forward`, so DDP sees them.
+    The autoencoder is any family's adapter (`kl_autoencoder.interface`; our own `Autoencoder` is wrapped): its
+    module is registered here as `autoencoder`, so the state dict is `autoencoder.*` (the family's own names) +
+    `logvar`. Keeping `logvar` inside the wrapped module means it sits in the optimizer and its gradient is
+    all-reduced with the autoencoder's (LDM declares it and never optimizes it). diffusers' autoencoders return
+    no posterior from their forward, so encoding, sampling and every decoder call of a step, the shaped ones
+    included, run inside this `forward`, where DDP sees them.
     """
 
-    def __init__(self, autoencoder: Autoencoder, learn_logvar: bool, logvar_init: float, align_dim: int = 0):
+    def __init__(
+        self, autoencoder: Autoencoder | LatentAutoencoder, learn_logvar: bool, logvar_init: float, align_dim: int = 0
+    ):
         super().__init__()
-        self.autoencoder = autoencoder
+        adapter = wrap(autoencoder) if isinstance(autoencoder, Autoencoder) else autoencoder
+        self.adapter = adapter  # not a module: encode / decode / param_groups of the module below
+        self.autoencoder = adapter.module
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
         # VA-VAE's reverse projection: latent channels -> foundation feature width (not part of the export)
-        self.align_proj = nn.Conv2d(autoencoder.config.latent_channels, align_dim, 1) if align_dim else None
+        self.align_proj = nn.Conv2d(adapter.latent_channels, align_dim, 1) if align_dim else None
+
+    @property
+    def vq(self) -> bool:
+        return self.adapter.family == "vq"
+
+    def bottleneck(self, x: torch.Tensor):
+        """(z, posterior): the decoder's input, a posterior sample (VQ: the quantized latents, with the quantizer's
+        output, whose codebook loss takes the KL's place), and the posterior (a point for deterministic families)."""
+        if self.vq:
+            return self.autoencoder.bottleneck(x, sample_posterior=True)
+        posterior = self.adapter.encode(x)
+        return posterior.sample(), posterior
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        # VQ: z is quantized already, so it skips the adapter's decode (which quantizes, as diffusers' VQModel)
+        return self.autoencoder.decode(z) if self.vq else self.adapter.decode(z)
 
     def forward(self, x: torch.Tensor, shaping: Shaping | None = None):
         """(reconstruction, posterior, extras): extras["eq"] = (T(x), decode(T(z))) on an EQ step, and
         extras["align"] = the projected latent when the VF loss is on."""
-        ae = self.autoencoder
-        z, posterior = ae.bottleneck(x, sample_posterior=True)
+        z, posterior = self.bottleneck(x)
         extras = {}
         if self.align_proj is not None:
             extras["align"] = self.align_proj(z)
         if shaping is not None and shaping.transform is not None:
-            x_t, z_t = apply_pair(shaping.transform, x, z, ae.config.downsample_factor, shaping.scale)
-            extras["eq"] = (x_t, ae.decode(z_t))
+            x_t, z_t = apply_pair(shaping.transform, x, z, self.adapter.spatial_factor, shaping.scale)
+            extras["eq"] = (x_t, self.decode(z_t))
         if shaping is not None and shaping.changes_latent:
             z = shape_latent(z, shaping)
-        return ae.decode(z), posterior, extras
+        return self.decode(z), posterior, extras
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight, where LDM's adaptive GAN weight is taken: the head's last matrix or kernel."""
+        return [p for p in self.adapter.param_groups()["decoder_head"] if p.dim() > 1][-1]
+
+    @property
+    def align_layer(self) -> torch.Tensor:
+        """The encoder's last weight, where the VF loss's adaptive weight is taken (VA-VAE)."""
+        return [p for p in self.autoencoder.encoder.parameters() if p.dim() > 1][-1]
 
     def loss_inputs(
         self,
@@ -78,8 +112,7 @@ class AutoencoderWithLoss(nn.Module):
         no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> LossInputs:
         """What the generator objective reads of this module, with the loss networks beside it."""
-        ae = self.autoencoder
-        return LossInputs(self.logvar, ae.last_layer, discriminator, lpips, align, ae.encoder.conv_out.weight, no_sync)
+        return LossInputs(self.logvar, self.last_layer, discriminator, lpips, align, self.align_layer, no_sync)
 
 
 @dataclass(frozen=True)
@@ -102,7 +135,7 @@ class Forward:
 
     x: torch.Tensor
     recon: torch.Tensor
-    posterior: DiagonalGaussian | QuantizerOutput
+    posterior: DiagonalGaussian | QuantizerOutput | PointPosterior
     extras: dict = field(default_factory=dict)
 
 
@@ -140,6 +173,8 @@ def generator_objective(
     if isinstance(posterior, QuantizerOutput):  # vq: the codebook + commitment loss takes the KL's place
         rest = cfg.codebook_weight * posterior.loss
         logs |= posterior.logs
+    elif posterior.logvar is None:  # a deterministic latent (DC-AE, RAE): no KL term
+        rest = torch.zeros((), device=recon.device)
     else:
         kl, kl_logs = kl_loss(posterior.mean, posterior.logvar, cfg.reduction, cfg.free_bits, x[0].numel())
         rest = cfg.kl_weight * schedule.kl_factor * kl

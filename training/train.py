@@ -1,4 +1,6 @@
-"""Train a KL autoencoder with L1 + LPIPS + PatchGAN + KL under Hugging Face Accelerate.
+"""Train an autoencoder with L1 + LPIPS + PatchGAN + KL under Hugging Face Accelerate: our KL / VQ model from a
+preset, or any family of `kl_autoencoder.interface` fine-tuned from `model.init_from` (FLUX.2, DC-AE, Qwen-Image,
+Wan, HunyuanImage, RAE, SD's AutoencoderKL), training the parameter groups `train.trainable` names.
 
 One straight-line `main(cfg)`: setup in small helpers above it, then the loop. The same code runs under plain
 `python` on one CPU and under `accelerate launch` on many GPUs. Each batch goes through `TrainStep`
@@ -37,6 +39,9 @@ from kl_ae.common.lpips import autocast_dtype, build_lpips
 from kl_ae.common.release import export_after_training
 from kl_ae.common.stream import build_stream, is_stream
 from kl_autoencoder import Autoencoder
+from kl_autoencoder.families.ours import wrap
+from kl_autoencoder.folders import find_diffusers_folder
+from kl_autoencoder.interface import SUPPORTED, LatentAutoencoder, load_autoencoder, read_class_name
 from kl_autoencoder.ldm import load_ldm_checkpoint
 from training import checkpoint, shaping
 from training.align import build_align
@@ -99,17 +104,56 @@ def make_accelerator(cfg: TrainConfig, precision: str) -> Accelerator:
     )
 
 
-def build_autoencoder(cfg: TrainConfig) -> Autoencoder:
-    """A new autoencoder of `model.preset`, or one loaded from `model.init_from`; a bad file is a ConfigError."""
+def build_autoencoder(cfg: TrainConfig) -> Autoencoder | LatentAutoencoder:
+    """A new autoencoder of `model.preset`, or one loaded from `model.init_from`; a bad file is a ConfigError.
+
+    Our own model comes as itself (`kl_autoencoder.families.ours.wrap` puts it behind the interface); a folder
+    or hub model of another family (`kl_autoencoder.interface.SUPPORTED`) as its adapter, in training mode.
+    """
     path = cfg.model.init_from
     try:
         if path and Path(path).is_file():  # an LDM / SD VAE checkpoint: the architecture is the preset's
             return load_ldm_checkpoint(path, cfg.model.autoencoder_config(), cfg.model.trust_pickle)
         if path:  # a diffusers folder, run or checkpoint: its own architecture
-            return Autoencoder.from_pretrained(path, vq=cfg.vq).train()
-    except (ValueError, FileNotFoundError) as e:
+            folder = find_diffusers_folder(path)
+            if SUPPORTED.get(read_class_name(folder)) in ("kl", "vq"):  # its codebook trains as vq.* says
+                return Autoencoder.from_pretrained(folder, vq=cfg.vq).train()
+            ae = load_autoencoder(folder)
+            ae.module.train()
+            return ae
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
     return Autoencoder(cfg.model.autoencoder_config(), vq=cfg.vq)
+
+
+def freeze(cfg: TrainConfig, ae: LatentAutoencoder) -> None:
+    """Train only the groups `train.trainable` names; a ConfigError for a group this family cannot train."""
+    groups = cfg.train.trainable_groups()
+    if groups is None and ae.family in ("kl", "vq"):
+        return  # as the model sets it: an EMA-trained codebook takes no gradient
+    try:
+        ae.freeze(groups if groups is not None else ["encoder", "decoder"])  # RAE: a ValueError
+    except ValueError as e:
+        raise ConfigError(f"train.trainable: {e}") from None
+
+
+def check_family(cfg: TrainConfig, ae: LatentAutoencoder, last_layer: torch.Tensor) -> None:
+    """What the run asks of this autoencoder and it cannot do, as a ConfigError before any compute."""
+    try:
+        ae.check_size(cfg.data.resolution, cfg.data.resolution)
+    except ValueError as e:
+        raise ConfigError(f"data.resolution: {e}") from None
+    loss = cfg.loss
+    if loss.eq_weight > 0 and "scale" in loss.eq_transforms and ae.family == "rae":
+        raise ConfigError(
+            "loss.eq_transforms: AutoencoderRAE decodes a fixed number of patches, so the scale transform's smaller "
+            "latents cannot be decoded; use the rotations only"
+        )
+    if not last_layer.requires_grad and loss.disc_start < cfg.train.max_steps:
+        raise ConfigError(
+            f"train.trainable: the adversarial loss's adaptive weight is taken at the decoder's last layer, which "
+            f"{cfg.train.trainable} freezes; train decoder_head too, or set loss.disc_start beyond train.max_steps"
+        )
 
 
 @dataclass
@@ -123,30 +167,35 @@ class Models:
     align: nn.Module | None
     status: dict[str, str]
     ema: GuardedEMA | None
-    ema_model: Autoencoder | None
+    ema_model: LatentAutoencoder | None
 
 
 def build_models(cfg: TrainConfig, accelerator: Accelerator, precision: str, log: Log) -> Models:
     """Every model of the run, built in the same order with the same seed on every process, so all start
-    identical. `train.trainable=decoder` freezes the encoder (and a VQ codebook) here, before the optimizer."""
+    identical. `train.trainable` freezes the other groups (and a VQ codebook) here, before the optimizer."""
     set_seed(cfg.train.seed)
-    autoencoder = build_autoencoder(cfg)
+    built = build_autoencoder(cfg)
+    ae = wrap(built) if isinstance(built, Autoencoder) else built
     if cfg.model.init_from:
-        log(f"initialised from {cfg.model.init_from}")
+        log(f"initialised from {cfg.model.init_from} ({ae.class_name}); training {cfg.train.trainable}")
     if cfg.model.gradient_checkpointing:
-        autoencoder.enable_gradient_checkpointing()
-    if cfg.train.trainable == "decoder":  # SD's ft-EMA / ft-MSE recipe: the latent space stays as it is
-        autoencoder.freeze_encoder()
+        try:  # ours, and diffusers' classes that support it (a ValueError from the others)
+            ae.module.enable_gradient_checkpointing()
+        except ValueError:
+            raise ConfigError(f"model.gradient_checkpointing: {ae.class_name} does not support it") from None
+    freeze(cfg, ae)  # decoder: SD's ft-EMA / ft-MSE recipe, the latent space stays as it is
     align, align_status = load_align(cfg, accelerator, log)
-    model = AutoencoderWithLoss(autoencoder, cfg.loss.learn_logvar, cfg.loss.logvar_init, align.dim if align else 0)
+    model = AutoencoderWithLoss(ae, cfg.loss.learn_logvar, cfg.loss.logvar_init, align.dim if align else 0)
+    check_family(cfg, ae, model.last_layer)
     discriminator = PatchDiscriminator(
         base_channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers, norm=cfg.loss.disc_norm
     )
     lpips, lpips_status = load_lpips(cfg, accelerator, precision, log)
     ema = ema_model = None
     if cfg.train.ema:
-        ema = GuardedEMA(autoencoder.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True)
-        ema_model = copy.deepcopy(autoencoder).eval().requires_grad_(False)  # what validation and export use
+        ema = GuardedEMA(ae.module.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True)
+        ema_model = copy.deepcopy(ae)  # what validation and export use
+        ema_model.module.eval().requires_grad_(False)
         accelerator.register_for_checkpointing(ema)
     return Models(model, discriminator, lpips, align, {"lpips": lpips_status, "align": align_status}, ema, ema_model)
 
@@ -283,7 +332,7 @@ def main(cfg: TrainConfig) -> dict:
             module.compile()
         log("torch.compile: encoder and decoder (compiling during the first steps)")
     train_step, batches, val_dl = prepare_step(cfg, accelerator, models, data, precision == "fp16")
-    live = train_step.core.autoencoder
+    live = train_step.core.adapter
     use_weights = partial(weights_for_use, live, models.ema, models.ema_model)
 
     # --- resume: the same command continues from the latest complete checkpoint
@@ -324,7 +373,7 @@ def main(cfg: TrainConfig) -> dict:
             for x in batches.epoch(batches_seen):
                 batches_seen += 1
                 schedule = StepSchedule.at(step, cfg.loss)
-                result = train_step(x, shaping.draw(cfg.loss, t.seed, step, live.config.latent_channels), schedule)
+                result = train_step(x, shaping.draw(cfg.loss, t.seed, step, live.latent_channels), schedule)
                 if not result.applied:  # gradients accumulate over this batch and the next
                     continue
                 means.add(result.g_logs, result.g_ok)  # a skipped update's logs are left out of the means

@@ -1,7 +1,8 @@
 """Validation during training: metrics over the held-out images, reconstruction grids, and the weights they use.
 
 Validation, sample grids and export use the EMA weights when the run keeps an EMA (`weights_for_use`).
-Metrics are computed per image with the same functions `kl-ae eval` uses and gathered from every process.
+Metrics are computed per image with the same functions `kl-ae eval` uses and gathered from every process; the
+reconstruction is the decoded posterior mode, through the family's adapter (`kl_autoencoder.interface`).
 """
 
 from __future__ import annotations
@@ -16,17 +17,28 @@ from torchvision.utils import make_grid
 
 from kl_ae.common.metrics import reconstruction_metrics
 from kl_ae.common.runs import checkpoint_name
-from kl_autoencoder import Autoencoder
+from kl_autoencoder.interface import LatentAutoencoder
 from training.step import GuardedEMA
 from training.trackers import log_image
 
 
-def weights_for_use(live: Autoencoder, ema: GuardedEMA | None, ema_model: Autoencoder | None) -> Autoencoder:
+def weights_for_use(
+    live: LatentAutoencoder, ema: GuardedEMA | None, ema_model: LatentAutoencoder | None
+) -> LatentAutoencoder:
     """The EMA weights when EMA is on (copied into `ema_model`), else the live ones."""
     if ema is None:
         return live
-    ema.copy_to(ema_model.parameters())
+    ema.copy_to(ema_model.module.parameters())
     return ema_model
+
+
+def reconstruct(ae: LatentAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """The decoded posterior mode of x, in eval mode (dropout off, a VQ codebook not updated)."""
+    was_training = ae.module.training
+    ae.module.eval()
+    recon = ae.decode(ae.encode(x).mode())
+    ae.module.train(was_training)
+    return recon
 
 
 class Validator:
@@ -42,13 +54,10 @@ class Validator:
     def evaluate(self) -> dict[str, float]:
         """Metrics of the posterior mode over every held-out image, gathered from all processes."""
         model = self.weights()
-        was_training = model.training
-        model.eval()
         values: dict[str, list[torch.Tensor]] = {}
         for x in self.val_dl:
-            for k, v in reconstruction_metrics(x, model(x), self.lpips).items():
+            for k, v in reconstruction_metrics(x, reconstruct(model, x), self.lpips).items():
                 values.setdefault(k, []).append(self.accelerator.gather_for_metrics(v))
-        model.train(was_training)
         metrics = {f"val/{k}": torch.cat(v).mean().item() for k, v in values.items()}
         metrics["val/images"] = len(torch.cat(values["psnr"]))
         return metrics
@@ -72,12 +81,8 @@ class Validator:
         trackers as the image `val/samples`."""
         if not self.accelerator.is_main_process:
             return
-        model = self.weights()
-        was_training = model.training
-        model.eval()
         x = self.sample_batch.to(self.accelerator.device)
-        recon = model(x).float().clamp(-1, 1)
-        model.train(was_training)
+        recon = reconstruct(self.weights(), x).float().clamp(-1, 1)
         path = self.out / "samples" / f"{checkpoint_name(step)}.png"
         grid = make_grid(torch.cat([x, recon]) * 0.5 + 0.5, nrow=len(x))  # (3, H, W); as save_image writes it:
         pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()

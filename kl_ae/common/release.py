@@ -1,20 +1,22 @@
-"""The release of a trained autoencoder: a complete diffusers folder, with latent statistics measured on held-out data.
+"""The release of a trained autoencoder: a complete diffusers folder of its own class, with its latent normalization
+measured on held-out data. Run at the end of training and by `kl-ae export`; any family of
+`kl_autoencoder.interface` (a run that fine-tuned a FLUX.2 or Qwen-Image autoencoder is released as one).
 
-Run at the end of training and by `kl-ae export`.
-
-What a diffusion model trained on our latents needs besides the weights is in the config: `scaling_factor`
-(and, KL only, `shift_factor`, per-channel `latents_mean` / `latents_std`), measured on posterior samples
-of the run's own validation split (or `--data`), as LDM's scale_by_std; `force_upcast`, decided by running
-the autoencoder in fp16 where this machine can; a model card `README.md` whose YAML front matter is hub
-metadata (library_name, tags, license, base_model, datasets); optionally an fp16 variant. `push_to_hub`
-uploads the folder as a hub model repo.
+What a diffusion model trained on the latents needs besides the weights is the family's latent normalization in
+the convention its pipeline applies (`measure_normalization`): for our KL / VQ classes `scaling_factor` (and, KL
+only, `shift_factor`, per-channel `latents_mean` / `latents_std`), LDM's scale_by_std on posterior samples;
+per-channel `latents_mean` / `latents_std` (Qwen-Image, Wan, RAE); `scaling_factor` (DC-AE, HunyuanImage);
+FLUX.2's BatchNorm running statistics of the patchified posterior means. Measured on the run's own validation
+split (or `--data`). Also `force_upcast` where the class has it, decided by running the autoencoder in fp16 where
+this machine can; a model card `README.md` naming the class and the normalization, whose YAML front matter is hub
+metadata (library_name, tags, license, base_model, datasets); optionally an fp16 variant. `push_to_hub` uploads
+the folder as a hub model repo.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -26,17 +28,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from kl_ae.common.config import ConfigError, DataConfig, merge
 from kl_ae.common.data import build_datasets, build_val, load_images
-from kl_ae.common.latent_stats import channel_moments, latent_statistics
 from kl_ae.common.runs import find_run, latest_weights
 from kl_ae.common.shards import looks_like_hub_name
 from kl_ae.common.weights import offline_switch
 from kl_autoencoder import Autoencoder
-from kl_autoencoder.diffusers_format import WEIGHTS_NAME, is_hub_name, save_diffusers
+from kl_autoencoder.diffusers_format import WEIGHTS_NAME, is_hub_name
 from kl_autoencoder.folders import EXPORT_KEY, find_diffusers_folder, weights_step
+from kl_autoencoder.interface import LatentAutoencoder, load_autoencoder
 
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' variant naming: variant="fp16"
 # fp16 agrees with fp32 when the largest pixel difference (images in [-1, 1]) stays under this
 FP16_TOLERANCE = 0.05
+DEFAULT_RESOLUTION = 256  # held-out images for a model whose config records no size, outside a run
 
 
 def held_out_images(run: Path | None, data: str | None, resolution: int, max_images: int | None) -> tuple[Dataset, str]:
@@ -67,26 +70,47 @@ def run_data_config(run: Path) -> tuple[DataConfig, int]:
     return data, int(saved.get("train", {}).get("seed", 0))
 
 
-@torch.no_grad()
-def measure_latents(
-    model: Autoencoder, images: Dataset, batch_size: int = 8, seed: int = 0
-) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Latent statistics (see `kl_ae.common.latent_stats.latent_statistics`) of posterior samples over `images`.
+# families whose latent normalization is measured on posterior means, as their pipelines encode (FLUX.2's
+# BatchNorm statistics are those of the patchified means); the others on posterior samples (LDM's scale_by_std),
+# which for a deterministic latent are the same
+MEASURED_ON_MEANS = {"flux2"}
+POSITIVE = ("scaling_factor", "latents_std", "running_var")  # measured values that constant latents make 0 or inf
 
-    Returns (statistics, the first batch of images, its latents) for the fp16 check. Noise from one
-    generator seeded with `seed`, drawn batch by batch in order. VQ: the latents before quantization.
+
+@torch.no_grad()
+def measure_normalization(
+    ae: LatentAutoencoder, images: Dataset, batch_size: int = 8, seed: int = 0
+) -> tuple[dict, dict, tuple[torch.Tensor, torch.Tensor]]:
+    """The family's latent normalization (`ae.measure_normalization`) measured on the latents of `images`.
+
+    Returns (the updates for `ae.set_normalization`, a record: the posterior used and the number of latent values,
+    (the first batch of images, its latents) for the fp16 check). Posterior samples draw from one generator
+    seeded with `seed`, batch by batch in order. VQ: the latents before quantization.
     """
+    posterior = "mean" if ae.family in MEASURED_ON_MEANS else "sample"
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    moments, first = [], None
-    for x in DataLoader(images, batch_size=batch_size, shuffle=False):
-        x = x.to(device)
-        z = model.encode(x).sample(gen)
-        moments.append(channel_moments(z))
-        if first is None:
-            first = (x, z)
-    count, mean, m2 = (torch.cat(t) for t in zip(*moments))
-    return latent_statistics(count, mean, m2), *first
+    device = next(ae.module.parameters()).device
+    first, count = [], [0]
+
+    def latents():
+        for x in DataLoader(images, batch_size=batch_size, shuffle=False):
+            x = x.to(device)
+            q = ae.encode(x)
+            z = q.mode() if posterior == "mean" else q.sample(gen)
+            if not first:
+                first.append((x, z))
+            count[0] += z.numel()
+            yield z
+
+    try:
+        updates = ae.measure_normalization(latents())
+    except ZeroDivisionError:  # 1 / std of constant latents
+        raise ValueError("the latents have zero variance") from None
+    for key, value in updates.items():
+        v = torch.as_tensor(value, dtype=torch.float64)
+        if not torch.isfinite(v).all() or (key in POSITIVE and (v <= 0).any()):
+            raise ValueError(f"the latents have zero variance ({key})")
+    return updates, {"posterior": posterior, "num_values": count[0]}, first[0]
 
 
 def fp16_device() -> torch.device | None:
@@ -101,13 +125,13 @@ def fp16_device() -> torch.device | None:
 
 
 @torch.no_grad()
-def check_fp16(model: Autoencoder, x: torch.Tensor, z: torch.Tensor) -> tuple[bool, str]:
+def check_fp16(model: Autoencoder | LatentAutoencoder, x: torch.Tensor, z: torch.Tensor) -> tuple[bool, str]:
     """(force_upcast, why): encode x and decode z in fp16 and compare with fp32; True when it cannot be checked."""
     device = fp16_device()
     if device is None:
         return True, "not checked: this machine runs no fp16 convolutions; left True"
-    ref = copy.deepcopy(model).float().to(device)
-    half = copy.deepcopy(model).half().to(device)
+    ref = copy.deepcopy(model).to(device, torch.float32)
+    half = copy.deepcopy(model).to(device, torch.float16)
     x, z = x.to(device), z.to(device)
     mean32, mean16 = ref.encode(x).mode(), half.encode(x.half()).mode().float()
     img32, img16 = ref.decode(z), half.decode(z.half()).float()
@@ -144,7 +168,7 @@ def hub_metadata(cls: str, run: Path | None, data: str | None, license: str) -> 
             "diffusers",
             cls,
             "autoencoder",
-            "vae" if cls == "AutoencoderKL" else "vq",
+            "vq" if cls == "VQModel" else "vae",
             "latent-diffusion",
             "kl-autoencoder",
         ],  # fmt: skip
@@ -172,15 +196,10 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     return str(url)
 
 
-def _model_card(config: dict, info: dict, run: Path | None, fp16_variant: bool) -> str:
+def _ours_lines(config: dict, info: dict, fp16_variant: bool) -> tuple[list[str], list[str]]:
+    """(normalization section, usage) of our own classes' card: scaling / shift factors, force_upcast."""
     cls = config["_class_name"]
     lines = [
-        f"# {cls} trained with kl-autoencoder",
-        "",
-        f"A first-stage autoencoder for latent diffusion ({cls}, diffusers format, safetensors).",
-        "",
-        "## Latent normalization (measured)",
-        "",
         f"Measured on {info['data']}, posterior samples (seed {info['seed']}):",
         "",
         f"- `scaling_factor` = {config['scaling_factor']:.6g} (1 / std of the latents)",
@@ -197,10 +216,8 @@ def _model_card(config: dict, info: dict, run: Path | None, fp16_variant: bool) 
         "A diffusion model is trained on `latents = (z - shift_factor) * scaling_factor` (SD 1.x-style pipelines "
         "use `z * scaling_factor` only) and its samples are decoded with `decode(latents / scaling_factor + "
         "shift_factor)`.",
-        "",
-        "## Usage",
-        "",
-        "```python",
+    ]
+    usage = [
         f"from diffusers import {cls}",
         "",
         f'vae = {cls}.from_pretrained("PATH"'
@@ -215,6 +232,49 @@ def _model_card(config: dict, info: dict, run: Path | None, fp16_variant: bool) 
         "images = vae.decode(latents / vae.config.scaling_factor"
         + (" + (vae.config.shift_factor or 0.0)" if cls == "AutoencoderKL" else "")
         + ").sample",
+    ]
+    return lines, usage
+
+
+def _family_lines(ae: LatentAutoencoder, info: dict, fp16_variant: bool) -> tuple[list[str], list[str]]:
+    """(normalization section, usage) of another family's card: its pipeline's convention and measured values."""
+    norm = ae.normalization()
+    shown = lambda v: [round(float(x), 5) for x in v] if isinstance(v, list) else f"{v:.6g}"  # noqa: E731
+    posterior = "posterior means" if info["posterior"] == "mean" else "posterior samples"
+    lines = [
+        f"Measured on {info['data']}, {posterior} (seed {info['seed']}), in the convention the {ae.class_name} "
+        f"pipelines apply: `{norm['convention']}`",
+        "",
+        *(f"- `{k}` = {shown(v)}" for k, v in norm.items() if k != "convention"),
+    ]
+    usage = [
+        f"from diffusers import {ae.class_name}",
+        "",
+        f'vae = {ae.class_name}.from_pretrained("PATH"'
+        + (', variant="fp16", torch_dtype=torch.float16' if fp16_variant else "")
+        + ")",
+        f"# normalize its latents as above before a diffusion model sees them: {norm['convention']}",
+    ]
+    return lines, usage
+
+
+def _model_card(ae: LatentAutoencoder, config: dict, info: dict, run: Path | None, fp16_variant: bool) -> str:
+    cls = config["_class_name"]
+    ours = ae.family in ("kl", "vq")
+    normalization, usage = _ours_lines(config, info, fp16_variant) if ours else _family_lines(ae, info, fp16_variant)
+    lines = [
+        f"# {cls} trained with kl-autoencoder",
+        "",
+        f"A first-stage autoencoder for latent diffusion ({cls}, diffusers format, safetensors).",
+        "",
+        "## Latent normalization (measured)",
+        "",
+        *normalization,
+        "",
+        "## Usage",
+        "",
+        "```python",
+        *usage,
         "```",
     ]
     if fp16_variant:
@@ -244,48 +304,53 @@ def export_run(
     seed: int = 0,
     license: str = "apache-2.0",
 ) -> Path:
-    """Write `source`'s weights (a run: its newest, EMA, weights, as `Autoencoder.from_pretrained`) as a diffusers
-    folder.
+    """Write `source`'s weights (a run: its newest, EMA, weights, as `load_autoencoder`) as a diffusers folder of
+    the same class, with the family's latent normalization measured (`measure_normalization`).
 
-    Latent statistics come from held-out images: `data` (a folder: all its images; "sample" or a hub name:
-    its held-out split) or, by default, the run's validation split; at most `max_images` of them. The config
-    records how they were measured and the training step of the weights (`EXPORT_KEY`), by which a run folder's
-    release is known to be current (`kl_autoencoder.folders.run_weights`).
+    Held-out images: `data` (a folder: all its images; "sample" or a hub name: its held-out split) or, by
+    default, the run's validation split; at most `max_images` of them. `force_upcast` is decided where the
+    class has it. The config records how the normalization was measured and the training step of the weights
+    (`EXPORT_KEY`), by which a run folder's release is known to be current (`kl_autoencoder.folders.run_weights`).
     """
     try:
-        model = Autoencoder.from_pretrained(source)
-    except ValueError as e:
+        ae = load_autoencoder(source)
+    except (ValueError, ImportError) as e:
         raise ConfigError(f"export: {source}: {e}") from None
     weights = find_diffusers_folder(source)
     run = find_run(source)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    resolution = model.config.sample_size
+    ae.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    resolution = ae.sample_size or DEFAULT_RESOLUTION
     if run is not None and data is not None:
         resolution = run_data_config(run)[0].resolution
     images, description = held_out_images(run, data, resolution, max_images)
-    stats, x, z = measure_latents(model, images, batch_size, seed)
-    if not math.isfinite(stats["scaling_factor"]):
-        raise ValueError(f"export: the latents have zero variance on {description}; no scaling_factor")
-    force_upcast, fp16_note = check_fp16(model.cpu(), x.cpu(), z.cpu())
+    try:
+        updates, info, (x, z) = measure_normalization(ae, images, batch_size, seed)
+    except ValueError as e:
+        raise ValueError(f"export: {e} on {description}; no latent normalization") from None
+    info = {"data": description, "seed": seed, **info}
+    extra = {}
+    if ae.fp16_safe is not None:  # the class has force_upcast: decided by running it in fp16
+        # our model as itself: a VQ model's latents go through the decoder unquantized, in fp16 throughout
+        model = ae.module if ae.family in ("kl", "vq") else ae
+        extra["force_upcast"], info["fp16_check"] = check_fp16(model.to("cpu"), x.cpu(), z.cpu())
+    ae.set_normalization(updates)
+    extra[EXPORT_KEY] = {**info, "weights": str(weights), "step": weights_step(weights)}
+    out = write_release(ae, out_dir, extra, fp16_variant)
+    config = json.loads((out / "config.json").read_text())
+    card = hub_metadata(config["_class_name"], run, data, license) + _model_card(ae, config, info, run, fp16_variant)
+    (out / "README.md").write_text(card)
+    return out
 
-    extra = {"scaling_factor": stats["scaling_factor"], "force_upcast": force_upcast}
-    if model.config.bottleneck == "kl":  # diffusers' VQModel has no shift or per-channel statistics
-        extra |= {k: stats[k] for k in ("shift_factor", "latents_mean", "latents_std")}
-    info = {"data": description, "seed": seed, "num_values": stats["num_values"], "fp16_check": fp16_note}
-    extra[EXPORT_KEY] = {**info, "weights": str(weights), "step": weights_step(weights), "posterior": "sample"}
 
-    out = Path(out_dir)
-    save_diffusers(model, out, extra_config=extra)
+def write_release(ae: LatentAutoencoder, out_dir: str | Path, extra: dict, fp16_variant: bool) -> Path:
+    """`ae` in its own class at `out_dir` (config keys `extra` merged), and optionally its fp16 variant."""
+    out = Path(ae.save_pretrained(out_dir, extra_config=extra))
     if fp16_variant:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
-            save_diffusers(model, tmp, extra_config=extra, dtype=torch.float16)
+            copy.deepcopy(ae).to(torch.float16).save_pretrained(tmp, extra_config=extra)
             os.replace(Path(tmp) / WEIGHTS_NAME, out / FP16_WEIGHTS_NAME)
     elif (out / FP16_WEIGHTS_NAME).exists():  # a stale variant from an earlier export must not mismatch
         (out / FP16_WEIGHTS_NAME).unlink()
-    config = json.loads((out / "config.json").read_text())
-    card = hub_metadata(config["_class_name"], run, data, license) + _model_card(config, info, run, fp16_variant)
-    (out / "README.md").write_text(card)
     return out
 
 

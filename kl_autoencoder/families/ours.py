@@ -107,3 +107,8 @@ class Ours(Adapter):
 
 def load(folder: Path, class_name: str) -> Ours:
     return Ours(Autoencoder.from_pretrained(folder), class_name)
+
+
+def wrap(model: Autoencoder) -> Ours:
+    """Our model, built or loaded elsewhere (a preset, an LDM checkpoint), behind the interface."""
+    return Ours(model, "VQModel" if model.config.bottleneck == "vq" else "AutoencoderKL")
