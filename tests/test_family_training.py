@@ -212,3 +212,16 @@ def test_what_a_family_cannot_do_is_an_error_before_compute(name, override, mess
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("name", ["flux2", "sd"])
+def test_a_decoder_only_release_keeps_the_loaded_normalization(name, family_folders, tmp_path):
+    """The latent space is the loaded model's, so is its normalization: a diffusion model trained on it stays valid
+    with the fine-tuned decoder (FLUX.2's BatchNorm statistics, SD's scaling_factor are not re-measured)."""
+    init = family_folders[name]
+    run(tmp_path / "ft", 2, f"model.init_from={init}", "train.trainable=decoder", "train.export=true")
+    release = find_diffusers_folder(tmp_path / "ft")
+    assert release.name == "diffusers"
+    kept, loaded = load_autoencoder(release).normalization(), load_autoencoder(init).normalization()
+    assert kept == loaded
+    assert "Kept from the fine-tuned model" in (release / "README.md").read_text()

@@ -62,6 +62,18 @@ def held_out_images(run: Path | None, data: str | None, resolution: int, max_ima
     return val, f"{name} ({len(val)} images at {data_cfg.resolution}px)"
 
 
+def keeps_latent_space(run: Path | None) -> bool:
+    """Whether the run fine-tuned a loaded model with its encoder frozen (`model.init_from` with
+    `train.trainable` = decoder or a list without "encoder"): its latents are the loaded model's, so the
+    normalization the loaded model ships stays, as a diffusion model trained on that latent space expects."""
+    if run is None:
+        return False
+    saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    trainable = saved.get("train", {}).get("trainable", "all")
+    frozen = trainable == "decoder" or (isinstance(trainable, list) and "encoder" not in trainable)
+    return frozen and bool(saved.get("model", {}).get("init_from"))
+
+
 def run_data_config(run: Path) -> tuple[DataConfig, int]:
     """(the data section, the seed) of a run's resolved `config.yaml`."""
     saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
@@ -196,19 +208,28 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     return str(url)
 
 
+def _measured(info: dict, posterior: str) -> str:
+    """Where the card's normalization comes from: measured here, or kept from the fine-tuned model."""
+    if "normalization" in info:  # a decoder-only fine-tune: the latent space, and so its normalization, is kept
+        return f"Kept from the fine-tuned model, whose encoder was frozen (held-out data checked: {info['data']})"
+    return f"Measured on {info['data']}, {posterior} (seed {info['seed']})"
+
+
 def _ours_lines(config: dict, info: dict, fp16_variant: bool) -> tuple[list[str], list[str]]:
     """(normalization section, usage) of our own classes' card: scaling / shift factors, force_upcast."""
     cls = config["_class_name"]
     lines = [
-        f"Measured on {info['data']}, posterior samples (seed {info['seed']}):",
+        _measured(info, "posterior samples") + ":",
         "",
         f"- `scaling_factor` = {config['scaling_factor']:.6g} (1 / std of the latents)",
     ]
     if cls == "AutoencoderKL":
+        rounded = lambda v: None if v is None else [round(x, 5) for x in v]  # noqa: E731
+        shift = config.get("shift_factor")
         lines += [
-            f"- `shift_factor` = {config['shift_factor']:.6g} (mean of the latents)",
-            f"- `latents_mean` = {[round(v, 5) for v in config['latents_mean']]}",
-            f"- `latents_std` = {[round(v, 5) for v in config['latents_std']]}",
+            f"- `shift_factor` = {'None' if shift is None else f'{shift:.6g}'} (mean of the latents)",
+            f"- `latents_mean` = {rounded(config.get('latents_mean'))}",
+            f"- `latents_std` = {rounded(config.get('latents_std'))}",
         ]
     lines += [
         f"- `force_upcast` = {config['force_upcast']}: {info['fp16_check']}",
@@ -242,8 +263,7 @@ def _family_lines(ae: LatentAutoencoder, info: dict, fp16_variant: bool) -> tupl
     shown = lambda v: [round(float(x), 5) for x in v] if isinstance(v, list) else f"{v:.6g}"  # noqa: E731
     posterior = "posterior means" if info["posterior"] == "mean" else "posterior samples"
     lines = [
-        f"Measured on {info['data']}, {posterior} (seed {info['seed']}), in the convention the {ae.class_name} "
-        f"pipelines apply: `{norm['convention']}`",
+        _measured(info, posterior) + f", in the convention the {ae.class_name} pipelines apply: `{norm['convention']}`",
         "",
         *(f"- `{k}` = {shown(v)}" for k, v in norm.items() if k != "convention"),
     ]
@@ -305,7 +325,8 @@ def export_run(
     license: str = "apache-2.0",
 ) -> Path:
     """Write `source`'s weights (a run: its newest, EMA, weights, as `load_autoencoder`) as a diffusers folder of
-    the same class, with the family's latent normalization measured (`measure_normalization`).
+    the same class, with the family's latent normalization measured (`measure_normalization`); a run that fine-tuned
+    a loaded model with its encoder frozen keeps that model's normalization (its latent space) unless `data` is given.
 
     Held-out images: `data` (a folder: all its images; "sample" or a hub name: its held-out split) or, by
     default, the run's validation split; at most `max_images` of them. `force_upcast` is decided where the
@@ -333,7 +354,11 @@ def export_run(
         # our model as itself: a VQ model's latents go through the decoder unquantized, in fp16 throughout
         model = ae.module if ae.family in ("kl", "vq") else ae
         extra["force_upcast"], info["fp16_check"] = check_fp16(model.to("cpu"), x.cpu(), z.cpu())
-    ae.set_normalization(updates)
+    # a decoder-only fine-tune keeps the loaded normalization unless `data` asks for a measurement on other images
+    if data is None and keeps_latent_space(run):  # measured for the card and the fp16 check only
+        info["normalization"] = "kept: the loaded model's (the encoder was frozen)"
+    else:
+        ae.set_normalization(updates)
     extra[EXPORT_KEY] = {**info, "weights": str(weights), "step": weights_step(weights)}
     out = write_release(ae, out_dir, extra, fp16_variant)
     config = json.loads((out / "config.json").read_text())
