@@ -4,7 +4,8 @@
 (`kl_autoencoder/families/`): our own KL / VQ model for `AutoencoderKL` / `VQModel`, thin wrappers of diffusers'
 classes for the others. Every adapter takes images (B, 3, H, W) in [-1, 1] and gives raw latents (B, C, h, w);
 `normalize` turns those into exactly what the family's diffusion pipeline feeds its transformer (its shape
-included: FLUX.2's are patchified to (B, 4C, h/2, w/2)).
+included: FLUX.2's are patchified to (B, 4C, h/2, w/2)). `new_autoencoder(family, arch)` builds a new random model
+of a diffusers family (DC-AE, FLUX.2) from its class's constructor arguments, for training from scratch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .diffusers_format import CONFIG_NAME
-from .families.base import TRAINABLE, PointPosterior
+from .families.base import PROJECTIONS, TRAINABLE, PointPosterior
 from .folders import find_diffusers_folder
 
 # _class_name -> family, the classes `load_autoencoder` takes
@@ -33,7 +34,11 @@ SUPPORTED = {
     "AutoencoderRAE": "rae",
 }
 
-__all__ = ["SUPPORTED", "TRAINABLE", "LatentAutoencoder", "PointPosterior", "load_autoencoder"]
+# family -> the diffusers class `new_autoencoder` builds: the families a run trains from scratch (`model.family`)
+BUILDABLE = {"dc-ae": "AutoencoderDC", "flux2": "AutoencoderKLFlux2"}
+
+__all__ = ["BUILDABLE", "PROJECTIONS", "SUPPORTED", "TRAINABLE", "LatentAutoencoder", "PointPosterior",
+           "load_autoencoder", "new_autoencoder"]  # fmt: skip
 
 
 @runtime_checkable
@@ -76,9 +81,10 @@ class LatentAutoencoder(Protocol):
 
     def normalization(self) -> dict: ...  # {"convention": formula, and its current values}
 
-    def param_groups(self) -> dict[str, list[torch.Tensor]]: ...  # encoder, decoder, decoder_head, normalization
+    # encoder, decoder, decoder_head, normalization; DC-AE and FLUX.2 also encoder_out, decoder_in (PROJECTIONS)
+    def param_groups(self) -> dict[str, list[torch.Tensor]]: ...
 
-    def freeze(self, trainable: Iterable[str]) -> None: ...  # only these groups (of TRAINABLE) take gradients
+    def freeze(self, trainable: Iterable[str]) -> None: ...  # only these groups (param_groups') take gradients
 
     def parameter_counts(self) -> dict[str, int]: ...  # encoder, decoder, total
 
@@ -116,3 +122,17 @@ def load_autoencoder(path: str | Path, subfolder: str | None = None) -> LatentAu
     else:
         raise ValueError(f"{folder}: _class_name {name!r} is not supported; supported: {', '.join(SUPPORTED)}")
     return family.load(folder, name)
+
+
+def new_autoencoder(family: str, arch: dict | None = None) -> LatentAutoencoder:
+    """A new, randomly initialised autoencoder of a diffusers family (BUILDABLE), in training mode: its class
+    built with the constructor arguments `arch` (the class's config.json keys; the others take its defaults).
+    ValueError (one line) for another family, an argument the class does not take, or values it rejects.
+    Under `torch.device("meta")` it allocates nothing: a cheap check of a configuration."""
+    if family == "dc-ae":
+        from .families import dc as module
+    elif family == "flux2":
+        from .families import flux2 as module
+    else:
+        raise ValueError(f"no new {family!r} autoencoder can be built; families built from scratch: {list(BUILDABLE)}")
+    return module.build(dict(arch or {}))

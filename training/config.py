@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from kl_ae.common.config import ConfigError, DataConfig, check_writable, merge, parse_override
@@ -35,6 +36,14 @@ class ModelConfig:
     num_codes: int | None = None  # vq presets: codebook size
     code_dim: int | None = None  # vq presets: code width (< latent_channels: low-dimensional codes)
     normalize_codes: bool | None = None  # vq presets: L2-normalised codes and lookups (cosine similarity)
+    # what a new run builds: "ours" (our KL / VQ Autoencoder: model.preset and the fields above), or a diffusers
+    # family's class built from model.arch: "dc-ae" (AutoencoderDC, deterministic) or "flux2" (AutoencoderKLFlux2).
+    # With model.init_from the folder's own class trains; a family named here must be that class's
+    family: Literal["ours", "dc-ae", "flux2"] = "ours"
+    # family dc-ae / flux2: the diffusers class's constructor arguments (its config.json keys; the others take its
+    # defaults), e.g. {latent_channels: 32, encoder_block_out_channels: [...]}. An unknown key is an error; the
+    # override model.arch.KEY=VALUE sets one key (null: the class's default). Not with model.init_from
+    arch: dict[str, Any] | None = None
     # start from: a diffusers folder of any supported class (kl_autoencoder.interface), a run or checkpoint
     # folder, a hub model (org/name, or org/name/vae inside a pipeline), or an LDM / SD VAE checkpoint file
     # (.safetensors; a pickle .ckpt loads with weights_only unless trust_pickle)
@@ -55,24 +64,57 @@ class ModelConfig:
             raise ConfigError(f"model.channel_mult: must be a non-empty list of positive ints, got {self.channel_mult}")
         if self.init_from is not None and not Path(self.init_from).exists() and not is_hub_name(self.init_from):
             raise ConfigError(f"model.init_from: {self.init_from} does not exist (nor is it a hub name org/name)")
+        if self.family != "ours":
+            self.validate_family()
+            return
+        if self.arch is not None:
+            raise ConfigError(
+                "model.arch: the constructor arguments of a diffusers family's class (model.family dc-ae or flux2); "
+                "our own model (model.family ours) is set by model.preset and its fields"
+            )
         try:
             self.autoencoder_config()
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
 
+    def validate_family(self) -> None:
+        """model.family dc-ae / flux2: model.arch instead of the preset's fields; a folder, not a file, to start
+        from. The arguments themselves are checked by building the model (`TrainConfig.validate`)."""
+        preset_fields = [name for name in self.preset_fields() if getattr(self, name) is not None]
+        if preset_fields:
+            raise ConfigError(
+                f"model.{preset_fields[0]}: a field of our model's preset; model.family {self.family} is built from "
+                "model.arch (its diffusers class's arguments)"
+            )
+        if self.arch is not None and not (isinstance(self.arch, dict) and all(isinstance(k, str) for k in self.arch)):
+            raise ConfigError(f"model.arch: a mapping of argument names to values, got {self.arch!r}")
+        if self.init_from is not None and self.arch is not None:
+            raise ConfigError("model.arch: model.init_from brings its own architecture; leave model.arch out")
+        if self.init_from is not None and Path(self.init_from).is_file():
+            raise ConfigError(
+                f"model.init_from: a checkpoint file holds an LDM / SD autoencoder (model.family ours); model.family "
+                f"{self.family} starts from a diffusers folder, a run or a hub model"
+            )
+
+    def preset_fields(self) -> list[str]:
+        """The fields that override the preset's `AutoencoderConfig` (our own model only)."""
+        others = ("preset", "family", "arch", "init_from", "trust_pickle", "gradient_checkpointing")
+        return [f.name for f in fields(self) if f.name not in others]
+
     def autoencoder_config(self):
         """The `AutoencoderConfig` this section describes: the preset with the overrides applied."""
         from kl_autoencoder import PRESETS
 
-        overrides = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ("preset", "init_from", "trust_pickle", "gradient_checkpointing")
-            and getattr(self, f.name) is not None
-        }
+        overrides = {name: getattr(self, name) for name in self.preset_fields() if getattr(self, name) is not None}
         if "channel_mult" in overrides:
             overrides["channel_mult"] = tuple(overrides["channel_mult"])
         return dataclasses.replace(PRESETS[self.preset], **overrides)
+
+    def new_autoencoder(self):
+        """A new random model of `family` built from `arch` (`kl_autoencoder.interface.new_autoencoder`)."""
+        from kl_autoencoder.interface import new_autoencoder
+
+        return new_autoencoder(self.family, self.arch)
 
 
 @dataclass
@@ -181,8 +223,11 @@ class TrainSection:
     ema_decay: float = 0.999  # the cap; the decay warms up as 1 - (1 + step)^(-2/3)
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     # the parameter groups that train: all; decoder (SD's ft-EMA / ft-MSE: the latent space stays as it is); or a
-    # list of the autoencoder interface's groups, e.g. [decoder_head]. The others take no gradient
-    trainable: Literal["all", "decoder"] | list[Literal["encoder", "decoder", "decoder_head"]] = "all"
+    # list of the autoencoder interface's groups, e.g. [decoder_head] (DC-AE and FLUX.2 also have encoder_out and
+    # decoder_in, the projections at the latent: DC-AE's second phase). The others take no gradient
+    trainable: (
+        Literal["all", "decoder"] | list[Literal["encoder", "decoder", "decoder_head", "encoder_out", "decoder_in"]]
+    ) = "all"
     compile: bool = False  # torch.compile the encoder and decoder (the first steps pay for the compilation)
     # wall-clock budget, "H:MM:SS" or "D-HH:MM:SS" (SLURM) or seconds: checkpoint and exit 0 before it runs out.
     # YAML 1.1 reads an unquoted 3:50:00 as the integer 13800 (base 60): the same number of seconds
@@ -270,6 +315,9 @@ class TrainConfig:
             QuantizerConfig(**asdict(self.vq))  # its own checks
         except ValueError as e:
             raise ConfigError(f"vq: {e}") from None
+        if self.model.family != "ours":
+            self.check_family()
+            return self
         ae = self.model.autoencoder_config()
         if ae.bottleneck != "vq":
             vq_keys = [
@@ -286,6 +334,31 @@ class TrainConfig:
                 f"data.resolution: {self.data.resolution} is not a multiple of the model's downsampling factor {factor}"
             )
         return self
+
+    def check_family(self) -> None:
+        """model.family dc-ae / flux2: no VQ option; a new model's arguments and the image size, checked by building
+        it on the meta device and passing one image of data.resolution through it (no memory, no compute)."""
+        vq_keys = [f"vq.{f.name}" for f in fields(self.vq) if getattr(self.vq, f.name) != f.default]
+        if vq_keys:
+            raise ConfigError(f"{vq_keys[0]}: a VQ option, but model.family {self.model.family} is not a VQ model")
+        if self.model.init_from is not None:  # its own architecture: checked when it is loaded
+            return
+        r = self.data.resolution
+        with torch.device("meta"):
+            try:
+                ae = self.model.new_autoencoder()
+            except ValueError as e:
+                raise ConfigError(f"model.arch: {e}") from None
+            try:
+                ae.check_size(r, r)
+            except ValueError as e:
+                raise ConfigError(f"data.resolution: {e}") from None
+            try:
+                ae.decode(ae.encode(torch.empty(1, 3, r, r)).mode())
+            except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+                why = " ".join(str(e).split())[:300]
+                what = f"{ae.class_name} cannot encode and decode {r} px images"
+                raise ConfigError(f"model.arch: {what}: {why}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -309,6 +382,31 @@ def find_recipe(name_or_path: str) -> Path:
     return Path(str(resource))
 
 
+def merge_config(cfg: TrainConfig, updates: dict, replace_arch: bool) -> None:
+    """`merge`, with `model.arch` taken out first and merged here: a mapping of a diffusers class's arguments, whose
+    values no type hint describes (building the class checks them). A recipe's arch replaces the one before it
+    (`replace_arch`); an override's keys update it, a null value dropping its key."""
+    model = updates.get("model") if isinstance(updates, dict) else None
+    if not (isinstance(model, dict) and "arch" in model):
+        merge(cfg, updates)
+        return
+    model = dict(model)
+    arch = model.pop("arch")
+    merge(cfg, {**updates, "model": model})
+    if arch is None:
+        cfg.model.arch = None
+        return
+    if not isinstance(arch, dict) or not all(isinstance(k, str) for k in arch):
+        raise ConfigError(f"model.arch: a mapping of argument names to values, got {arch!r}")
+    merged = {} if replace_arch or cfg.model.arch is None else dict(cfg.model.arch)
+    for key, value in arch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    cfg.model.arch = merged
+
+
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults, then the YAML recipe, then the overrides; validated."""
     cfg = TrainConfig()
@@ -318,9 +416,9 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        merge(cfg, data)
+        merge_config(cfg, data, replace_arch=True)
     for text in overrides:
-        merge(cfg, parse_override(text, TrainConfig))
+        merge_config(cfg, parse_override(text, TrainConfig), replace_arch=False)
     return cfg.validate()
 
 

@@ -1,6 +1,7 @@
 """Train an autoencoder with L1 + LPIPS + PatchGAN + KL under Hugging Face Accelerate: our KL / VQ model from a
-preset, or any family of `kl_autoencoder.interface` fine-tuned from `model.init_from` (FLUX.2, DC-AE, Qwen-Image,
-Wan, HunyuanImage, RAE, SD's AutoencoderKL), training the parameter groups `train.trainable` names.
+preset, a new DC-AE or FLUX.2 model (`model.family`, `model.arch`), or any family of `kl_autoencoder.interface`
+fine-tuned from `model.init_from` (FLUX.2, DC-AE, Qwen-Image, Wan, HunyuanImage, RAE, SD's AutoencoderKL), training
+the parameter groups `train.trainable` names (a phase of DC-AE's recipe: the groups of that phase).
 
 One straight-line `main(cfg)`: setup in small helpers above it, then the loop. The same code runs under plain
 `python` on one CPU and under `accelerate launch` on many GPUs. Each batch goes through `TrainStep`
@@ -41,7 +42,7 @@ from kl_ae.common.stream import build_stream, is_stream
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.families.ours import wrap
 from kl_autoencoder.folders import find_diffusers_folder
-from kl_autoencoder.interface import SUPPORTED, LatentAutoencoder, load_autoencoder, read_class_name
+from kl_autoencoder.interface import BUILDABLE, SUPPORTED, LatentAutoencoder, load_autoencoder, read_class_name
 from kl_autoencoder.ldm import load_ldm_checkpoint
 from training import checkpoint, shaping
 from training.align import build_align
@@ -105,24 +106,31 @@ def make_accelerator(cfg: TrainConfig, precision: str) -> Accelerator:
 
 
 def build_autoencoder(cfg: TrainConfig) -> Autoencoder | LatentAutoencoder:
-    """A new autoencoder of `model.preset`, or one loaded from `model.init_from`; a bad file is a ConfigError.
+    """A new autoencoder of `model.preset` (or of `model.family`, from `model.arch`), or one loaded from
+    `model.init_from`, with its own architecture; a bad file is a ConfigError.
 
     Our own model comes as itself (`kl_autoencoder.families.ours.wrap` puts it behind the interface); a folder
-    or hub model of another family (`kl_autoencoder.interface.SUPPORTED`) as its adapter, in training mode.
+    or hub model of another family (`kl_autoencoder.interface.SUPPORTED`), or a new one, as its adapter, in
+    training mode. A run folder means its newest weights (`find_diffusers_folder`): a phase continues the last.
     """
-    path = cfg.model.init_from
+    path, family = cfg.model.init_from, cfg.model.family
     try:
         if path and Path(path).is_file():  # an LDM / SD VAE checkpoint: the architecture is the preset's
             return load_ldm_checkpoint(path, cfg.model.autoencoder_config(), cfg.model.trust_pickle)
         if path:  # a diffusers folder, run or checkpoint: its own architecture
             folder = find_diffusers_folder(path)
-            if SUPPORTED.get(read_class_name(folder)) in ("kl", "vq"):  # its codebook trains as vq.* says
+            name = read_class_name(folder)
+            if family != "ours" and SUPPORTED.get(name) != family:
+                raise ValueError(f"{folder} holds a {name}, not model.family {family}'s {BUILDABLE[family]}")
+            if SUPPORTED.get(name) in ("kl", "vq"):  # its codebook trains as vq.* says
                 return Autoencoder.from_pretrained(folder, vq=cfg.vq).train()
             ae = load_autoencoder(folder)
             ae.module.train()
             return ae
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
+    if family != "ours":  # seeded by the caller: every process builds the same weights
+        return cfg.model.new_autoencoder()
     return Autoencoder(cfg.model.autoencoder_config(), vq=cfg.vq)
 
 

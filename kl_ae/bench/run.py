@@ -3,8 +3,10 @@ our training step against reference-style loops, bf16 against fp32, the default 
 and achieved FLOP/s against a measured GEMM peak (`step.py`); our codec against diffusers' `AutoencoderKL`
 (`codec.py`); the data pipeline against the trainer's consumption, and JPEG shards against a folder (`data.py`);
 tiled decoding (`tiled.py`); on a GPU the largest batch and the fp16 path (`gpu.py`); every autoencoder family
-through kl-ae against its diffusers class (`families.py`). `--device cuda` runs every
-section on the GPU (`device.py`: synchronised timing, peak allocation, MFU against the GPU's bf16 datasheet peak).
+through kl-ae against its diffusers class (`families.py`); the modern formats: DC-AE's architecture against SD's at
+f32, our DC step, the step time and memory of dc-f32c32 and flux2-f8c32 against kl-f8 (`formats.py`).
+`--device cuda` runs every section on the GPU (`device.py`: synchronised timing, peak allocation, MFU against the
+GPU's bf16 datasheet peak).
 
 Every comparison is measured in one process, interleaved (ours, baseline, ours, ...), and reported as a median;
 on a shared machine only the ratios are meaningful. LPIPS runs with a RANDOM VGG backbone (no weights offline):
@@ -22,6 +24,8 @@ from kl_ae.bench.common import NORMS, SECTIONS, BenchConfig
 from kl_ae.bench.data import bench_data_pipeline
 from kl_ae.bench.device import device_info
 from kl_ae.bench.families import bench_families
+from kl_ae.bench.formats import SECTIONS as FORMAT_SECTIONS
+from kl_ae.bench.formats import bench_formats
 from kl_ae.bench.gpu import bench_fp16, bench_maxbatch
 from kl_ae.bench.step import bench_default, bench_optim, bench_peak, bench_train
 from kl_ae.bench.tiled import bench_tiled
@@ -30,9 +34,9 @@ __all__ = ["BenchConfig", "format_table", "run_bench"]
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    unknown = set(cfg.what) - set(SECTIONS)
+    unknown = set(cfg.what) - set(SECTIONS) - set(FORMAT_SECTIONS)
     if unknown:
-        raise ValueError(f"--what: unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
+        raise ValueError(f"--what: unknown section(s) {sorted(unknown)}; choose from {[*SECTIONS, *FORMAT_SECTIONS]}")
     if cfg.precision not in ("fp32", "bf16", "both"):
         raise ValueError(f"--precision: choose fp32, bf16 or both, got {cfg.precision!r}")
     if unknown := set(cfg.tiled_norms) - set(NORMS):
@@ -64,6 +68,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["fp16"] = bench_fp16(cfg)
     if "families" in cfg.what:
         result["families"] = bench_families(cfg)
+    result |= bench_formats(cfg)  # the sections of FORMAT_SECTIONS that cfg.what names
     return result
 
 

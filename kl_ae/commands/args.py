@@ -144,7 +144,8 @@ def add_bench_command(sub) -> None:
     p.add_argument(
         "--what",
         default="train,codec,data,peak,optim",
-        help="comma-separated sections (also: default, tiled, maxbatch, fp16, families)",
+        help="comma-separated sections (also: default, tiled, maxbatch, fp16, families, dc-vs-sd, dc-step, "
+        "formats-step)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu or cuda")
     p.add_argument("--tiled-sizes", default="1024,2048", help="tiled section: output sizes in px, comma-separated")

@@ -8,6 +8,7 @@ applies it, and the parameter groups a fine-tune freezes. `kl_autoencoder.interf
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -21,6 +22,9 @@ from ..diffusers_format import CONFIG_NAME
 
 # the groups a fine-tune may train; "normalization" (statistics, buffers) changes only through set_normalization
 TRAINABLE = ("encoder", "decoder", "decoder_head")
+# groups some families add: the encoder's output projection and the decoder's input projection, which DC-AE's
+# high-resolution latent adaptation (its second phase) trains alone
+PROJECTIONS = ("encoder_out", "decoder_in")
 
 
 class PointPosterior:
@@ -123,16 +127,18 @@ class Adapter:
             raise ValueError(f"{self.class_name} takes images whose sides are multiples of {m}, got {height}x{width}")
 
     def freeze(self, trainable: Iterable[str]) -> None:
-        """Train only the named groups (of TRAINABLE); every other parameter takes no gradient.
+        """Train only the named groups (TRAINABLE, and the PROJECTIONS of the families that have them); every other
+        parameter takes no gradient.
 
         Groups overlap ("decoder_head" is part of "decoder"), so a group is trainable when it is named, whatever
         contains it. Normalization statistics are buffers and never trained here.
         """
         trainable = list(trainable)
-        unknown = sorted(set(trainable) - set(TRAINABLE))
-        if unknown:
-            raise ValueError(f"unknown parameter groups {unknown}; trainable groups are {list(TRAINABLE)}")
         groups = self.param_groups()
+        known = [name for name in groups if name != "normalization"]
+        unknown = sorted(set(trainable) - set(known))
+        if unknown:
+            raise ValueError(f"unknown parameter groups {unknown}; trainable groups are {known}")
         self.module.requires_grad_(False)
         for name in trainable:
             for p in groups[name]:
@@ -212,6 +218,25 @@ class DiffusersAdapter(Adapter):
         self.module.save_pretrained(path, safe_serialization=True)
         write_config_updates(path, self.config.keys(), extra_config, self.class_name)
         return path
+
+
+def constructor_arguments(cls: type) -> list[str]:
+    """The arguments of a diffusers class's constructor: the keys of its config.json."""
+    return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+
+def new_module(cls: type, arch: dict) -> nn.Module:
+    """A new, randomly initialised `cls(**arch)`; ValueError (one line) for an argument the class does not take, or
+    values its constructor rejects (its own asserts and shape checks)."""
+    allowed = constructor_arguments(cls)
+    unknown = sorted(set(arch) - set(allowed))
+    if unknown:
+        raise ValueError(f"{cls.__name__} takes no argument {unknown}; its arguments are {allowed}")
+    try:
+        return cls(**arch)
+    except (AssertionError, ValueError, TypeError, KeyError, IndexError, RuntimeError, ZeroDivisionError) as e:
+        why = " ".join(str(e).split()) or "an assertion of its constructor failed"
+        raise ValueError(f"{cls.__name__} cannot be built from these arguments: {type(e).__name__}: {why}") from None
 
 
 def load_module(cls: type, folder: Path) -> nn.Module:

@@ -2,7 +2,9 @@
 
 The latent is a point, not a distribution: `encode` returns a `PointPosterior` (sample() == mode(), kl() == 0).
 SANA's pipelines scale the latents by `scaling_factor` alone, which its config describes as the inverse of
-the latents' root mean square; `measure_normalization` measures it that way.
+the latents' root mean square; `measure_normalization` measures it that way. `build` makes a new random model of
+any `AutoencoderDC` configuration for training from scratch; besides the usual groups, `encoder_out` (the encoder's
+output projection) and `decoder_in` (the decoder's input projection) are what DC-AE's second phase trains.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .base import ChannelMoments, DiffusersAdapter, PointPosterior, load_module
+from .base import ChannelMoments, DiffusersAdapter, PointPosterior, load_module, new_module, parameters
 
 
 class DC(DiffusersAdapter):
@@ -45,8 +47,21 @@ class DC(DiffusersAdapter):
     def normalization(self) -> dict:
         return {"convention": "z * scaling_factor", "scaling_factor": self.config["scaling_factor"]}
 
+    def param_groups(self) -> dict[str, list[torch.Tensor]]:
+        """The usual groups, and the projections at the latent: the residual shortcuts around them have no weights."""
+        m = self.module
+        return super().param_groups() | {"encoder_out": parameters(m.encoder.conv_out),
+                                         "decoder_in": parameters(m.decoder.conv_in)}  # fmt: skip
+
 
 def load(folder: Path, class_name: str) -> DC:
     from diffusers import AutoencoderDC
 
     return DC(load_module(AutoencoderDC, folder), class_name)
+
+
+def build(arch: dict) -> DC:
+    """A new, randomly initialised `AutoencoderDC(**arch)` (training mode); ValueError for arguments it rejects."""
+    from diffusers import AutoencoderDC
+
+    return DC(new_module(AutoencoderDC, arch), "AutoencoderDC")

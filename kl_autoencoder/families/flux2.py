@@ -3,7 +3,8 @@
 
 The module's forward never runs the BatchNorm; the pipeline (diffusers `Flux2Pipeline._encode_vae_image` and
 its decoding) patchifies the posterior mean to (B, 4C, h/2, w/2) and applies (p - running_mean) /
-sqrt(running_var + batch_norm_eps). `normalize` / `denormalize` do exactly that.
+sqrt(running_var + batch_norm_eps). `normalize` / `denormalize` do exactly that. `build` makes a new random model
+for training from scratch: the statistics are then measured at export, never trained.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module
+from .base import ChannelMoments, DiffusersAdapter, load_module, new_module, parameters
 
 
 class Flux2(DiffusersAdapter):
@@ -93,8 +94,14 @@ class Flux2(DiffusersAdapter):
         return self.module.decoder.conv_norm_out, self.module.decoder.conv_out
 
     def param_groups(self) -> dict[str, list[torch.Tensor]]:
-        bn = self.module.bn
-        return super().param_groups() | {"normalization": [bn.running_mean, bn.running_var]}
+        """The usual groups; the projections at the latent (the encoder's conv_out with quant_conv, post_quant_conv
+        with the decoder's conv_in); the BatchNorm's statistics as normalization."""
+        m = self.module
+        return super().param_groups() | {
+            "encoder_out": parameters(m.encoder.conv_out, m.quant_conv),
+            "decoder_in": parameters(m.post_quant_conv, m.decoder.conv_in),
+            "normalization": [m.bn.running_mean, m.bn.running_var],
+        }
 
     def freeze(self, trainable: Iterable[str]) -> None:
         super().freeze(trainable)
@@ -108,3 +115,10 @@ def load(folder: Path, class_name: str) -> Flux2:
     from diffusers import AutoencoderKLFlux2
 
     return Flux2(load_module(AutoencoderKLFlux2, folder), class_name)
+
+
+def build(arch: dict) -> Flux2:
+    """A new, randomly initialised `AutoencoderKLFlux2(**arch)` (training mode); ValueError for arguments it rejects."""
+    from diffusers import AutoencoderKLFlux2
+
+    return Flux2(new_module(AutoencoderKLFlux2, arch), "AutoencoderKLFlux2")
