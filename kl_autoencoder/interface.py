@@ -81,7 +81,8 @@ class LatentAutoencoder(Protocol):
 
     def normalization(self) -> dict: ...  # {"convention": formula, and its current values}
 
-    # encoder, decoder, decoder_head, normalization; DC-AE and FLUX.2 also encoder_out, decoder_in (PROJECTIONS)
+    # encoder, decoder, decoder_head, normalization; our model, DC-AE and FLUX.2 also encoder_out, decoder_in
+    # (PROJECTIONS)
     def param_groups(self) -> dict[str, list[torch.Tensor]]: ...
 
     def freeze(self, trainable: Iterable[str]) -> None: ...  # only these groups (param_groups') take gradients

@@ -293,7 +293,7 @@ def test_the_formats_bench_at_toy_size():
     a, b = (list(photo_batches(64, 2, 3, seed=1)) for _ in range(2))  # both architectures see the same batches
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     cfg = FormatsConfig(seeds=(0, 1), train_steps=2, train_batch_size=2, resolution=64, eval_resolution=64, steps=1,
-                        repeats=1)  # fmt: skip
+                        repeats=1, compiled=False)  # fmt: skip
     r = bench_dc_vs_sd(cfg)
     assert 0.9 <= r["sd_over_dc_parameters"] <= 1.1 and set(r["per_seed"]) == {"0", "1"}
     diffs = [row["dc_psnr_db"] - row["sd_psnr_db"] for row in r["per_seed"].values()]
@@ -307,3 +307,56 @@ def test_the_formats_bench_at_toy_size():
     # one formats-step measurement, in this process: its heap may already hold the memory, so the rise can be 0 here
     row = step_child("tiny-flux2", 64, 2, "fp32", "cpu", 1, 1)
     assert row["parameters"] > 0 and row["s_per_step"] > 0 and row["peak_mib"] >= row["rise_mib"] >= 0
+
+
+def test_the_ema_weights_carry_the_live_batchnorm_statistics():
+    """A DC decoder with BatchNorm (dc-f64c128's): the EMA averages parameters only, so validation and export must
+    take the running statistics from the live model, not keep the fresh ones of the EMA copy."""
+    import copy
+
+    from training.step import GuardedEMA
+    from training.validation import weights_for_use
+
+    arch = dict(SHORTCUT_DC, decoder_norm_types="batch_norm")
+    live = new_autoencoder("dc-ae", arch)
+    ema_model = copy.deepcopy(live)
+    ema = GuardedEMA(live.module.parameters(), decay=0.9)
+    live.module.train()
+    with torch.no_grad():
+        live.decode(torch.randn(4, 8, 8, 8) * 3 + 1)  # the decoder's BatchNorms measure this batch
+    stats = {n: b for n, b in live.module.named_buffers() if n.endswith("running_mean")}
+    assert stats and all(b.abs().sum() > 0 for b in stats.values())
+    used = weights_for_use(live, ema, ema_model)
+    assert used is ema_model
+    for name, buffer in used.module.named_buffers():
+        assert torch.equal(buffer, dict(live.module.named_buffers())[name]), name
+
+
+@pytest.mark.parametrize("trainable, init_from, kept", [
+    ("decoder", True, True), (["decoder_head"], True, True), (["decoder_in", "decoder_head"], True, True),
+    (["encoder_out", "decoder_in"], True, False),  # DC-AE's phase 2 moves the latents: its scale is measured anew
+    (["encoder"], True, False), ("all", True, False), ("decoder", False, False),
+])  # fmt: skip
+def test_a_release_keeps_the_normalization_only_of_a_frozen_latent(trainable, init_from, kept, tmp_path):
+    import yaml
+
+    from kl_ae.common.release import keeps_latent_space
+
+    saved = {"train": {"trainable": trainable}, "model": {"init_from": "runs/before" if init_from else None}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert keeps_latent_space(tmp_path) is kept
+
+
+def test_our_model_has_the_projections_at_the_latent():
+    from kl_autoencoder import Autoencoder, AutoencoderConfig
+    from kl_autoencoder.families.ours import wrap
+
+    ae = wrap(Autoencoder(AutoencoderConfig(base_channels=8, channel_mult=(1, 2), layers_per_block=1,
+                                            latent_channels=4, norm_num_groups=4)))  # fmt: skip
+    names = state_names(ae)
+    assert names["encoder_out"] == {"encoder.conv_out.weight", "encoder.conv_out.bias", "quant_conv.weight",
+                                    "quant_conv.bias"}  # fmt: skip
+    assert names["decoder_in"] == {"post_quant_conv.weight", "post_quant_conv.bias", "decoder.conv_in.weight",
+                                   "decoder.conv_in.bias"}  # fmt: skip
+    ae.freeze(["encoder_out", "decoder_in"])
+    assert {n for n, p in ae.module.named_parameters() if p.requires_grad} == names["encoder_out"] | names["decoder_in"]

@@ -223,8 +223,8 @@ class TrainSection:
     ema_decay: float = 0.999  # the cap; the decay warms up as 1 - (1 + step)^(-2/3)
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     # the parameter groups that train: all; decoder (SD's ft-EMA / ft-MSE: the latent space stays as it is); or a
-    # list of the autoencoder interface's groups, e.g. [decoder_head] (DC-AE and FLUX.2 also have encoder_out and
-    # decoder_in, the projections at the latent: DC-AE's second phase). The others take no gradient
+    # list of the autoencoder interface's groups, e.g. [decoder_head] (our model, DC-AE and FLUX.2 also have
+    # encoder_out and decoder_in, the projections at the latent: DC-AE's second phase). The others take no gradient
     trainable: (
         Literal["all", "decoder"] | list[Literal["encoder", "decoder", "decoder_head", "encoder_out", "decoder_in"]]
     ) = "all"

@@ -337,7 +337,8 @@ def main(cfg: TrainConfig) -> dict:
     create_run_folder(cfg, accelerator, data)
     if cfg.train.compile:  # after the EMA copy; compiled in place, so state dict names stay the same
         for module in (models.model.autoencoder.encoder, models.model.autoencoder.decoder):
-            module.compile()
+            # static shapes: a recompile with symbolic sizes fails in AutoencoderDC's attention (torch 2.14)
+            module.compile(dynamic=False)
         log("torch.compile: encoder and decoder (compiling during the first steps)")
     train_step, batches, val_dl = prepare_step(cfg, accelerator, models, data, precision == "fp16")
     live = train_step.core.adapter

@@ -25,10 +25,13 @@ from training.trackers import log_image
 def weights_for_use(
     live: LatentAutoencoder, ema: GuardedEMA | None, ema_model: LatentAutoencoder | None
 ) -> LatentAutoencoder:
-    """The EMA weights when EMA is on (copied into `ema_model`), else the live ones."""
+    """The EMA weights when EMA is on (copied into `ema_model`, with the live model's buffers: a BatchNorm's running
+    statistics, which the EMA does not average), else the live ones."""
     if ema is None:
         return live
     ema.copy_to(ema_model.module.parameters())
+    for kept, current in zip(ema_model.module.buffers(), live.module.buffers()):
+        kept.copy_(current)
     return ema_model
 
 

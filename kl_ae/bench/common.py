@@ -41,6 +41,9 @@ class BenchConfig:
     # families section: which families, and the width of their first level (SD's is 128)
     families: tuple[str, ...] = FAMILIES
     family_width: int = 32
+    # dc-vs-sd section: one pair of training runs per seed, and the optimizer steps of each
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train_steps: int = 300
 
 
 def interleaved_times(fns: dict, steps: int, repeats: int) -> dict[str, list[float]]:

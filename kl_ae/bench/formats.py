@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 
@@ -40,9 +41,11 @@ SECTIONS = ("dc-vs-sd", "dc-step", "formats-step")
 @dataclass
 class FormatsConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # dc-vs-sd: one pair of runs per seed
-    train_steps: int = 150  # dc-vs-sd: optimizer steps of each run
+    train_steps: int = 300  # dc-vs-sd: optimizer steps of each run
     train_batch_size: int = 4  # dc-vs-sd: images per step
-    lr: float = 1e-3  # dc-vs-sd: AdamW learning rate, constant
+    # dc-vs-sd: the trainer's default optimizer: AdamW at optim.lr's default, warmed up over optim.warmup_steps'
+    # default, then a cosine decay to 0 at the last step
+    lr: float | None = None  # None: optim.lr's default
     resolution: int = 128  # dc-vs-sd: training crops; the step sections: image size
     eval_resolution: int = 256  # dc-vs-sd: the held-out photographs, center crops
     dc_recipe: str = "tiny-dc"  # the DC architecture of dc-vs-sd and dc-step
@@ -52,6 +55,7 @@ class FormatsConfig:
     precision: str = "both"  # formats-step: fp32 | bf16 | both (bf16 only where the device runs it)
     formats: tuple[str, ...] = ("dc-f32c32", "flux2-f8c32", "kl-f8")  # formats-step: recipes; the last, the baseline
     device: str = "cpu"
+    compiled: bool = True  # dc-step: also our step with train.compile (its compilation untimed)
 
     @classmethod
     def from_bench(cls, cfg: BenchConfig) -> FormatsConfig:
@@ -110,9 +114,11 @@ def new_sd(cfg, seed: int):
     return wrap(Autoencoder(cfg))
 
 
-def trainer_step(ae, device: str, lr: float, precision: str = "fp32", ema: bool = False, **loss):
+def trainer_step(ae, device: str, lr: float, precision: str = "fp32", ema: bool = False, total: int = 0, **loss):
     """A call `step(x)` runs the trainer's step (`training.step.TrainStep`) on `ae` with `loss` (LossConfig fields;
-    the GAN is off: the discriminator never runs), AdamW at `lr`, grad_clip 1.0, the EMA when `ema`."""
+    the GAN is off: the discriminator never runs), AdamW at `lr`, grad_clip 1.0, the EMA when `ema`. With `total`
+    steps, the learning rate follows the trainer's default schedule over them (`training.train.lr_factor`: linear
+    warm-up over optim.warmup_steps' default, cosine to 0); else it stays at `lr`."""
     from kl_ae.bench.step import LocalAccelerator, _disc
     from training.config import LossConfig
     from training.step import AutoencoderWithLoss, GuardedEMA, StepModules, StepSchedule, TrainStep, adamw
@@ -127,7 +133,21 @@ def trainer_step(ae, device: str, lr: float, precision: str = "fp32", ema: bool 
     modules = StepModules(model, disc, acc.prepare_optimizer(opt_g), acc.prepare_optimizer(opt_d), ema=average)
     step = TrainStep(acc, modules, LossConfig(**loss), grad_clip=1.0, fp16=False)
     schedule = StepSchedule()
-    return lambda x: step(x, None, schedule)
+    if not total:
+        return lambda x: step(x, None, schedule)
+    from functools import partial
+
+    from training.config import OptimConfig
+    from training.train import lr_factor
+
+    factor = partial(lr_factor, warmup=OptimConfig().warmup_steps, total=total, schedule="cosine", min_ratio=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt_g, factor)
+
+    def scheduled(x: torch.Tensor) -> None:
+        step(x, None, schedule)
+        scheduler.step()
+
+    return scheduled
 
 
 def plain_step(module: torch.nn.Module, x: torch.Tensor):
@@ -170,11 +190,13 @@ def held_out_photos(resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def held_out_psnr(ae, x: torch.Tensor) -> float:
+    """Mean PSNR (dB) of the reconstructions of images `x` in [-1, 1], as the trainer's validation measures it (on
+    [0, 1])."""
     from kl_ae.common.metrics import psnr
 
     ae.module.eval()
     recon = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
-    return float(psnr(x, recon).mean())
+    return float(psnr((x + 1) / 2, (recon + 1) / 2).mean())
 
 
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
@@ -186,6 +208,8 @@ def paired(a: list[float], b: list[float]) -> dict[str, float]:
 
 def bench_dc_vs_sd(cfg: FormatsConfig) -> dict:
     """Held-out PSNR of DC-AE's architecture and SD's at f32 after the same training, paired over seeds."""
+    from training.config import OptimConfig
+
     _, arch = recipe_arch(cfg.dc_recipe)
     dc = new_dc(arch, 0)
     widths = list(arch.get("encoder_block_out_channels") or dc.config["encoder_block_out_channels"])
@@ -194,12 +218,13 @@ def bench_dc_vs_sd(cfg: FormatsConfig) -> dict:
     if not 0.9 <= count(sd) / count(dc) <= 1.1:
         raise ValueError(f"no SD configuration within 10% of the DC model's {count(dc)} parameters")
     held_out = held_out_photos(cfg.eval_resolution).to(cfg.device)
+    lr, warmup = cfg.lr or OptimConfig().lr, OptimConfig().warmup_steps
     rows, psnr = [], {"dc": [], "sd": []}
     for seed in cfg.seeds:
         row = {"seed": seed}
         for name, build in (("dc", lambda s: new_dc(arch, s)), ("sd", lambda s: new_sd(sd_cfg, s))):
             ae = build(seed).to(cfg.device)
-            step = trainer_step(ae, cfg.device, cfg.lr, **L1_ONLY)
+            step = trainer_step(ae, cfg.device, lr, total=cfg.train_steps, **L1_ONLY)
             seconds = []
             for x in photo_batches(cfg.resolution, cfg.train_batch_size, cfg.train_steps, seed):
                 seconds.append(_timed(step, x.to(cfg.device)))
@@ -213,7 +238,7 @@ def bench_dc_vs_sd(cfg: FormatsConfig) -> dict:
         "sd_parameters": count(sd),
         "sd_over_dc_parameters": count(sd) / count(dc),
         "training": f"{cfg.train_steps} steps x {cfg.train_batch_size} random {cfg.resolution} px crops of the "
-        f"bundled photographs, L1 only, AdamW lr {cfg.lr}",
+        f"bundled photographs, L1 only, AdamW lr {lr}, {warmup} warm-up steps, cosine to 0",
         "held_out": f"{len(held_out)} held-out photographs, {cfg.eval_resolution} px center crops",
         "per_seed": {str(r.pop("seed")): r for r in rows},
         "dc_minus_sd": paired(psnr["dc"], psnr["sd"]),
@@ -251,15 +276,20 @@ def bench_dc_step(cfg: FormatsConfig) -> dict:
     twin = new_dc(arch, 0).module.to(cfg.device)  # the same initial weights, trained by the plain loop
     ours, ours_ema = (trainer_step(new_dc(arch, 0).to(cfg.device), cfg.device, 1e-4, ema=e, **L1_ONLY) for e in (0, 1))
     calls = {"ours": lambda: ours(x), "ours_with_ema": lambda: ours_ema(x), "diffusers_plain": plain_step(twin, x)}
-    s = interleaved(calls, cfg.steps, cfg.repeats)
+    if cfg.compiled:  # train.compile=true: the encoder and decoder compiled as the trainer compiles them
+        compiled = new_dc(arch, 0).to(cfg.device)
+        for module in (compiled.module.encoder, compiled.module.decoder):
+            module.compile(dynamic=False)
+        calls["ours_compiled"] = partial(trainer_step(compiled, cfg.device, 1e-4, **L1_ONLY), x)
+    s = interleaved(calls, cfg.steps, cfg.repeats)  # the compilation happens in the untimed warm-up call
     out = {
         "architecture": f"{cfg.dc_recipe} at {cfg.resolution} px, batch {cfg.batch_size}, fp32, L1 only",
-        "ours_s_per_step": s["ours"],
-        "ours_with_ema_s_per_step": s["ours_with_ema"],
         "diffusers_plain_s_per_step": s["diffusers_plain"],
-        "speedup_vs_diffusers_plain": s["diffusers_plain"] / s["ours"],
-        "speedup_with_ema_vs_diffusers_plain": s["diffusers_plain"] / s["ours_with_ema"],
     }
+    for name in ("ours", "ours_with_ema", "ours_compiled"):
+        if name in s:  # speedup_vs_diffusers_plain, speedup_with_ema_vs_..., speedup_compiled_vs_...
+            out[f"{name}_s_per_step"] = s[name]
+            out[f"speedup{name.removeprefix('ours')}_vs_diffusers_plain"] = s["diffusers_plain"] / s[name]
     modules = {name: new_dc(a, 0).module.to(cfg.device) for name, a in dc_variants(arch).items()}
     sd = sd_config(list(arch["encoder_block_out_channels"]), dc.latent_channels, count(dc))
     modules["sd_same_parameters"] = _diffusers_kl(sd).to(cfg.device)

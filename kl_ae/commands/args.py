@@ -159,6 +159,8 @@ def add_bench_command(sub) -> None:
         help="families section: comma-separated autoencoder families",
     )
     p.add_argument("--family-width", type=int, default=32, help="families section: first-level channels (SD's: 128)")
+    p.add_argument("--seeds", default="0,1,2", help="dc-vs-sd section: comma-separated seeds, one pair of runs each")
+    p.add_argument("--train-steps", type=int, default=300, help="dc-vs-sd section: optimizer steps of each run")
     add_model_arguments(p, required=False)  # codec and tiled sections: a trained KL model, the bundled photographs
     p.add_argument("--json", help="also write the results to this file")
 

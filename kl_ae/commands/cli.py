@@ -144,7 +144,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     if args.preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    for name in ("resolution", "batch_size", "steps", "repeats", "max_batch"):
+    for name in ("resolution", "batch_size", "steps", "repeats", "max_batch", "train_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     what = tuple(w.strip() for w in args.what.split(",") if w.strip())
@@ -156,9 +156,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not sizes or any(v < 1 or v % f for v in sizes):
         raise ConfigError(f"--tiled-sizes: positive multiples of the downsampling factor {f}, got {args.tiled_sizes}")
     norms = tuple(n.strip() for n in args.tiled_norms.split(",") if n.strip())
+    try:
+        seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds: at least one seed")
     fields = dict(preset=args.preset, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
                   tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_norms=norms, model=model_of(args),
-                  max_batch=args.max_batch, family_width=args.family_width,
+                  max_batch=args.max_batch, family_width=args.family_width, seeds=seeds, train_steps=args.train_steps,
                   families=tuple(f.strip() for f in args.families.split(",") if f.strip()))  # fmt: skip
     try:
         device = resolve_device(args.device)

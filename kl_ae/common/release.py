@@ -64,13 +64,14 @@ def held_out_images(run: Path | None, data: str | None, resolution: int, max_ima
 
 def keeps_latent_space(run: Path | None) -> bool:
     """Whether the run fine-tuned a loaded model with its encoder frozen (`model.init_from` with
-    `train.trainable` = decoder or a list without "encoder"): its latents are the loaded model's, so the
-    normalization the loaded model ships stays, as a diffusion model trained on that latent space expects."""
+    `train.trainable` = decoder or a list with neither "encoder" nor "encoder_out"): its latents are the loaded
+    model's, so the normalization the loaded model ships stays, as a diffusion model trained on that latent space
+    expects. A run that trains the encoder's output projection (DC-AE's phase 2) moves the latents: measured anew."""
     if run is None:
         return False
     saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
     trainable = saved.get("train", {}).get("trainable", "all")
-    frozen = trainable == "decoder" or (isinstance(trainable, list) and "encoder" not in trainable)
+    frozen = trainable == "decoder" or (isinstance(trainable, list) and not {"encoder", "encoder_out"} & {*trainable})
     return frozen and bool(saved.get("model", {}).get("init_from"))
 
 

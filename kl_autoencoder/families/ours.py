@@ -92,6 +92,9 @@ class Ours(Adapter):
             "encoder": parameters(m.encoder, m.quant_conv, getattr(m, "quantize", None)),
             "decoder": parameters(m.post_quant_conv, m.decoder),
             "decoder_head": parameters(m.decoder.conv_norm_out, m.decoder.conv_out),
+            # the projections at the latent (DC-AE's second phase trains only these)
+            "encoder_out": parameters(m.encoder.conv_out, m.quant_conv),
+            "decoder_in": parameters(m.post_quant_conv, m.decoder.conv_in),
             "normalization": [],  # scaling_factor / shift_factor live in the config
         }
 
