@@ -84,10 +84,6 @@ def new_dc(arch: dict, seed: int):
     return new_autoencoder("dc-ae", arch)
 
 
-def count(ae) -> int:
-    return sum(p.numel() for p in ae.module.parameters())
-
-
 def sd_config(widths: list[int], latent_channels: int, target: int):
     """SD's architecture (our `Autoencoder`: GroupNorm ResNets, stride-2 convolutions, nearest + conv upsampling,
     mid-block attention, a KL posterior) with as many levels as `widths` and `latent_channels`, its widths `widths`
@@ -135,8 +131,6 @@ def trainer_step(ae, device: str, lr: float, precision: str = "fp32", ema: bool 
     schedule = StepSchedule()
     if not total:
         return lambda x: step(x, None, schedule)
-    from functools import partial
-
     from training.config import OptimConfig
     from training.train import lr_factor
 
@@ -213,10 +207,12 @@ def bench_dc_vs_sd(cfg: FormatsConfig) -> dict:
     _, arch = recipe_arch(cfg.dc_recipe)
     dc = new_dc(arch, 0)
     widths = list(arch.get("encoder_block_out_channels") or dc.config["encoder_block_out_channels"])
-    sd_cfg = sd_config(widths, dc.latent_channels, count(dc))
+    n_dc = dc.parameter_counts()["total"]
+    sd_cfg = sd_config(widths, dc.latent_channels, n_dc)
     sd = new_sd(sd_cfg, 0)
-    if not 0.9 <= count(sd) / count(dc) <= 1.1:
-        raise ValueError(f"no SD configuration within 10% of the DC model's {count(dc)} parameters")
+    n_sd = sd.parameter_counts()["total"]
+    if not 0.9 <= n_sd / n_dc <= 1.1:
+        raise ValueError(f"no SD configuration within 10% of the DC model's {n_dc} parameters")
     held_out = held_out_photos(cfg.eval_resolution).to(cfg.device)
     lr, warmup = cfg.lr or OptimConfig().lr, OptimConfig().warmup_steps
     rows, psnr = [], {"dc": [], "sd": []}
@@ -234,9 +230,9 @@ def bench_dc_vs_sd(cfg: FormatsConfig) -> dict:
     return {
         "dc_architecture": f"{cfg.dc_recipe}: f{dc.spatial_factor}c{dc.latent_channels}, widths {widths}",
         "sd_architecture": f"ours: f{sd.spatial_factor}c{sd.latent_channels}, widths {list(sd_cfg.block_out_channels)}",
-        "dc_parameters": count(dc),
-        "sd_parameters": count(sd),
-        "sd_over_dc_parameters": count(sd) / count(dc),
+        "dc_parameters": n_dc,
+        "sd_parameters": n_sd,
+        "sd_over_dc_parameters": n_sd / n_dc,
         "training": f"{cfg.train_steps} steps x {cfg.train_batch_size} random {cfg.resolution} px crops of the "
         f"bundled photographs, L1 only, AdamW lr {lr}, {warmup} warm-up steps, cosine to 0",
         "held_out": f"{len(held_out)} held-out photographs, {cfg.eval_resolution} px center crops",
@@ -291,7 +287,7 @@ def bench_dc_step(cfg: FormatsConfig) -> dict:
             out[f"{name}_s_per_step"] = s[name]
             out[f"speedup{name.removeprefix('ours')}_vs_diffusers_plain"] = s["diffusers_plain"] / s[name]
     modules = {name: new_dc(a, 0).module.to(cfg.device) for name, a in dc_variants(arch).items()}
-    sd = sd_config(list(arch["encoder_block_out_channels"]), dc.latent_channels, count(dc))
+    sd = sd_config(list(arch["encoder_block_out_channels"]), dc.latent_channels, dc.parameter_counts()["total"])
     modules["sd_same_parameters"] = _diffusers_kl(sd).to(cfg.device)
     s = interleaved({k: plain_step(m, x) for k, m in modules.items()}, cfg.steps, cfg.repeats)
     for name, module in modules.items():
@@ -327,7 +323,7 @@ def step_child(recipe: str, resolution: int, batch: int, precision: str, device:
     step(x)
     peak = peak_memory_mib(device)
     times = [timed(lambda: [step(x) for _ in range(steps)]) / steps for _ in range(repeats)]
-    return {"parameters": count(ae), "s_per_step": statistics.median(times), "peak_mib": peak,
+    return {"parameters": ae.parameter_counts()["total"], "s_per_step": statistics.median(times), "peak_mib": peak,
             "rise_mib": max(peak - before, 0.0)}  # fmt: skip
 
 
