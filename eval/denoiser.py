@@ -9,7 +9,9 @@ The recipe (`RECIPE`, recorded in metrics.json), the same for every model so tha
   schedule); x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t ~ U{0, ..., 999}, eps ~ N(0, I).
 - target: eps (epsilon prediction), mean squared error per latent element.
 - denoiser size, from the latent shape (C, h, w) (`denoiser_size`): patch size 2, doubled while there are more
-  than 256 tokens; width 2 * C * patch^2 rounded up to a multiple of 64, at least 128; 4 blocks; heads of 32.
+  than 256 tokens; width 2 * C * patch^2 rounded up to a multiple of 64, at least 128, at most 512 (with at most
+  256 tokens, the compute budget of a step, whatever the channel count); 4 blocks; heads of 32. Clips' latents
+  (C, t, h, w) are seen as (C * t, h, w): each token a patch over all latent frames.
   A 4x16x16 latent gets 64 tokens of width 128 (1.4 M parameters), 16x32x32 256 tokens of width 128. Why a DiT:
   at equal CPU time (120 s, one thread, 4x16x16 latents of the tiny preset) it reached a slightly lower held-out
   loss than a UNet2DModel of similar cost (block_out_channels (32, 64), attention at 8x8): 0.288 against 0.296.
@@ -57,6 +59,7 @@ RECIPE = {
 }
 LR, WARMUP, CLIP = 3e-4, 50, 1.0
 MAX_TOKENS, HEAD_DIM, DEPTH = 256, 32, 4
+MAX_WIDTH = 512  # with MAX_TOKENS, the compute budget of one probe step
 
 
 def noise_scheduler() -> DDPMScheduler:
@@ -80,6 +83,9 @@ def denoiser_size(shape: tuple[int, int, int]) -> dict:
     while (h // patch) * (w // patch) > MAX_TOKENS and h % (2 * patch) == 0:
         patch *= 2
     width = max(128, math.ceil(2 * c * patch * patch / 64) * 64)
+    # the compute budget: a step costs ~ tokens * width^2 * depth, tokens <= 256 and width <= 512; wide latents
+    # (FLUX.2's 512 normalized channels, video latents with their frames in the channels) must not buy a wider one
+    width = min(width, MAX_WIDTH)
     return {
         "patch_size": patch,
         "width": width,

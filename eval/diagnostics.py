@@ -18,9 +18,9 @@ from kl_ae.common.latent_stats import merge_moments
 
 
 def kl_per_channel(mean: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q(z|x) || N(0, I)) in nats per image and channel, summed over positions, in float64. (B, C)"""
+    """KL(q(z|x) || N(0, I)) in nats per image (clip) and channel, summed over positions, in float64. (B, C)"""
     mean, logvar = mean.double(), logvar.double().clamp(-30.0, 20.0)  # the posterior's clamp
-    return (0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)).sum(dim=(2, 3))
+    return (0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)).flatten(2).sum(-1)
 
 
 def rate_summary(kl: Tensor, positions: Tensor, pixels: Tensor, threshold: float = 0.01) -> dict:
@@ -70,16 +70,17 @@ def collapse_warning(rate: dict, burda: dict) -> str | None:
 
 
 def subsample_positions(z: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-    """k latent vectors per image at random positions of z (B, C, h, w). (B, k, C)
+    """k latent vectors per image at random positions of z (B, C, h, w) or (B, C, t, h, w). (B, k, C)
 
-    Without replacement when h*w >= k, else with, so that every image gives k rows (gatherable).
+    Without replacement when there are >= k positions, else with, so that every image gives k rows (gatherable).
     """
-    b, c, h, w = z.shape
-    flat = z.flatten(2).transpose(1, 2)  # (B, h*w, C)
-    if h * w >= k:
-        idx = torch.stack([torch.randperm(h * w, generator=generator)[:k] for _ in range(b)])
+    b, c = z.shape[:2]
+    flat = z.flatten(2).transpose(1, 2)  # (B, positions, C)
+    n = flat.shape[1]
+    if n >= k:
+        idx = torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(b)])
     else:
-        idx = torch.randint(0, h * w, (b, k), generator=generator)
+        idx = torch.randint(0, n, (b, k), generator=generator)
     return torch.gather(flat, 1, idx.to(z.device)[..., None].expand(b, k, c))
 
 

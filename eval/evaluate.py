@@ -29,12 +29,15 @@ from tqdm.auto import tqdm
 
 from eval import diagnostics as diag
 from eval import report
+from eval.clips import clip_figures, clip_row, clip_summary, fvd_status_for
 from eval.geometry import TRANSFORMS, geometry_row, scale_size
 from eval.geometry import summarize as summarize_geometry
-from eval.models import check_resolution, check_sizes, image_multiple, load_model
+from eval.models import check_frames, check_resolution, check_sizes, image_multiple, load_model, longest_frames
 from kl_ae.common.config import ConfigError
 from kl_ae.common.data import PROTOCOLS, EvalImages, load_images
 from kl_ae.common.fid_stats import load_reference, reference_file, reference_key, save_reference
+from kl_ae.common.frames import is_clip
+from kl_ae.common.fvd import build_i3d
 from kl_ae.common.latent_stats import channel_moments, latent_statistics
 from kl_ae.common.lpips import BACKBONE_FILES, build_lpips, find_backbone, missing_weights_message
 from kl_ae.common.metrics import (
@@ -51,13 +54,16 @@ from kl_ae.common.metrics import (
 )
 from kl_ae.common.release import run_data_config
 from kl_ae.common.runs import find_run
+from kl_ae.common.video import EvalClips, is_video_source, load_clips
 from kl_autoencoder.interface import LatentAutoencoder
 
 
 @dataclass
 class EvalConfig:
     model: str  # a run, checkpoint or diffusers folder of any supported class, or a hub name (REPO[/SUBFOLDER])
-    data: str = "sample"  # a folder (all its images), "sample" or a hub name (their held-out split)
+    # a folder (all its images or videos), a video file, "sample" / "sample-video" or a hub name (their held-out
+    # split); None: a run's own data, its held-out split
+    data: str | None = "sample"
     split: str = "val"  # "sample" or a hub name: "val" (held out) or "train" (the images the recipe trains on)
     out: str | None = None  # default <model>/eval
     resolution: int | None = None  # None: each image at its own size (cropped to a multiple of what the models take)
@@ -67,6 +73,7 @@ class EvalConfig:
     compare: str | None = None  # a second model evaluated on the same images
     lpips: str = "auto"  # required | auto | off
     max_images: int | None = None  # the first N images only
+    frames: int | None = None  # videos: frames per clip (None: the whole video, cut to a length every model takes)
     seed: int = 0  # posterior noise (per process), the prior comparison's subsamples, the split outside a run
     kl_threshold: float = 0.01  # nats per latent element for an active channel / unit
     vectors_per_image: int = 64  # latent vectors kept per image for the MMD and the histograms
@@ -121,24 +128,18 @@ def collect(
         z, z_mode = posterior.sample(gen), posterior.mode()
         x_hat = ae.decode(z if cfg.posterior == "sample" else z_mode)
         a, b = to_unit(x), to_unit(x_hat)
-        ms, reason = ms_ssim(a, b)
-        ms_ssim_reason = ms_ssim_reason or reason
-        n = len(x)
-        row = {
-            "psnr": psnr(a, b),
-            "ssim": ssim(a, b),
-            "mse": mse(a, b),
-            "ms_ssim": ms if ms is not None else torch.full((n,), math.nan, device=x.device),
-            "pixels": torch.full((n,), float(x.shape[2] * x.shape[3]), dtype=torch.float64, device=x.device),
-        }
+        if is_clip(x):  # inception is I3D here (rFVD)
+            row = clip_row(a, b, lpips, inception, real)
+            ms_ssim_reason = "clips: MS-SSIM is not measured"
+        else:
+            row = image_row(a, b, lpips, inception, real)
+            reason = row.pop("ms_ssim_reason")
+            ms_ssim_reason = ms_ssim_reason or reason
         row |= latent_row(ae, posterior, z, cfg, gen)
-        row |= geometry_row(ae.decode, x, z_mode, z, x_hat, ae.spatial_factor, geo_gen, scale_transform(ae, x))
-        if lpips is not None:
-            row["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
-        if inception is not None:
-            if real:
-                row["inception_real"] = inception_features(inception, a)
-            row["inception_fake"] = inception_features(inception, b)
+        # clips: the latent geometry of the first frame, which a causal model encodes alone as an image
+        first = (lambda t: t[:, :, 0]) if is_clip(x) else (lambda t: t)
+        x1, z1, zs1, xh1 = first(x), first(z_mode), first(z), first(x_hat)
+        row |= geometry_row(ae.decode, x1, z1, zs1, xh1, ae.spatial_factor, geo_gen, scale_transform(ae, x1))
         for key, v in accelerator.gather_for_metrics(row).items():
             if key == "code_counts":  # (N, K) per batch would not fit for large codebooks: keep the sum
                 v = v.sum(0, keepdim=True).cpu()
@@ -146,6 +147,28 @@ def collect(
             else:
                 values.setdefault(key, []).append(v.cpu())
     return {k: torch.cat(v) for k, v in values.items()}, ms_ssim_reason
+
+
+def image_row(a: torch.Tensor, b: torch.Tensor, lpips, inception, real: bool) -> dict[str, torch.Tensor]:
+    """Per-image values of one batch of images in [0, 1]: PSNR, SSIM, MSE, MS-SSIM (NaN, and its reason under
+    "ms_ssim_reason", where too small), pixels, LPIPS and Inception features where their networks are given."""
+    n = len(a)
+    ms, reason = ms_ssim(a, b)
+    row = {
+        "psnr": psnr(a, b),
+        "ssim": ssim(a, b),
+        "mse": mse(a, b),
+        "ms_ssim": ms if ms is not None else torch.full((n,), math.nan, device=a.device),
+        "pixels": torch.full((n,), float(a.shape[2] * a.shape[3]), dtype=torch.float64, device=a.device),
+        "ms_ssim_reason": reason,
+    }
+    if lpips is not None:
+        row["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
+    if inception is not None:
+        if real:
+            row["inception_real"] = inception_features(inception, a)
+        row["inception_fake"] = inception_features(inception, b)
+    return row
 
 
 def reconstruction(values: dict[str, torch.Tensor], lpips_status: str, fid_status: str, reason: str, reference):
@@ -170,6 +193,9 @@ def reconstruction(values: dict[str, torch.Tensor], lpips_status: str, fid_statu
     if "inception_fake" in values and n >= 2 and reference is not None:
         rfid = frechet_distance_from_statistics(*reference[:2], *gaussian_statistics(values["inception_fake"]))
         rec["rfid"] = {"available": True, "value": rfid, "num_images": n, "weights": fid_status, "real": reference[2]}
+    elif "psnr_first" in values:  # clips: rFVD instead, from I3D (fid_status is its status)
+        rec["rfid"] = {"available": False, "reason": "clips: see rfvd"}
+        rec |= clip_summary(values, fid_status)
     else:
         why = fid_status if "inception_fake" not in values else "needs at least 2 images"
         rec["rfid"] = {"available": False, "reason": why}
@@ -328,8 +354,9 @@ def load_models(cfg: EvalConfig) -> dict[str, LatentAutoencoder]:
     models = {"model": load_model(cfg.model)}
     if cfg.compare:
         models["compare"] = load_model(cfg.compare, "--compare")
-    if cfg.resolution is not None:
-        for name, ae in models.items():
+    for name, ae in models.items():
+        check_frames(ae, cfg.frames, name)
+        if cfg.resolution is not None:
             check_resolution(ae, cfg.resolution, name)
     return models
 
@@ -345,8 +372,16 @@ def eval_images(cfg: EvalConfig, models: dict[str, LatentAutoencoder]) -> tuple[
     name, or a whole folder."""
     run = find_run(cfg.model) if Path(cfg.model).exists() else None
     run_data, seed = run_data_config(run) if run is not None else (None, cfg.seed)
+    if cfg.data is None:
+        if run_data is None:
+            raise ConfigError("--data: required unless --model is a run folder (whose held-out split is then used)")
+        cfg.data = run_data.source
     own_folder = run_data is not None and same_folder(cfg.data, run_data.source)
     multiple = image_multiple(*models.values())
+    if is_video_source(cfg.data):
+        clips = load_clips(cfg.data, multiple, cfg.resolution, cfg.frames, longest_frames(*models.values()),
+                           cfg.max_images, seed, run_data)  # fmt: skip
+        return clips, {"split_seed": seed, "run": str(run) if run is not None else None, "frames": clips.frames}
     images = load_images(cfg.data, multiple, cfg.split, cfg.resolution, cfg.max_images, seed, own_folder,
                          protocol=cfg.protocol, run_data=run_data)  # fmt: skip
     for name, ae in models.items():
@@ -360,15 +395,19 @@ def measure(cfg: EvalConfig, models: dict, images: EvalImages, accelerator: Acce
     sizes = images.sizes()
     batch_size = cfg.batch_size if len(sizes) == 1 else 1  # different sizes cannot share a batch
     loader = accelerator.prepare(DataLoader(images, batch_size=batch_size, shuffle=False))
+    clips = isinstance(images, EvalClips)
     with accelerator.local_main_process_first():  # one download per machine; the others find it in the cache
         first = accelerator.is_local_main_process
         lpips, lpips_status = lpips_for_eval(cfg.lpips, download=first)
-        inception, fid_status = build_inception(download=first)
+        # clips: I3D for rFVD takes Inception's place (its real side is measured every time, not cached)
+        inception, fid_status = build_i3d(download=first) if clips else build_inception(download=first)
+    if clips:
+        inception, fid_status = fvd_status_for(inception, fid_status, images.frames)
     for module in (lpips, inception, *(ae.module for ae in models.values())):
         if module is not None:
             module.to(accelerator.device).eval()
     fid_key = reference = None
-    if inception is not None:
+    if inception is not None and not clips:
         # every process looks before its first gather; the main process writes only after the last one
         fid_key = reference_key(images, sizes, fid_implementation())
         cached = load_reference(fid_key)
@@ -391,6 +430,12 @@ def write_report(cfg, models, images, results, vectors, out: Path, accelerator: 
     """The figures, report.html and the console summary (main process)."""
     figs: dict[str, dict[str, str]] = {"Reconstructions": {}, "Prior samples (holes)": {}, "Random codes": {}}
     for name, ae in models.items():
+        if isinstance(images, EvalClips):
+            files = clip_figures(ae, images, name, out, cfg.grid_images, cfg.seed, accelerator.device)
+            figs["Reconstructions"][f"{name}: frames of clips, reconstructions, |x - x_hat| x 5"] = files["recon"]
+            figs["Prior samples (holes)"][f"{name}: frames of a clip decoded from N(0, I)"] = files["prior"]
+            figs.setdefault("Videos", {})[f"{name}: input | reconstruction"] = files["video"]
+            continue
         files = figures(ae, images, results[name], name, out, cfg, accelerator.device)
         figs["Reconstructions"][f"{name}: images, reconstructions, |x - x_hat| x 5"] = files["recon"]
         if "prior" in files:

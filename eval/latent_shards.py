@@ -65,12 +65,17 @@ def pixels(value, resolution: int | None, factor: int) -> torch.Tensor:
 
 
 def latent_features(latents: list[np.ndarray]) -> datasets.Features:
-    """float32 latents: a fixed-shape Array3D when all share one shape (one resolution), else nested lists."""
+    """float32 latents: a fixed-shape Array3D (clips' (C, t, h, w): Array4D) when all share one shape (one
+    resolution), else nested lists."""
     shapes = {z.shape for z in latents}
+    rank = len(next(iter(shapes)))
     if len(shapes) == 1:
-        latent = datasets.Array3D(shape=shapes.pop(), dtype="float32")
+        array = datasets.Array4D if rank == 4 else datasets.Array3D
+        latent = array(shape=shapes.pop(), dtype="float32")
     else:
-        latent = datasets.List(datasets.List(datasets.List(datasets.Value("float32"))))
+        latent = datasets.Value("float32")
+        for _ in range(rank):
+            latent = datasets.List(latent)
     return datasets.Features({"latent": latent, "index": datasets.Value("int64"), "path": datasets.Value("string")})
 
 

@@ -32,10 +32,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from eval.latent_shards import encode_stream, latent_features, read_latent_shards
-from eval.models import as_adapter, check_resolution, check_sizes, device_of, load_model
+from eval.models import as_adapter, check_frames, check_resolution, check_sizes, device_of, load_model
 from kl_ae.common.config import ConfigError, DataConfig
 from kl_ae.common.crops import CropGrid, GridCrops
 from kl_ae.common.data import EvalImages, load_images, trainer_split
+from kl_ae.common.video import ClipCrops, EvalClips, is_video_source, load_clips, write_video
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.interface import LatentAutoencoder
 
@@ -115,8 +116,12 @@ def encode_dataset(
     per_shard: int = 1000,
     streaming: bool = False,
     run_data: DataConfig | None = None,
+    frames: int | None = None,
 ) -> Path:
     """Encode `data` (a folder: all its images; "sample" or a hub name: its held-out split) into `out`.
+
+    Videos (a folder of them, a video file, "sample-video"): one latent (C, t, h, w) per video, of its first
+    `frames` frames (default: all, cut to the longest length the model takes); frame count and rate are recorded.
 
     `split` ("train" | "val"): that split of the trainer's split of `data` (seeded by `split_seed`, with the split
     settings of `run_data`, the run's data section: `kl_ae.common.data.trainer_split`), folders included. `grid`:
@@ -139,6 +144,24 @@ def encode_dataset(
     if stream:
         args = (resolution, batch_size, sample, seed, fmt or "parquet", per_shard)
         return encode_stream(ae, data, out, settings, accelerator, *args)
+    if is_video_source(data):
+        check_frames(ae, frames)
+        clips = load_clips(data, ae.image_multiple, None if grid else resolution, frames, ae.longest_frames,
+                           max_images, split_seed, run_data, split or "val")  # fmt: skip
+        if grid is not None:  # windows of each video, each cut by the crop grid
+            clips = ClipCrops(clips, grid, resolution)
+        check_sizes(ae, clips.sizes())
+        videos = clips if isinstance(clips, EvalClips) else clips.clips
+        settings |= {"frames": videos.frames, "fps": dict(zip(videos.paths(), videos.fps_list())),
+                     "temporal_factor": ae.temporal_factor, "num_videos": len(videos),
+                     "num_latents": len(clips)}  # fmt: skip
+        # long clips through the class's chunks and tiles, so memory does not grow with length (exact for Wan's
+        # causal cache; blended windows for HunyuanVideo, LTX and CogVideoX, recorded below)
+        if videos.frames > 2 * ae.temporal_factor:
+            ae.tiling(True)
+            settings["chunked"] = True
+        write_latents(ae, clips, out, settings, accelerator, batch_size, sample, seed)
+        return out
     images = load_images(data, ae.image_multiple, split or "val", resolution, max_images, split_seed,
                          split is not None, run_data=run_data)  # fmt: skip
     check_sizes(ae, images.sizes())
@@ -149,12 +172,16 @@ def encode_dataset(
     return out
 
 
-def write_latents(ae: LatentAutoencoder, images: EvalImages | GridCrops, out: Path, settings: dict,
-                  accelerator: Accelerator, batch_size: int, sample: bool, seed: int) -> None:  # fmt: skip
+def write_latents(ae: LatentAutoencoder, images: EvalImages | GridCrops | EvalClips | ClipCrops, out: Path,
+                  settings: dict, accelerator: Accelerator, batch_size: int, sample: bool,
+                  seed: int) -> None:  # fmt: skip
     """Each process's shard of the images as `<out>.shards/shard_<rank>` (kept when it is there), then the main
     process's concatenation into `out`, with latents_config.json written last (it marks completion)."""
-    rows = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
-    paths = [rows[images.row(i)] for i in range(len(images))]
+    if isinstance(images, (EvalClips, ClipCrops)):
+        paths = images.paths()
+    else:
+        rows = [v.get("path") if isinstance(v, dict) else v for v in images.table[images.column]]
+        paths = [rows[images.row(i)] for i in range(len(images))]
     shards = out.parent / f".{out.name}.shards"
     rank, world = accelerator.process_index, accelerator.num_processes
     shard_dir = shards / f"shard_{rank:05d}"
@@ -191,7 +218,8 @@ def encode_rows(ae: LatentAutoencoder, images, paths: list, indices: range, batc
     for i, x in zip(range(0, len(indices), bs), DataLoader(Subset(images, indices), batch_size=bs)):
         posterior = ae.encode(x.to(device))
         z = posterior.sample(gen) if sample else posterior.mode()
-        for j, latent in enumerate(ae.normalize(z.float()).cpu().numpy()):  # (C, h, w) each (FLUX.2: (4C, ...))
+        # (C, h, w) each (FLUX.2: (4C, ...)); clips (C, t, h, w)
+        for j, latent in enumerate(ae.normalize(z.float()).cpu().numpy()):
             rows["latent"].append(latent)
             rows["index"].append(indices[i + j])
             rows["path"].append(paths[indices[i + j]])
@@ -257,13 +285,17 @@ def decode_latents(model: LatentAutoencoder | Autoencoder, table: datasets.Datas
 
 
 def decode_dataset(model_path: str, latents: str | Path, out: str | Path, batch_size: int = 8) -> Path:
-    """Write every latent of an `encode_dataset` folder back to `out/<index>_<name>.png`."""
+    """Write every latent of an `encode_dataset` folder back to `out/<index>_<name>.png` (clips: `.mp4`)."""
     ae = load_model(model_path)
     table, settings = read_latents(latents)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    fps = settings.get("fps") or {}  # frame rate per video path
     for index, path, image in decode_latents(ae, table, settings, batch_size):
         name = f"{index:06d}" + (f"_{Path(path).stem}" if path else "")
+        if image.dim() == 4:  # a clip (3, T, H, W): a video at the rate it was read
+            write_video(out / f"{name}.mp4", image.clamp(-1, 1), fps.get(path, 8.0))
+            continue
         pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(out / f"{name}.png")
     return out

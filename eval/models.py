@@ -58,3 +58,27 @@ def check_sizes(ae: LatentAutoencoder, sizes: set[tuple[int, int]], who: str = "
             ae.check_size(h, w)
         except ValueError as e:
             raise ConfigError(f"--data: the {who}: {e}; bring the images to one size with --resolution N") from None
+
+
+def longest_frames(*models: LatentAutoencoder):
+    """n -> the longest clip length <= n that every model takes (causal video models: 1 + k * their factor)."""
+
+    def longest(n: int) -> int:
+        for m in range(n, 0, -1):
+            if all(ae.longest_frames(m) == m for ae in models):
+                return m
+        raise ConfigError(f"--frames: no clip length <= {n} is taken by every model")
+
+    return longest
+
+
+def check_frames(ae: LatentAutoencoder, frames: int | None, who: str = "model") -> None:
+    """ConfigError (one line, naming `--frames`) when the model cannot take clips of `frames` frames."""
+    if frames is None:
+        return
+    if frames < 1:
+        raise ConfigError(f"--frames: must be >= 1, got {frames}")
+    try:
+        ae.check_frames(frames)
+    except ValueError as e:
+        raise ConfigError(f"--frames: the {who}: {e}") from None

@@ -44,13 +44,14 @@ from accelerate import Accelerator
 from eval import denoiser as dn
 from eval import probe_report
 from eval.latents import encode_dataset, read_latents, recorded_normalization, use_normalization
-from eval.models import check_resolution, device_of, image_multiple, load_model
+from eval.models import check_frames, check_resolution, device_of, image_multiple, load_model, longest_frames
 from kl_ae.common.config import ConfigError, DataConfig
 from kl_ae.common.crops import CropGrid, GridCrops
 from kl_ae.common.data import load_images, trainer_split
 from kl_ae.common.metrics import build_inception, frechet_distance, inception_features, to_unit
 from kl_ae.common.release import run_data_config
 from kl_ae.common.runs import find_run
+from kl_ae.common.video import ClipCrops, is_video_source, load_clips
 from kl_autoencoder import find_diffusers_folder
 from kl_autoencoder.interface import LatentAutoencoder
 
@@ -74,10 +75,11 @@ class ProbeConfig:
     crops: int = 4  # k: a k x k grid of crops per image, each also mirrored
     max_images: int | None = None  # at most N images per split
     eval_every: int | None = None  # steps between held-out evaluations; None: steps // 8
+    frames: int | None = None  # videos: frames per clip (None: the shortest video, cut to what the models take)
 
 
 def _check(cfg: ProbeConfig) -> None:
-    for key in ("steps", "batch_size", "crops", "max_images", "eval_every", "resolution", "resize"):
+    for key in ("steps", "batch_size", "crops", "max_images", "eval_every", "resolution", "resize", "frames"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {value}")
@@ -123,11 +125,11 @@ def encode_split(cfg: ProbeConfig, path: str, crops: Crops, split: str, folder: 
     expect = {"model": str(path), "data": cfg.data, "resolution": resolution, "seed": cfg.seed, "split": split,
               "split_seed": split_seed, "max_images": cfg.max_images,
               "split_config": {k: getattr(split_cfg, k) for k in ("val_fraction", "val_max", "val_source")},
-              "crops": {"k": grid.k, "resize": grid.resize, "hflip": grid.hflip}}  # fmt: skip
+              "crops": {"k": grid.k, "resize": grid.resize, "hflip": grid.hflip}, "frames": cfg.frames}  # fmt: skip
     weights = max(f.stat().st_mtime for f in find_diffusers_folder(path).iterdir())
     if accelerator.is_main_process and (folder / "latents_config.json").is_file():
         settings = read_latents(folder)[1]
-        stale = any(settings.get(k) != v for k, v in expect.items())
+        stale = any(settings.get(k) != v for k, v in expect.items() if k != "frames" or v is not None)
         if stale or (folder / "latents_config.json").stat().st_mtime < weights:
             accelerator.print(f"{folder}: other settings or newer weights; encoding again")
             shutil.rmtree(folder)
@@ -135,14 +137,17 @@ def encode_split(cfg: ProbeConfig, path: str, crops: Crops, split: str, folder: 
     try:
         return encode_dataset(path, cfg.data, folder, resolution, batch_size=16, sample=True, seed=cfg.seed,
                               split=split, grid=grid, max_images=cfg.max_images, split_seed=split_seed,
-                              run_data=run_data)  # fmt: skip
+                              run_data=run_data, frames=cfg.frames)  # fmt: skip
     except ConfigError as e:
         raise ConfigError(f"{e} (probe of {path}, {split} split)") from None
 
 
 def load_latents(folder: Path) -> tuple[torch.Tensor, dict]:
+    """(the latents (N, C, h, w), the settings); clips' (N, C, t, h, w) as (N, C * t, h, w): the denoiser's tokens
+    are patches over all latent frames (`eval.denoiser`)."""
     table, settings = read_latents(folder)
-    return torch.from_numpy(np.array(table.with_format("numpy")["latent"])), settings  # (N, C, h, w), a copy
+    latents = torch.from_numpy(np.array(table.with_format("numpy")["latent"]))  # a copy
+    return latents.flatten(1, 2) if latents.dim() == 5 else latents, settings
 
 
 @torch.no_grad()
@@ -184,8 +189,12 @@ def normalise(ae: LatentAutoencoder, train: torch.Tensor, heldout: torch.Tensor,
     return train, heldout, record
 
 
-def split_images(cfg: ProbeConfig, crops: Crops, factor: int, split: str) -> GridCrops:
-    """The crops of one split ("train" or "val") of the trainer's split of `cfg.data`."""
+def split_images(cfg: ProbeConfig, crops: Crops, factor: int, split: str, longest=None) -> GridCrops | ClipCrops:
+    """The crops of one split ("train" or "val") of the trainer's split of `cfg.data` (videos: of their windows)."""
+    if is_video_source(cfg.data):
+        clips = load_clips(cfg.data, factor, None, cfg.frames, longest, cfg.max_images, crops.split_seed,
+                           crops.run_data, split)  # fmt: skip
+        return ClipCrops(clips, crops.grid, crops.resolution)
     images = load_images(cfg.data, factor, split, crops.resolution, cfg.max_images, crops.split_seed, True,
                          run_data=crops.run_data)  # fmt: skip
     return GridCrops(images, crops.grid)
@@ -198,15 +207,19 @@ def held_out_images(cfg: ProbeConfig, crops: Crops, factor: int, n: int) -> torc
 
 
 @torch.no_grad()
-def decode(ae: LatentAutoencoder, latents: torch.Tensor, factors: dict) -> torch.Tensor:
+def decode(ae: LatentAutoencoder, latents: torch.Tensor, factors: dict, frames: int | None = None) -> torch.Tensor:
     """The probe's latents (n, C, h, w) -> images in [0, 1] (n, 3, H, W), in batches of 16: back to the stored
-    latents (undoing the probe's rescale), then the family's denormalize and decode."""
+    latents (undoing the probe's rescale), then the family's denormalize and decode. `frames`: clips' latents with
+    that many latent frames in the channels, shown by the middle frame of each decoded clip."""
     out, rescale = [], factors["rescale"]
     for x in latents.split(16):
         stored = x.to(device_of(ae))
         if rescale is not None:
             stored = stored / rescale["scale"] + rescale["shift"]
-        out.append(to_unit(ae.decode(ae.denormalize(stored))).cpu())
+        if frames:
+            stored = stored.unflatten(1, (-1, frames))  # (n, C, t, h, w)
+        image = ae.decode(ae.denormalize(stored))
+        out.append(to_unit(image[:, :, image.shape[2] // 2] if frames else image).cpu())
     return torch.cat(out)
 
 
@@ -217,7 +230,8 @@ def plan(cfg: ProbeConfig, paths: dict[str, str]) -> Crops:
     crops = crop_settings(cfg, paths["model"], models["model"])
     for tag, ae in models.items():
         check_resolution(ae, crops.resolution, tag)
-    n = len(split_images(cfg, crops, image_multiple(*models.values()), "train"))
+        check_frames(ae, cfg.frames, tag)
+    n = len(split_images(cfg, crops, image_multiple(*models.values()), "train", longest_frames(*models.values())))
     if n < cfg.batch_size:
         raise ConfigError(f"--batch-size: {cfg.batch_size} is more than the {n} training latents")
     return crops
@@ -231,6 +245,7 @@ def probe_one(cfg: ProbeConfig, path: str, crops: Crops, tag: str, out: Path, ac
         s: encode_split(cfg, path, crops, s, out / "latents" / f"{tag}_{s}", accelerator) for s in ("train", "val")
     }
     (train, settings), (heldout, _) = load_latents(folders["train"]), load_latents(folders["val"])
+    frames = None if "frames" not in settings else 1 + (settings["frames"] - 1) // ae.temporal_factor
     use_normalization(ae, recorded_normalization(settings))  # decode as the latents were written
     train, heldout, factors = normalise(ae, train, heldout, settings)
     encoded = time.perf_counter()
@@ -272,12 +287,13 @@ def probe_one(cfg: ProbeConfig, path: str, crops: Crops, tag: str, out: Path, ac
     if accelerator.is_main_process:
         n = min(len(heldout), MAX_FID_SAMPLES) if inception is not None else GRID_SAMPLES
         n = max(n, GRID_SAMPLES)
-        samples = decode(ae, dn.sample(denoiser, tuple(train.shape[1:]), n, cfg.seed, accelerator.device), factors)
-        reference = decode(ae, heldout[:8], factors)  # reconstructions of held-out latents
+        noise = dn.sample(denoiser, tuple(train.shape[1:]), n, cfg.seed, accelerator.device)
+        samples = decode(ae, noise, factors, frames)
+        reference = decode(ae, heldout[:8], factors, frames)  # reconstructions of held-out latents
         probe_report.save_samples(reference, samples[:GRID_SAMPLES], out / f"samples_{tag}.png")
         result["samples"] = f"samples_{tag}.png"
-        if inception is None:
-            result["fid"] = {"available": False, "reason": fid_status}
+        if inception is None or frames:
+            result["fid"] = {"available": False, "reason": "clips: no FID of frames" if frames else fid_status}
         else:
             real = held_out_images(cfg, crops, ae.image_multiple, len(heldout))
             k = min(len(real), len(samples))

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.models import load_model
+from eval.models import check_frames, load_model
 from kl_ae.common.config import ConfigError
-from kl_ae.common.images import to_rgb
+from kl_ae.common.images import DECODE_ERRORS, reason, to_rgb
+from kl_ae.common.video import VIDEO_SUFFIXES, read_video, write_video
 from kl_autoencoder.interface import LatentAutoencoder
 from kl_autoencoder.tiling import decode_tiled, encode_tiled
 
@@ -64,9 +65,13 @@ def codec(ae: LatentAutoencoder, x: torch.Tensor, tile: int | None) -> torch.Ten
         raise ConfigError(f"--tile: {e}") from None
 
 
-def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) -> Path:
-    """Encode and decode one image (posterior mean), tiled when `tile` is given; writes a PNG."""
+def reconstruct(image: str, model_path: str, out: str, tile: int | None = None, frames: int | None = None) -> Path:
+    """Encode and decode one image (posterior mean), tiled when `tile` is given; writes a PNG. A video: its first
+    `frames` frames (default: all, cut to the longest length the model takes), written as a side-by-side video
+    (input | reconstruction) at the input's frame rate."""
     ae = load_model(model_path)
+    if Path(image).suffix.lower() in VIDEO_SUFFIXES:
+        return reconstruct_video(image, ae, out, tile, frames)
     m = ae.image_multiple
     with Image.open(image) as img:
         img = to_rgb(img)
@@ -84,3 +89,31 @@ def reconstruct(image: str, model_path: str, out: str, tile: int | None = None) 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(out, format="PNG")
     return Path(out)
+
+
+def reconstruct_video(video: str, ae: LatentAutoencoder, out: str, tile: int | None, frames: int | None) -> Path:
+    """`reconstruct` of a video file: the clip and its reconstruction side by side, as .mp4 (or .gif)."""
+    check_frames(ae, frames)
+    try:
+        clip, fps = read_video(video, max_frames=frames)  # uint8 (3, T, H, W)
+    except DECODE_ERRORS as e:
+        raise ConfigError(f"{video}: cannot be read as a video ({reason(e)})") from None
+    t = clip.shape[1]
+    if frames is not None and t < frames:
+        raise ConfigError(f"--frames: {video} has {t} frames, fewer than {frames}")
+    t = ae.longest_frames(t)
+    m = ae.image_multiple
+    h, w = clip.shape[2] // m * m, clip.shape[3] // m * m
+    try:
+        ae.check_size(h, w)
+    except ValueError as e:
+        raise ConfigError(f"{video}: {e}") from None
+    x = clip[None, :, :t, :h, :w].float() / 127.5 - 1.0  # (1, 3, T, H, W)
+    if tile:
+        ae.tiling(True)  # long clips and large frames through the class's own chunks and tiles
+    with torch.no_grad():
+        y = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, torch.cat([x[0], y[0]], dim=-1), fps)  # input | reconstruction
+    return path

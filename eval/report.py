@@ -218,6 +218,10 @@ TABLE_ROWS = [
     ("MS-SSIM", ("reconstruction", "ms_ssim")),
     ("LPIPS", ("reconstruction", "lpips")),
     ("rFID", ("reconstruction", "rfid")),
+    ("clips: PSNR of the first frame (dB)", ("reconstruction", "psnr_first_frame")),
+    ("clips: PSNR of the other frames (dB)", ("reconstruction", "psnr_rest")),
+    ("clips: PSNR of frame differences (dB, flicker)", ("reconstruction", "temporal_psnr")),
+    ("clips: rFVD (I3D)", ("reconstruction", "rfvd")),
     ("MSE", ("reconstruction", "mse")),
     ("KL (nats / image)", ("rate", "kl_nats_per_image")),
     ("rate (bits / latent element)", ("rate", "bits_per_latent_element")),
@@ -282,11 +286,16 @@ def _lookup(result: dict, keys: tuple[str, ...]):
 def images(files: dict[str, str]) -> str:
     """A row of captioned figures, {caption: png file name relative to the report}."""
     cells = "".join(
-        f'<figure><img src="{html.escape(f)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption>'
-        "</figure>"
-        for name, f in files.items()
+        f"<figure>{_media(f, name)}<figcaption>{html.escape(name)}</figcaption></figure>" for name, f in files.items()
     )
     return f'<div class="row">{cells}</div>'
+
+
+def _media(file: str, name: str) -> str:
+    """An <img> for a picture, a looping <video> for a clip (mp4)."""
+    if file.endswith(".mp4"):
+        return f'<video src="{html.escape(file)}" controls loop muted></video>'
+    return f'<img src="{html.escape(file)}" alt="{html.escape(name)}">'
 
 
 def write_html(path: Path, header: dict, results: dict[str, dict], figures: dict[str, dict[str, str]]) -> None:

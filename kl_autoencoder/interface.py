@@ -2,10 +2,13 @@
 
 `load_autoencoder(path)` reads the folder's `config.json` `_class_name` and returns the family's adapter
 (`kl_autoencoder/families/`): our own KL / VQ model for `AutoencoderKL` / `VQModel`, thin wrappers of diffusers'
-classes for the others. Every adapter takes images (B, 3, H, W) in [-1, 1] and gives raw latents (B, C, h, w);
-`normalize` turns those into exactly what the family's diffusion pipeline feeds its transformer (its shape
-included: FLUX.2's are patchified to (B, 4C, h/2, w/2)). `new_autoencoder(family, arch)` builds a new random model
-of a diffusers family (DC-AE, FLUX.2) from its class's constructor arguments, for training from scratch.
+classes for the others. Every adapter takes images (B, C, H, W) and clips (B, C, T, H, W) in [-1, 1] and gives raw
+latents (B, C', h, w) and (B, C', t, h, w): a causal video family (`is_video`) takes clips of 1 + k *
+`temporal_factor` frames (`check_frames`) whole and an image as a one-frame clip; an image family takes a clip frame
+by frame (t = T). `normalize` turns raw latents into exactly what the family's diffusion pipeline feeds its
+transformer (its shape included: FLUX.2's are patchified to (B, 4C, h/2, w/2)). `new_autoencoder(family, arch)`
+builds a new random model of a diffusers family (DC-AE, FLUX.2, Wan, LTX-Video) from its class's constructor
+arguments, for training from scratch.
 """
 
 from __future__ import annotations
@@ -32,10 +35,16 @@ SUPPORTED = {
     "AutoencoderKLWan": "wan",
     "AutoencoderKLHunyuanImage": "hunyuan-image",
     "AutoencoderRAE": "rae",
+    "AutoencoderKLHunyuanVideo": "hunyuan-video",
+    "AutoencoderKLHunyuanVideo15": "hunyuan-video-1.5",
+    "AutoencoderKLLTXVideo": "ltx-video",
+    "AutoencoderKLLTX2Video": "ltx2-video",
+    "AutoencoderKLCogVideoX": "cogvideox",
 }
 
 # family -> the diffusers class `new_autoencoder` builds: the families a run trains from scratch (`model.family`)
-BUILDABLE = {"dc-ae": "AutoencoderDC", "flux2": "AutoencoderKLFlux2"}
+BUILDABLE = {"dc-ae": "AutoencoderDC", "flux2": "AutoencoderKLFlux2", "wan": "AutoencoderKLWan",
+             "ltx-video": "AutoencoderKLLTXVideo"}  # fmt: skip
 
 __all__ = ["BUILDABLE", "PROJECTIONS", "SUPPORTED", "TRAINABLE", "LatentAutoencoder", "PointPosterior",
            "load_autoencoder", "new_autoencoder"]  # fmt: skip
@@ -46,12 +55,18 @@ class LatentAutoencoder(Protocol):
     """What every family adapter provides. Posteriors have .mean, .mode(), .sample(generator), .kl() (B,) and
     .logvar (None for a point posterior: deterministic families, where sample() == mode() and kl() == 0)."""
 
-    family: str  # "kl", "vq", "flux2", "dc-ae", "qwen-image", "wan", "hunyuan-image", "rae"
+    family: str  # "kl", "vq", "flux2", "dc-ae", "qwen-image", "wan", "hunyuan-image", "rae", "hunyuan-video", ...
     class_name: str  # the diffusers class it loads from and saves as
     module: nn.Module  # the underlying module: what training prepares, moves and puts in train() mode
+    # a causal video model taking clips (B, C, T, H, W) natively (Wan, Qwen-Image's class, HunyuanVideo, LTX-Video,
+    # CogVideoX); False: an image model, which takes a clip frame by frame
+    is_video: bool
 
     @property
     def spatial_factor(self) -> int: ...  # image pixels per raw latent position, per side
+
+    @property
+    def temporal_factor(self) -> int: ...  # frames per latent frame after the first; 1 for image families
 
     @property
     def latent_channels(self) -> int: ...  # channels of the raw latent z
@@ -67,13 +82,23 @@ class LatentAutoencoder(Protocol):
 
     def check_size(self, height: int, width: int) -> None: ...  # ValueError, one line, for a size it cannot take
 
-    def encode(self, x: torch.Tensor): ...  # (B, 3, H, W) in [-1, 1] -> posterior over (B, C, H/f, W/f)
+    def check_frames(self, n: int) -> None: ...  # ValueError, one line naming the clip lengths it takes
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor: ...  # raw latents -> (B, 3, H, W), about [-1, 1]
+    def longest_frames(self, n: int) -> int: ...  # the longest clip length <= n it takes (n for image families)
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor: ...  # raw latents -> the pipeline's latents
+    # (B, C, H, W) in [-1, 1] -> posterior over (B, C', H/f, W/f); (B, C, T, H, W) -> over (B, C', t, H/f, W/f),
+    # t = 1 + (T - 1) / temporal_factor (T for an image family, frame by frame)
+    def encode(self, x: torch.Tensor): ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor: ...  # raw latents, 4-D or 5-D -> images or clips, about [-1, 1]
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor: ...  # raw latents (4-D or 5-D) -> the pipeline's latents
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor: ...  # the inverse
+
+    # memory-bounded encode / decode of long clips and large frames through the class's own mechanisms (each family
+    # says whether that is exact or blended); off: one pass
+    def tiling(self, on: bool = True) -> None: ...
 
     def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict: ...  # raw latents -> updates
 
@@ -120,6 +145,12 @@ def load_autoencoder(path: str | Path, subfolder: str | None = None) -> LatentAu
         from .families import hunyuan as family
     elif name == "AutoencoderRAE":
         from .families import rae as family
+    elif name in ("AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15"):
+        from .families import hunyuan_video as family
+    elif name in ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video"):
+        from .families import ltx_video as family
+    elif name == "AutoencoderKLCogVideoX":
+        from .families import cogvideox as family
     else:
         raise ValueError(f"{folder}: _class_name {name!r} is not supported; supported: {', '.join(SUPPORTED)}")
     return family.load(folder, name)
@@ -134,6 +165,10 @@ def new_autoencoder(family: str, arch: dict | None = None) -> LatentAutoencoder:
         from .families import dc as module
     elif family == "flux2":
         from .families import flux2 as module
+    elif family == "wan":
+        from .families import qwen_wan as module
+    elif family == "ltx-video":
+        from .families import ltx_video as module
     else:
         raise ValueError(f"no new {family!r} autoencoder can be built; families built from scratch: {list(BUILDABLE)}")
     return module.build(dict(arch or {}))

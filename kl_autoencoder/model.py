@@ -24,11 +24,12 @@ from .quantize import Latents, QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 
 class DiagonalGaussian:
-    """Posterior q(z|x) = N(mean, diag(var)) from the encoder's moments (B, 2L, h, w)."""
+    """Posterior q(z|x) = N(mean, diag(var)) from the encoder's moments (B, 2L, h, w), or (B, 2L, t, h, w) for a
+    video autoencoder's clips."""
 
     def __init__(self, moments: torch.Tensor):
         self.moments = moments
-        self.mean, logvar = torch.chunk(moments, 2, dim=1)  # (B, L, h, w) each
+        self.mean, logvar = torch.chunk(moments, 2, dim=1)  # (B, L, h, w) or (B, L, t, h, w) each
         # as LDM: keeps exp() finite early in training and for untrained encoders
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
@@ -46,8 +47,9 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) in closed form, summed over (C, H, W): shape (B,)."""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        """KL(q || N(0, I)) in closed form, summed over every dim but the batch ((C, h, w) or (C, t, h, w)): (B,)."""
+        dims = list(range(1, self.mean.dim()))
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
 
 
 class Checkpointable(nn.Module):

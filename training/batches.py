@@ -44,7 +44,8 @@ class EpochBatches:
 
 
 class StreamBatches:
-    """This process's share of a stream (`kl_ae.common.stream.StreamImages`) through a StatefulDataLoader."""
+    """This process's share of a stream (`kl_ae.common.stream.StreamImages`, or `StreamClips` of videos) through a
+    StatefulDataLoader."""
 
     def __init__(self, dataset, cfg: DataConfig, device: torch.device, processes: int, seed: int):
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -69,7 +70,7 @@ class StreamBatches:
         if count == 0 and not self.resumed:  # a whole epoch gave nothing: the next would neither
             raise ConfigError(
                 f"data.source: this process's share of the stream has fewer than data.batch_size "
-                f"({self.loader.batch_size}) usable images per DataLoader worker; see skipped.txt"
+                f"({self.loader.batch_size}) usable images (clips) per DataLoader worker; see skipped.txt"
             )
         self.resumed = False
         self.number += 1

@@ -125,6 +125,8 @@ class LossConfig:
     lpips_net: Literal["vgg", "alex"] = "alex"  # AlexNet costs a quarter of VGG16 here; the full-size recipes use vgg
     lpips_weights: str | None = None  # explicit path to the torchvision backbone file
     lpips_autocast: bool = False  # run LPIPS in the step's bf16/fp16 (faster) instead of fp32 (more exact)
+    # clips: LPIPS on this many frames of each clip, drawn at random each step (0: every frame); bounds its memory
+    lpips_frames: int = 0
     learn_logvar: bool = False  # learn the decoder's output log-variance (sigma_x^2), LDM's `logvar`
     logvar_init: float = 0.0  # the initial (or, without learn_logvar, fixed) output log-variance
     kl_weight: float = 1e-6  # beta; relative to the reduction below
@@ -163,7 +165,7 @@ class LossConfig:
         unknown = [t for t in self.eq_transforms if t not in TRANSFORMS]
         if unknown or not self.eq_transforms:
             raise ConfigError(f"loss.eq_transforms: a non-empty list from {list(TRANSFORMS)}, got {self.eq_transforms}")
-        for key in ("kl_anneal_steps", "disc_start", "disc_ramp"):
+        for key in ("kl_anneal_steps", "disc_start", "disc_ramp", "lpips_frames"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(self, key)}")
         for key in ("disc_channels", "disc_layers"):

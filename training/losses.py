@@ -68,13 +68,14 @@ def kl_loss(
     `pixels_per_image` (C*H*W of the input) gives the rate in bits per data dimension for the logs.
     """
     mean, logvar = mean.float(), logvar.clamp(-30.0, 20.0).float()
-    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)  # (B, C, h, w)
-    per_channel = kl.mean(dim=(0, 2, 3))  # (C,) nats per element
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)  # (B, C, h, w), or (B, C, t, h, w) for clips
+    positions = [d for d in range(kl.dim()) if d != 1]
+    per_channel = kl.mean(dim=positions)  # (C,) nats per element
     if free_bits > 0:
         per_channel = per_channel.clamp(min=free_bits)
-    spatial = kl.shape[2] * kl.shape[3]
+    spatial = kl[0, 0].numel()  # latent positions per image (per clip: t * h * w)
     loss = per_channel.sum() * spatial if reduction == "sum" else per_channel.mean()
-    per_image = kl.detach().sum(dim=(1, 2, 3)).mean()  # nats per image, whatever the reduction
+    per_image = kl.detach().flatten(1).sum(1).mean()  # nats per image (clip), whatever the reduction
     logs = {"train/kl": per_image}
     if pixels_per_image:
         logs["train/kl_bits_per_dim"] = per_image / (pixels_per_image * math.log(2))

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from kl_ae.common.frames import fold_frames, per_frame, pick_frames
 from kl_ae.common.transforms import apply_pair
 from kl_autoencoder import Autoencoder, DiagonalGaussian, QuantizerOutput
 from kl_autoencoder.families.ours import wrap
@@ -198,7 +199,7 @@ def generator_objective(
     discriminator = inputs.discriminator
     discriminator.requires_grad_(False)
     with inputs.no_sync():
-        g_adv = generator_adv_loss(discriminator(recon), cfg.gan_loss)
+        g_adv = generator_adv_loss(discriminator(fold_frames(recon)), cfg.gan_loss)
     discriminator.requires_grad_(True)
     # LDM's adaptive weight, with LPIPS and the discriminator differentiated once each (see below)
     grad_nll, grad_adv = (torch.autograd.grad(t, recon, retain_graph=True)[0] for t in (nll, g_adv))
@@ -215,12 +216,15 @@ def generator_objective(
 
 
 def _error(x: torch.Tensor, recon: torch.Tensor, lpips, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
-    """The per-element reconstruction error with the perceptual term added (LDM's `rec_loss`), and its logs."""
+    """The per-element reconstruction error with the perceptual term added (LDM's `rec_loss`), and its logs.
+
+    Clips (B, C, T, H, W): LPIPS runs per frame, on `loss.lpips_frames` random frames of each clip where set, and
+    each clip's mean over those frames is added to every element of the clip, as an image's LPIPS is."""
     error = reconstruction_error(x, recon, cfg.rec_loss)
     logs = {f"train/{cfg.rec_loss}": error.detach().mean()}
     if lpips is not None:
-        p_loss = lpips(x, recon)  # (B,)
-        error = error + cfg.perceptual_weight * p_loss.view(-1, 1, 1, 1)
+        p_loss = per_frame(lpips, *pick_frames((x, recon), cfg.lpips_frames)).mean(1)  # (B,)
+        error = error + cfg.perceptual_weight * p_loss.view(-1, *[1] * (x.dim() - 1))
         logs["train/lpips"] = p_loss.detach().mean()
     return error, logs
 
@@ -229,7 +233,9 @@ def discriminator_objective(
     x: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module, cfg: LossConfig, factor: float
 ) -> tuple[torch.Tensor, Logs]:
     """The discriminator's loss on real images and the DETACHED reconstruction of the same forward."""
-    loss, logs = discriminator_loss(discriminator(x), discriminator(recon.detach()), cfg.gan_loss)
+    # a 2-D PatchGAN judges every frame of a clip as an image
+    loss, logs = discriminator_loss(discriminator(fold_frames(x)), discriminator(fold_frames(recon.detach())),
+                                    cfg.gan_loss)  # fmt: skip
     return factor * loss, logs
 
 

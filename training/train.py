@@ -151,7 +151,15 @@ def check_family(cfg: TrainConfig, ae: LatentAutoencoder, last_layer: torch.Tens
         ae.check_size(cfg.data.resolution, cfg.data.resolution)
     except ValueError as e:
         raise ConfigError(f"data.resolution: {e}") from None
+    try:
+        ae.check_frames(cfg.data.num_frames)
+    except ValueError as e:
+        raise ConfigError(f"data.num_frames: {e}") from None
     loss = cfg.loss
+    if cfg.data.num_frames > 1 and (loss.eq_weight > 0 or loss.align_weight > 0 or loss.latent_noise > 0
+                                    or loss.channel_mask > 0):  # fmt: skip
+        raise ConfigError("loss: the latent-shaping terms (eq_weight, align_weight, latent_noise, channel_mask) take "
+                          "images; set them to 0 for clips (data.num_frames > 1)")  # fmt: skip
     if loss.eq_weight > 0 and "scale" in loss.eq_transforms and ae.family == "rae":
         raise ConfigError(
             "loss.eq_transforms: AutoencoderRAE decodes a fixed number of patches, so the scale transform's smaller "
@@ -264,10 +272,14 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, log: Log) -> Data:
     val_dl = DataLoader(val_ds, batch_size=cfg.data.batch_size, generator=torch.Generator().manual_seed(0))
     if is_stream(cfg.data):
         return Data(train_ds, val_ds, None, val_dl, 0)
+    # clips mixed with image batches (kl_ae.common.video.ClipDataset) are ordered by the dataset, per step
+    self_shuffled = getattr(train_ds, "shuffles_itself", False)
+    if self_shuffled:
+        train_ds.processes = accelerator.num_processes  # one kind of batch (one T) on every process per step
     train_dl = DataLoader(
         train_ds,
         batch_size=cfg.data.batch_size,
-        shuffle=True,
+        shuffle=not self_shuffled,
         drop_last=True,
         num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.train.seed),  # iterator seeding stays off the global RNG
@@ -333,7 +345,8 @@ def main(cfg: TrainConfig) -> dict:
     models = build_models(cfg, accelerator, precision, log)
     set_seed(cfg.train.seed, device_specific=True)  # different posterior noise per process
     data = build_data(cfg, accelerator, log)
-    sample_batch = torch.stack([data.val[i] for i in range(min(8, len(data.val)))])  # for the reconstruction grids
+    shown = 8 if cfg.data.num_frames == 1 else 2  # clips show every frame
+    sample_batch = torch.stack([data.val[i] for i in range(min(shown, len(data.val)))])  # the reconstruction grids
     create_run_folder(cfg, accelerator, data)
     if cfg.train.compile:  # after the EMA copy; compiled in place, so state dict names stay the same
         for module in (models.model.autoencoder.encoder, models.model.autoencoder.decoder):

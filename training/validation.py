@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from PIL import Image
 from torchvision.utils import make_grid
 
+from kl_ae.common.frames import is_clip
 from kl_ae.common.metrics import reconstruction_metrics
 from kl_ae.common.runs import checkpoint_name
 from kl_autoencoder.interface import LatentAutoencoder
@@ -61,7 +62,7 @@ class Validator:
         for x in self.val_dl:
             for k, v in reconstruction_metrics(x, reconstruct(model, x), self.lpips).items():
                 values.setdefault(k, []).append(self.accelerator.gather_for_metrics(v))
-        metrics = {f"val/{k}": torch.cat(v).mean().item() for k, v in values.items()}
+        metrics = {f"val/{k}": torch.cat(v).nanmean().item() for k, v in values.items()}  # one-frame clips: no rest
         metrics["val/images"] = len(torch.cat(values["psnr"]))
         return metrics
 
@@ -81,13 +82,21 @@ class Validator:
     @torch.no_grad()
     def save_samples(self, step: int) -> None:
         """Held-out images (top row) and their reconstructions (bottom row) as `samples/step_N.png`, and to the
-        trackers as the image `val/samples`."""
+        trackers as the image `val/samples`; clips: a row of frames per clip, its reconstruction below."""
         if not self.accelerator.is_main_process:
             return
         x = self.sample_batch.to(self.accelerator.device)
         recon = reconstruct(self.weights(), x).float().clamp(-1, 1)
         path = self.out / "samples" / f"{checkpoint_name(step)}.png"
-        grid = make_grid(torch.cat([x, recon]) * 0.5 + 0.5, nrow=len(x))  # (3, H, W); as save_image writes it:
+        if is_clip(x):  # clips: each clip's frames in a row, its reconstruction's frames below
+            x, recon = x[:4], recon[:4]
+            rows = torch.stack([x, recon], 1).transpose(2, 3)  # (B, 2, T, 3, H, W)
+            x, recon = rows.flatten(0, 2), None
+            nrow = rows.shape[2]
+        else:
+            nrow = len(x)
+        tiles = x if recon is None else torch.cat([x, recon])
+        grid = make_grid(tiles * 0.5 + 0.5, nrow=nrow)  # (3, H, W); as save_image writes it:
         pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
         Image.fromarray(pixels).save(path)
         log_image(self.accelerator, "val/samples", pixels, path, step)

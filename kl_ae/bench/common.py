@@ -12,7 +12,20 @@ import torch
 
 from kl_ae.bench.device import timed
 
-SECTIONS = ("train", "default", "codec", "data", "peak", "optim", "tiled", "maxbatch", "fp16", "families")
+SECTIONS = (
+    "train",
+    "default",
+    "codec",
+    "data",
+    "peak",
+    "optim",
+    "tiled",
+    "maxbatch",
+    "fp16",
+    "families",
+    "video-memory",
+    "video-data",
+)
 # tiled decoding of large images takes minutes on a CPU; maxbatch and fp16 are meant for a GPU; families builds
 # and times eight models
 DEFAULT_SECTIONS = ("train", "codec", "data", "peak", "optim")
@@ -40,6 +53,8 @@ class BenchConfig:
     max_batch: int = 1024  # maxbatch section: the largest batch tried
     # families section: which families, and the width of their first level (SD's is 128)
     families: tuple[str, ...] = FAMILIES
+    # video-memory section: the video families measured (kl_ae.bench.video.VIDEO_FAMILIES)
+    video_families: tuple[str, ...] = ("wan-video", "hunyuan-video", "ltx-video", "cogvideox")
     family_width: int = 32
     # dc-vs-sd section: one pair of training runs per seed, and the optimizer steps of each
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -1,4 +1,5 @@
-"""The families section of `kl-ae bench` (`--what families`): encode and decode img/s of every autoencoder family
+"""The families section of `kl-ae bench` (`--what families`): encode and decode img/s (video families: clips of
+CLIP_FRAMES frames, so "img/s" is clips/s) of every autoencoder family
 through kl-ae's interface (`load_autoencoder(path)`: `ae.encode(x).mode()`, `ae.decode(z)`) against the family's
 diffusers class called directly, fp32, same weights and same inputs, and the largest difference of their outputs.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kl_ae.bench.common import FAMILIES, BenchConfig, images, interleaved_times
+from kl_ae.bench.video import CLIP_FRAMES, VIDEO_FAMILIES, video_config
 
 _KL_LEVELS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   layers_per_block=2)  # fmt: skip
@@ -76,7 +78,9 @@ def family_config(name: str, width: int, resolution: int) -> tuple[str, dict]:
                                                  scaling_factor=0.75289)  # fmt: skip
     if name == "rae":
         return "AutoencoderRAE", _rae_config(w, resolution)
-    raise ValueError(f"--families: unknown family {name!r}; choose from {', '.join(FAMILIES)}")
+    if name in VIDEO_FAMILIES:  # on clips of CLIP_FRAMES frames
+        return video_config(name, w)
+    raise ValueError(f"--families: unknown family {name!r}; choose from {', '.join(FAMILIES + VIDEO_FAMILIES)}")
 
 
 def build_family_model(name: str, width: int, resolution: int, folder: Path, seed: int) -> str:
@@ -92,6 +96,8 @@ def build_family_model(name: str, width: int, resolution: int, folder: Path, see
 def diffusers_calls(name: str, vae, x: torch.Tensor, z: torch.Tensor) -> tuple[Callable, Callable, Callable]:
     """(encode, decode, back): diffusers' own calls on `x` and raw latents `z`, put into the class's convention here
     (not timed), and `back`, which maps their (latent, image) outputs to kl-ae's convention for the comparison."""
+    if name in VIDEO_FAMILIES:  # clips (B, C, T, H, W) both ways: nothing to convert
+        return (lambda: vae.encode(x).latent_dist.mode()), (lambda: vae.decode(z).sample), (lambda lat, img: (lat, img))
     if name in ("qwen-image", "wan"):  # video VAEs: an image is one frame, (B, C, 1, H, W)
         x5, z5 = x[:, :, None], z[:, :, None]
         back = lambda lat, img: (lat[:, :, 0], img[:, :, 0])  # noqa: E731
@@ -123,6 +129,8 @@ def bench_family(name: str, cfg: BenchConfig) -> dict:
     ae.module.eval()
     ae.check_size(cfg.resolution, cfg.resolution)
     x = images(cfg.resolution, cfg.batch_size, cfg.seed + 1, cfg.device)
+    if name in VIDEO_FAMILIES:  # a clip: each frame a shifted copy of the image (motion)
+        x = torch.stack([x.roll(k, dims=-1) for k in range(CLIP_FRAMES)], dim=2)
     with torch.no_grad():
         z = ae.encode(x).mode()  # (B, C, h, w): the decode input of both
         encode, decode, back = diffusers_calls(name, vae, x, z)
@@ -152,8 +160,8 @@ def bench_family(name: str, cfg: BenchConfig) -> dict:
 
 def bench_families(cfg: BenchConfig) -> dict:
     """Every family of `cfg.families`, one after the other (a model at a time in memory)."""
-    if unknown := [f for f in cfg.families if f not in FAMILIES]:
-        raise ValueError(f"--families: unknown family {unknown}; choose from {', '.join(FAMILIES)}")
+    if unknown := [f for f in cfg.families if f not in FAMILIES + VIDEO_FAMILIES]:
+        raise ValueError(f"--families: unknown family {unknown}; choose from {', '.join(FAMILIES + VIDEO_FAMILIES)}")
     if cfg.family_width < 8 or cfg.family_width % 8:
         raise ValueError(
             f"--family-width: a multiple of 8 (every level's norms and heads divide it), got {cfg.family_width}"

@@ -31,7 +31,8 @@ def add_fetch_weights_command(sub) -> None:
         "fetch-weights", help="download and hash-check the pretrained files a recipe and kl-ae eval need"
     )
     p.add_argument("--config", help="the recipe (name or YAML file) whose LPIPS backbone to fetch (default: vgg)")
-    p.add_argument("--what", default="lpips,fid", help="comma-separated: lpips, fid, or file keys such as lpips-alex")
+    p.add_argument("--what", default="lpips,fid",
+                   help="comma-separated: lpips, fid, fvd, or file keys such as lpips-alex")  # fmt: skip
 
 
 def add_info_command(sub) -> None:
@@ -42,19 +43,27 @@ def add_info_command(sub) -> None:
 
 def add_latent_commands(sub) -> None:
     """reconstruct, encode and decode: using a trained model; shards: preparing data for a stream."""
-    p = sub.add_parser("reconstruct", help="encode and decode one image (tiled with --tile) and write a PNG")
+    p = sub.add_parser(
+        "reconstruct",
+        help="encode and decode one image or video (tiled with --tile) and write a PNG, or a side-by-side video",
+    )
     p.add_argument("image")
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--tile", type=int, help="tile size in pixels (a multiple of the downsampling factor; our model's "
                    "own tiling, else the diffusers class's enable_tiling where it has one)")  # fmt: skip
+    p.add_argument("--frames", type=int, help="videos: frames per clip (default: the whole video, cut to the "
+                   "longest length the model takes, e.g. 1 + 4k)")  # fmt: skip
 
     p = sub.add_parser("encode", help="write normalized latents of a data set as a datasets folder (load_from_disk)")
     add_model_arguments(p)
-    p.add_argument("--data", required=True, help="a folder (all its images), shards, 'sample' or a hub dataset name")
+    p.add_argument("--data", required=True, help="a folder of images or videos, a video file, shards, 'sample', "
+                   "'sample-video' or a hub dataset name")  # fmt: skip
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, help="resize the shorter side and centre-crop to N (default: own size)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--frames", type=int, help="videos: frames per clip (default: the whole video, cut to the "
+                   "longest length the model takes, e.g. 1 + 4k)")  # fmt: skip
     p.add_argument("--sample", action="store_true", help="posterior samples instead of the posterior mean")
     p.add_argument("--seed", type=int, default=0, help="posterior noise with --sample")
     p.add_argument(
@@ -79,7 +88,8 @@ def add_eval_commands(sub) -> None:
     """The evaluation subcommands: eval, probe, rd, sanity (their packages are imported only when they run)."""
     p = sub.add_parser("eval", help="metrics, latent statistics, VAE diagnostics and an HTML report")
     add_model_arguments(p)
-    p.add_argument("--data", required=True, help="a folder (all its images), 'sample' or a hub dataset name")
+    p.add_argument("--data", help="a folder of images or videos, a video file, 'sample', 'sample-video' or a hub "
+                   "dataset name (default: a run's own held-out split)")  # fmt: skip
     p.add_argument(
         "--split",
         choices=["val", "train"],
@@ -101,6 +111,8 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--compare", help="a second model (folder or hub name[/subfolder]) on the same images")
     p.add_argument("--lpips", choices=["required", "auto", "off"], default="auto")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--frames", type=int, help="videos: frames per clip (default: the whole video, cut to the "
+                   "longest length the model takes, e.g. 1 + 4k)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="posterior noise and the prior-comparison subsamples")
 
     p = sub.add_parser("probe", help="diffusability: train a small latent DiT on the model's latents, report its loss")
@@ -116,6 +128,8 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--resize", type=int, help="shorter side before cropping (default: the run's data.resize)")
     p.add_argument("--crops", type=int, default=4, help="a k x k grid of crops per image, each mirrored (default 4)")
     p.add_argument("--max-images", type=int, help="at most N images per split")
+    p.add_argument("--frames", type=int, help="videos: frames per clip (default: the whole video, cut to the "
+                   "longest length the model takes, e.g. 1 + 4k)")  # fmt: skip
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default steps / 8)")
 
     p = sub.add_parser("rd", help="rate-distortion curve: train and evaluate one model per kl_weight")
@@ -145,7 +159,7 @@ def add_bench_command(sub) -> None:
         "--what",
         default="train,codec,data,peak,optim",
         help="comma-separated sections (also: default, tiled, maxbatch, fp16, families, dc-vs-sd, dc-step, "
-        "formats-step)",
+        "formats-step, video-memory, video-data)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu or cuda")
     p.add_argument("--tiled-sizes", default="1024,2048", help="tiled section: output sizes in px, comma-separated")
@@ -156,8 +170,11 @@ def add_bench_command(sub) -> None:
     p.add_argument(
         "--families",
         default="flux2,dc-ae,qwen-image,wan,hunyuan-image,rae,sd,sd3",
-        help="families section: comma-separated autoencoder families",
+        help="families section: comma-separated autoencoder families (also on clips: wan-video, hunyuan-video, "
+        "ltx-video, cogvideox)",
     )
+    p.add_argument("--video-families", default="wan-video,hunyuan-video,ltx-video,cogvideox",
+                   help="video-memory section: comma-separated video families")  # fmt: skip
     p.add_argument("--family-width", type=int, default=32, help="families section: first-level channels (SD's: 128)")
     p.add_argument("--seeds", default="0,1,2", help="dc-vs-sd section: comma-separated seeds, one pair of runs each")
     p.add_argument("--train-steps", type=int, default=300, help="dc-vs-sd section: optimizer steps of each run")

@@ -79,12 +79,12 @@ def run_latent_command(args: argparse.Namespace) -> int:
     if args.command == "reconstruct":
         from eval.reconstruct import reconstruct
 
-        print(f"reconstruction: {reconstruct(args.image, model, args.out, args.tile)}")
+        print(f"reconstruction: {reconstruct(args.image, model, args.out, args.tile, args.frames)}")
     elif args.command == "encode":
         from eval.latents import encode_dataset
 
         options = (args.resolution, args.batch_size, args.sample, args.seed)
-        shards = dict(fmt=args.format, per_shard=args.per_shard, streaming=args.streaming)
+        shards = dict(fmt=args.format, per_shard=args.per_shard, streaming=args.streaming, frames=args.frames)
         print(f"latents: {encode_dataset(model, args.data, args.out, *options, **shards)}")
     else:
         from eval.latents import decode_dataset
@@ -98,14 +98,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
         from eval.evaluate import EvalConfig, evaluate
 
         fields = ("data", "split", "out", "resolution", "protocol", "posterior", "batch_size", "compare", "lpips",
-                  "max_images", "seed")  # fmt: skip
+                  "max_images", "seed", "frames")  # fmt: skip
         evaluate(EvalConfig(model=model_of(args), **{k: getattr(args, k) for k in fields}))
         return 0
     if args.command == "probe":
         from eval.probe import ProbeConfig, probe
 
         fields = ("data", "out", "steps", "compare", "seed", "batch_size", "resolution", "resize", "crops",
-                  "max_images", "eval_every")  # fmt: skip
+                  "max_images", "eval_every", "frames")  # fmt: skip
         probe(ProbeConfig(model=model_of(args), **{k: getattr(args, k) for k in fields}))
         return 0
     if args.command == "rd":
@@ -165,7 +165,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     fields = dict(preset=args.preset, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
                   tiled_sizes=sizes, tile=args.tile, overlap=args.overlap, tiled_norms=norms, model=model_of(args),
                   max_batch=args.max_batch, family_width=args.family_width, seeds=seeds, train_steps=args.train_steps,
-                  families=tuple(f.strip() for f in args.families.split(",") if f.strip()))  # fmt: skip
+                  families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
+                  video_families=tuple(f.strip() for f in args.video_families.split(",") if f.strip()))  # fmt: skip
     try:
         device = resolve_device(args.device)
         result = run_bench(

@@ -26,10 +26,12 @@ def needed(config: str | None, what: str) -> list[str]:
             names.append(f"lpips-{cfg.loss.lpips_net}" if cfg is not None else "lpips-vgg")
         elif item == "fid":
             names.append("fid-inception")
+        elif item == "fvd":  # rFVD of clips in `kl-ae eval`
+            names.append("fvd-i3d")
         elif item in KNOWN:
             names.append(item)
         else:
-            raise ConfigError(f"--what: unknown item {item!r}; choose from lpips, fid, {', '.join(sorted(KNOWN))}")
+            raise ConfigError(f"--what: unknown item {item!r}; choose from lpips, fid, fvd, {', '.join(sorted(KNOWN))}")
     return list(dict.fromkeys(names))
 
 
@@ -47,4 +49,6 @@ def fetch_weights(config: str | None = None, what: str = "lpips,fid") -> bool:
         ok = ok and good
         if name == "fid-inception" and importlib.util.find_spec("torch_fidelity") is None:
             print("  note: rFID also needs torch-fidelity (pip install torch-fidelity)")
+        if name == "fvd-i3d" and importlib.util.find_spec("cdfvd") is None:
+            print("  note: rFVD also needs cd-fvd (pip install cd-fvd)")
     return ok

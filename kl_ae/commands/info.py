@@ -1,8 +1,9 @@
 """`kl-ae info MODEL [--subfolder SUB]`: one screen about an autoencoder of any supported family.
 
-Family and diffusers class, spatial factor, latent channels (raw, and as the family's pipeline normalizes
-them), the normalization and its values, parameter counts (encoder / decoder / total) and whether fp16 is
-safe. Nothing is run through the model but a zero latent, to read the normalized shape.
+Family and diffusers class, spatial factor, for a video family the temporal factor and the clip lengths it takes,
+latent channels (raw, and as the family's pipeline normalizes them), the normalization and its values, parameter
+counts (encoder / decoder / total) and whether fp16 is safe. Nothing is run through the model but a zero latent, to
+read the normalized shape.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import torch
 
 from kl_ae.common.config import ConfigError
 from kl_autoencoder.interface import LatentAutoencoder, load_autoencoder
+
+
+def clip_lengths(ae: LatentAutoencoder) -> str:
+    """The clip lengths the model takes, from `longest_frames`: "1 + 4k frames (1, 5, 9, 13, ...)"."""
+    lengths = sorted({ae.longest_frames(n) for n in range(1, 65)})
+    if lengths == list(range(1, 65)):
+        return "any number of frames"
+    step = lengths[1] - lengths[0]
+    return f"1 + {step}k frames ({', '.join(map(str, lengths[:4]))}, ...)"
 
 
 def describe(ae: LatentAutoencoder) -> dict:
@@ -31,6 +41,9 @@ def describe(ae: LatentAutoencoder) -> dict:
         "class_name": ae.class_name,
         "spatial_factor": f,
         "sizes": sizes,
+        "is_video": ae.is_video,
+        "temporal_factor": ae.temporal_factor,
+        "clips": clip_lengths(ae),
         "latent_channels": ae.latent_channels,
         "normalized_channels": int(shape[1]),
         "normalized_factor": size // int(shape[-1]),
@@ -63,6 +76,7 @@ def format_info(d: dict, model: str) -> str:
         f"model:            {model}",
         f"family:           {d['family']} ({d['class_name']})",
         f"spatial factor:   {d['spatial_factor']} ({d['sizes']})",
+        *([f"temporal factor:  {d['temporal_factor']} (clips: {d['clips']})"] if d["is_video"] else []),
         f"latent channels:  {d['latent_channels']} (normalized: {d['normalized_channels']} channels at "
         f"f{d['normalized_factor']})",
         f"sample size:      {d['sample_size'] or 'not recorded'}",

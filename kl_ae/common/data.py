@@ -4,6 +4,8 @@ Three sources: a local folder (searched recursively), a hub dataset name, or "sa
 real photographs bundled inside scikit-image, so a run works with no data and no network.
 Rows hold undecoded images (`datasets.Image(decode=False)`); decoding, resizing, cropping
 and flipping happen here with PIL and torch's RNG, so DataLoader worker seeding applies.
+Videos ("sample-video", a folder holding videos) take the same path as `kl_ae.common.video.ClipDataset`s, with the
+same skip machinery (`kl_ae.common.images.SkippingDataset`) and the same crop (`crop_flip`).
 
 Bad input. Real folders are dirty; no single file may end a run, and none is dropped silently:
 - Listing: only files with an image suffix (`IMAGE_SUFFIXES`, any case) are listed; other files are
@@ -31,8 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import logging
-import os
 from pathlib import Path
 
 import datasets
@@ -45,36 +45,35 @@ from kl_ae.common.images import (
     DECODE_ERRORS,
     SAMPLE_TRAIN,
     SAMPLE_VAL,
-    append_skips,
+    SkippingDataset,
+    crop_flip,
+    decode_resized,
     list_images,
-    open_image,
     path_of,
-    pixel_limit_lifted,
-    read_skipped,
     reason,
-    resize_shorter,
     sample_dir,
+    seeded_split,
     to_rgb,
 )
+from kl_ae.common.images import read_skipped as read_skipped  # training.progress reads skip logs through here
 from kl_ae.common.shards import files_table, fixed_table, looks_like_hub_name, shard_files
+from kl_ae.common.video import SAMPLE_VIDEO_VAL, ClipDataset, list_videos, sample_video_dir, split_files
 
 CACHE_MAX_IMAGES = 512  # below this, decoded+resized images are kept in memory
 
-log = logging.getLogger(__name__)
 
-
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(SkippingDataset):
     """Rows of a `datasets.Dataset` -> float32 tensors (3, resolution, resolution) in [-1, 1].
 
     Bad images are skipped and replaced by the next usable one (see the module docstring).
     Set `skip_log` to a file to have each skip appended to it as a line "<path><TAB><reason>".
     """
 
+    what = "image"
+
     def __init__(self, table: datasets.Dataset, cfg: DataConfig, train: bool, column: str = "image", seed: int = 0):
-        self.table, self.column, self.train = table, column, train
-        # crops and flips come from (seed, epoch, index) alone, not from the global RNG: a resumed run
-        # draws exactly the crops the uninterrupted run would have, whatever was prefetched or skipped
-        self.seed, self.epoch = seed, 0
+        super().__init__(train, seed)
+        self.table, self.column = table, column
         self.resolution = cfg.resolution
         self.resize = cfg.resize or cfg.resolution
         self.random_crop = train and cfg.random_crop
@@ -84,28 +83,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.max_pixels = cfg.max_pixels
         # small sets (the sample set) are decoded over and over; keep uint8 (3, H, W) tensors
         self.cache: dict[int, torch.Tensor] | None = {} if len(table) < CACHE_MAX_IMAGES else None
-        self.bad: dict[int, str] = {}  # row -> reason, found by this process: never tried again
-        self._skip_log: Path | None = None
-        self._unlogged: dict[str, str] = {}  # skips not yet in skip_log (none set, or writing failed)
-        self._logged: set[str] = set()  # what skip_log held when this process first read it
-        self._logged_pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.table) * self.repeats
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def skip_log(self) -> Path | None:
-        """File that each skip is appended to; setting it writes the skips found before."""
-        return self._skip_log
-
-    @skip_log.setter
-    def skip_log(self, path: str | os.PathLike | None) -> None:
-        self._skip_log = None if path is None else Path(path)
-        self._logged_pid = None  # read the new file on next use
-        self._flush_skips()
 
     def paths(self) -> list[str | None]:
         """Source path of every row (None for hub images stored as bytes)."""
@@ -120,6 +100,11 @@ class ImageDataset(torch.utils.data.Dataset):
             return f"{'train' if self.train else 'val'} row {index}" + (f" ({path})" if path else "")
         return path
 
+    @property
+    def entries(self) -> int:
+        """How many files `check` can be asked about."""
+        return len(self.table)
+
     def load(self, index: int) -> torch.Tensor:
         """Decoded and resized image as a uint8 tensor (3, H, W) with min(H, W) == resize.
 
@@ -132,101 +117,34 @@ class ImageDataset(torch.utils.data.Dataset):
             self.cache[index] = x
         return x
 
-    def _load_or_skip(self, index: int) -> torch.Tensor:
-        # one bad file must not end a multi-day run: log it and use the next usable row. The substitute
-        # is the first good row from `index` on whatever this process already knows, so it is the same
-        # in every process, epoch and resume
-        n = len(self.table)
-        for k in range(n):
-            j = (index + k) % n
-            if self.cache is not None and j in self.cache:
-                return self.cache[j]
-            if j in self.bad or self._in_skip_log(j):
-                continue
-            try:
-                return self.load(j)
-            except DECODE_ERRORS as e:
-                self._skip(j, reason(e))
-        split = "training" if self.train else "validation"
-        raise RuntimeError(f"data: every image of the {split} split ({n}) is unusable; see the warnings or skip log")
+    check = load  # `build_datasets` asks whether a row is usable
 
-    def _in_skip_log(self, index: int) -> bool:
-        # DataLoader workers are fresh copies of this object each epoch (unless persistent): what other
-        # workers, ranks and earlier epochs skipped is in the log, read once per process
-        if self._skip_log is None:
-            return False
-        if self._logged_pid != os.getpid():
-            self._logged, self._logged_pid = set(read_skipped(self._skip_log)), os.getpid()
-        if not self._logged or self.label(index) not in self._logged:
-            return False
-        self.bad[index] = "in skip log"
-        return True
-
-    def _skip(self, index: int, reason: str) -> None:
-        self.bad[index] = reason
-        label = self.label(index)
-        log.warning("data: skipping %s: %s", label, reason)
-        self._unlogged[label] = reason
-        self._flush_skips()
-
-    def _flush_skips(self) -> None:
-        if self._skip_log is None or not self._unlogged:
-            return
-        try:
-            append_skips(self._skip_log, self._unlogged)
-        except OSError as e:  # a full disk must not end the run either; retried at the next skip
-            log.warning("data: cannot write the skip log %s: %s", self._skip_log, e)
-            return
-        self._unlogged.clear()
+    def _known_bad(self, key: int) -> bool:
+        return not (self.cache is not None and key in self.cache) and super()._known_bad(key)  # cached: good
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = self._load_or_skip(i % len(self.table))
+        x = self._first_usable(i % len(self.table), len(self.table), self.load, key=int)
         seed = hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF  # ints hash alike in every process
         return crop_flip(x, self.resolution, self.random_crop, self.hflip, seed)
 
 
-def decode_resized(value, resize: int, max_pixels: int, min_side: int = 0) -> torch.Tensor:
-    """An undecoded image -> uint8 (3, H, W), upright RGB, shorter side `resize`; raises one of DECODE_ERRORS."""
-    with pixel_limit_lifted():
-        img = resize_shorter(to_rgb(open_image(value, max_pixels, min_side)), resize)
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
-def crop_flip(x: torch.Tensor, r: int, random_crop: bool, hflip: bool, seed: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> float (3, r, r) in [-1, 1]: a random (or centre) crop and flip drawn from `seed` alone."""
-    _, h, w = x.shape
-    rng = torch.Generator().manual_seed(seed)
-    if random_crop:
-        top = int(torch.randint(0, h - r + 1, (), generator=rng))
-        left = int(torch.randint(0, w - r + 1, (), generator=rng))
-    else:
-        top, left = (h - r) // 2, (w - r) // 2
-    x = x[:, top : top + r, left : left + r]
-    if hflip and bool(torch.rand((), generator=rng) < 0.5):
-        x = x.flip(-1)
-    return x.float().div_(127.5).sub_(1.0)  # (3, r, r) in [-1, 1]
-
-
-def _check_usable(ds: ImageDataset, split: str, source: str) -> None:
-    # a dataset with no usable image is a config error before training, not a crash in epoch 0
+def _check_usable(ds: ImageDataset | ClipDataset, split: str, source: str) -> None:
+    # a dataset with no usable image (clip) is a config error before training, not a crash in epoch 0
     reasons = []
-    for j in range(len(ds.table)):
+    for j in range(ds.entries):
         try:
-            ds.load(j)
+            ds.check(j)
             return
         except DECODE_ERRORS as e:
             reasons.append(f"{ds.label(j)}: {reason(e)}")
+    what = "clip" if isinstance(ds, ClipDataset) and ds.num_frames > 1 else "image"
     raise ValueError(
-        f"data.source: no usable image in {split} of {source} ({len(reasons)} files tried: {'; '.join(reasons[:3])})"
+        f"data.source: no usable {what} in {split} of {source} ({len(reasons)} files tried: {'; '.join(reasons[:3])})"
     )
 
 
 def _seeded_split(n: int, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
-    if n < 2:
-        raise ValueError(f"data.source: need at least 2 images (1 is held out for validation), found {n}")
-    n_val = min(cfg.val_max, max(1, round(cfg.val_fraction * n)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
+    return seeded_split(n, cfg.val_fraction, cfg.val_max, seed)
 
 
 def _load_hub(cfg: DataConfig) -> datasets.Dataset:
@@ -245,17 +163,39 @@ def _load_hub(cfg: DataConfig) -> datasets.Dataset:
     return table
 
 
+def _clip_datasets(cfg: DataConfig, seed: int) -> tuple[ClipDataset, ClipDataset]:
+    """(train, held-out val) of "sample-video" or a folder holding videos (`split_files` says which files)."""
+    train_files, val_files, photos = split_files(cfg, seed)
+    if cfg.num_frames == 1:
+        return ClipDataset([], cfg, True, seed, train_files), ClipDataset([], cfg, False, seed, val_files)
+    return ClipDataset(train_files, cfg, True, seed, photos or train_files), ClipDataset(val_files, cfg, False, seed)
+
+
+def _no_clips(source: str, cfg: DataConfig) -> ValueError:
+    return ValueError(
+        f"data.source: {source} holds no videos; data.num_frames={cfg.num_frames} needs videos "
+        "('sample-video', a folder of videos, video shards)"
+    )
+
+
 def build_datasets(cfg: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """(train, val) torch datasets for `cfg.source`; the split depends only on `seed` and the files. With
-    `cfg.val_source` nothing is held out: validation is that fixed set."""
+    `cfg.val_source` nothing is held out: validation is that fixed set. Videos ("sample-video", a folder holding
+    videos) give `ClipDataset`s (`kl_ae.common.video`)."""
     cfg.validate()
     column = "image"
     held_out = cfg.val_source is None
+    folder = Path(cfg.source).expanduser()
+    videos = list_videos(folder) if cfg.source != "sample" and folder.is_dir() else []
+    if cfg.source == "sample-video" or videos:
+        train, val = _clip_datasets(cfg, seed)
+        return _checked(train, val if held_out else None, cfg, seed)
+    if cfg.num_frames > 1:
+        raise _no_clips(repr(cfg.source) if cfg.source == "sample" or not folder.is_dir() else str(folder), cfg)
     if cfg.source == "sample":
         train_table = files_table([sample_dir() / n for n in SAMPLE_TRAIN])
         val_table = files_table([sample_dir() / n for n in SAMPLE_VAL])
     else:
-        folder = Path(cfg.source).expanduser()
         if folder.is_dir():
             files = list_images(folder)
             if not files:
@@ -275,17 +215,33 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset
             train_idx, val_idx = _seeded_split(len(table), cfg, seed) if held_out else (range(len(table)), [])
             train_table, val_table = table.select(train_idx), table.select(val_idx)
     train = ImageDataset(train_table, cfg, True, column, seed)
+    return _checked(train, ImageDataset(val_table, cfg, False, column, seed) if held_out else None, cfg, seed)
+
+
+def _checked(train, val, cfg: DataConfig, seed: int):
     _check_usable(train, "train", cfg.source)
-    if not held_out:
+    if val is None:
         return train, build_val(cfg, seed)
-    val = ImageDataset(val_table, cfg, False, column, seed)
     _check_usable(val, "val", cfg.source)
     return train, val
 
 
-def build_val(cfg: DataConfig, seed: int) -> ImageDataset:
-    """The validation set of `cfg.val_source`, checked to hold a usable image."""
-    val = ImageDataset(fixed_table(cfg.val_source, cfg), cfg, False, "image", seed)
+def build_val(cfg: DataConfig, seed: int) -> ImageDataset | ClipDataset:
+    """The validation set of `cfg.val_source`, checked to hold a usable image (clip): videos for
+    'sample-video' and folders holding videos, images otherwise."""
+    folder = Path(cfg.val_source).expanduser()
+    files = []
+    if cfg.val_source == "sample-video":
+        files = [sample_video_dir() / n for n in SAMPLE_VIDEO_VAL]
+    elif cfg.val_source != "sample" and folder.is_dir() and list_videos(folder):  # all of it: cfg.val_source is set
+        files = split_files(dataclasses.replace(cfg, source=cfg.val_source), seed)[0]
+    if files:
+        files, clips = files[: cfg.val_max], cfg.num_frames > 1
+        val = ClipDataset(files if clips else [], cfg, False, seed, [] if clips else files)
+    elif cfg.num_frames > 1:
+        raise _no_clips(f"data.val_source {cfg.val_source!r}", cfg)
+    else:
+        val = ImageDataset(fixed_table(cfg.val_source, cfg), cfg, False, "image", seed)
     _check_usable(val, "val", cfg.val_source)
     return val
 
@@ -423,6 +379,8 @@ def load_images(
         else:
             train, val = build_datasets(trainer_split(data, run_data), seed)
             chosen = train if split == "train" else val
+            if isinstance(chosen, ClipDataset):
+                raise ConfigError(f"--data: {data} holds videos: a fixed clip set is kl_ae.common.video.load_clips'")
             table, column = chosen.table, chosen.column
     except (ValueError, FileNotFoundError) as e:  # build_datasets' messages name data.source; here it is --data
         raise ConfigError(str(e).replace("data.source", "--data")) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from kl_ae.common.frames import is_clip, per_frame
 from kl_ae.common.weights import INCEPTION_FILE, KNOWN, cache_dir, fetch
 
 # the file torch-fidelity's FeatureExtractorInceptionV3 fetches with torch.hub.load_state_dict_from_url,
@@ -62,11 +64,36 @@ def ms_ssim(x: Tensor, y: Tensor) -> tuple[Tensor | None, str]:
 
 @torch.no_grad()
 def reconstruction_metrics(x: Tensor, x_hat: Tensor, lpips=None) -> dict[str, Tensor]:
-    """PSNR, SSIM (and LPIPS when a perceptual model is given) per image, for images in [-1, 1]."""
+    """PSNR, SSIM (and LPIPS when a perceptual model is given) per image, for images in [-1, 1]; clips
+    (B, C, T, H, W) give each clip's mean over its frames and the figures of `clip_metrics`."""
     a, b = to_unit(x), to_unit(x_hat)
+    if is_clip(x):
+        return clip_metrics(a, b, lpips)
     out = {"psnr": psnr(a, b), "ssim": ssim(a, b)}
     if lpips is not None:
         out["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
+    return out
+
+
+def temporal_psnr(a: Tensor, b: Tensor) -> Tensor:
+    """PSNR in dB of the frame-to-frame differences of clips in [0, 1] (B, C, T, H, W) against the reference's,
+    per clip (B,): flicker that per-frame scores hide shows here. NaN for one-frame clips."""
+    if a.shape[2] < 2:
+        return torch.full((a.shape[0],), math.nan, device=a.device)
+    da, db = a.float().diff(dim=2), b.float().diff(dim=2)  # (B, C, T-1, H, W), values in [-1, 1]
+    err = (da - db).square().flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / err)  # the same peak as the frames' PSNR, so the two read alike
+
+
+def clip_metrics(a: Tensor, b: Tensor, lpips=None) -> dict[str, Tensor]:
+    """Per clip (B,) of clips in [0, 1] (B, C, T, H, W): PSNR / SSIM (/ LPIPS) averaged over all frames, PSNR of the
+    first frame and of the rest apart (a causal model encodes the first frame alone), and `temporal_psnr`."""
+    frame_psnr = per_frame(psnr, a, b)  # (B, T)
+    rest = frame_psnr[:, 1:].mean(1) if a.shape[2] > 1 else torch.full_like(frame_psnr[:, 0], math.nan)
+    out = {"psnr": frame_psnr.mean(1), "ssim": per_frame(ssim, a, b).mean(1), "psnr_first": frame_psnr[:, 0],
+           "psnr_rest": rest, "temporal_psnr": temporal_psnr(a, b)}  # fmt: skip
+    if lpips is not None:
+        out["lpips"] = per_frame(lambda u, v: lpips(u * 2 - 1, v * 2 - 1).float(), a, b).mean(1)
     return out
 
 

@@ -30,6 +30,7 @@ from kl_ae.common.config import ConfigError, DataConfig, merge
 from kl_ae.common.data import build_datasets, build_val, load_images
 from kl_ae.common.runs import find_run, latest_weights
 from kl_ae.common.shards import looks_like_hub_name
+from kl_ae.common.video import is_video_source, load_clips
 from kl_ae.common.weights import offline_switch
 from kl_autoencoder import Autoencoder
 from kl_autoencoder.diffusers_format import WEIGHTS_NAME, is_hub_name
@@ -42,11 +43,16 @@ FP16_TOLERANCE = 0.05
 DEFAULT_RESOLUTION = 256  # held-out images for a model whose config records no size, outside a run
 
 
-def held_out_images(run: Path | None, data: str | None, resolution: int, max_images: int | None) -> tuple[Dataset, str]:
+def held_out_images(run: Path | None, data: str | None, resolution: int, max_images: int | None,
+                    longest=None) -> tuple[Dataset, str]:  # fmt: skip
     """(images in [-1, 1], a description): `data` (a folder: all its images; "sample" or a hub name: its held-out
-    split, as the run's trainer splits it) or else the run's validation split."""
+    split, as the run's trainer splits it; videos: their clips, cut by `longest`, the model's `longest_frames`) or
+    else the run's validation split."""
     if data is not None:
         run_data, seed = run_data_config(run) if run is not None else (None, 0)
+        if is_video_source(data):
+            clips = load_clips(data, 1, resolution, None, longest, max_images, seed, run_data)
+            return clips, f"{data} ({len(clips)} clips of {clips.frames} frames at {resolution}px)"
         images = load_images(data, 1, resolution=resolution, max_images=max_images, seed=seed, run_data=run_data)
         return images, f"{data} ({len(images)} images at {resolution}px)"
     if run is None:
@@ -344,7 +350,7 @@ def export_run(
     resolution = ae.sample_size or DEFAULT_RESOLUTION
     if run is not None and data is not None:
         resolution = run_data_config(run)[0].resolution
-    images, description = held_out_images(run, data, resolution, max_images)
+    images, description = held_out_images(run, data, resolution, max_images, ae.longest_frames)
     try:
         updates, info, (x, z) = measure_normalization(ae, images, batch_size, seed)
     except ValueError as e:

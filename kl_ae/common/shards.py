@@ -27,9 +27,11 @@ from PIL import Image
 
 from kl_ae.common.config import ConfigError, DataConfig
 from kl_ae.common.images import IMAGE_SUFFIXES, SAMPLE_VAL, list_images, sample_dir
+from kl_ae.common.video_io import VIDEO_SUFFIXES
 
-# the members / columns an image is taken from, first present wins (after data.image_column)
+# the members / columns an image (a video) is taken from, first present wins (after data.image_column)
 IMAGE_KEYS = tuple(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
+VIDEO_KEYS = ("video", *(s.lstrip(".") for s in sorted(VIDEO_SUFFIXES)))
 SHARD_KINDS = {".tar": "webdataset", ".parquet": "parquet"}
 
 
@@ -82,19 +84,24 @@ def shard_files(source: str, key: str = "data.source") -> tuple[str, list[str]] 
 def _webdataset_features() -> datasets.Features:
     # given, not inferred from the first samples: shards may mix extensions, and a sample without an image
     # (a .txt or .json alone) reads as all-None image columns instead of stopping the builder
-    names = dict.fromkeys(IMAGE_KEYS)
     return datasets.Features(
-        {**{k: datasets.Image(decode=False) for k in names}, "__key__": datasets.Value("string"),
-         "__url__": datasets.Value("string")}
+        {**{k: datasets.Image(decode=False) for k in IMAGE_KEYS}, **{k: datasets.Video(decode=False) for k in
+         VIDEO_KEYS[1:]}, "__key__": datasets.Value("string"), "__url__": datasets.Value("string")}
     )  # fmt: skip
 
 
 def open_stream(
-    source: str, image_column: str = "image", split: str = "train", key: str = "data.source", shuffle_files=None
+    source: str,
+    image_column: str = "image",
+    split: str = "train",
+    key: str = "data.source",
+    shuffle_files=None,
+    video: bool = False,
 ) -> tuple[datasets.IterableDataset, tuple[str, ...]]:
     """A `datasets.IterableDataset` of undecoded images and the columns an image may be in (first present wins):
     shards by their pattern (their order permuted by the seed `shuffle_files`, if given), anything else as a
-    hub dataset name or a local hub-style folder (`split`)."""
+    hub dataset name or a local hub-style folder (`split`). `video`: the columns a video may be in instead (VIDEO_KEYS,
+    or data.image_column unless it holds images)."""
     shards = shard_files(source, key)
     try:
         if shards is not None:
@@ -109,13 +116,16 @@ def open_stream(
     except Exception as e:  # network, auth, unknown name, unreadable file: all end the same way for the user
         raise ConfigError(f"{key}: cannot stream {source!r} (split {split!r}): {type(e).__name__}: {e}") from None
     features = ds.features or {}
-    candidates = (image_column, *IMAGE_KEYS) if features else (image_column,)
+    candidates = (image_column, *(VIDEO_KEYS if video else IMAGE_KEYS)) if features else (image_column,)
     columns = tuple(c for c in dict.fromkeys(candidates) if not features or c in features)
+    if video:  # data.image_column's default, "image", may name the thumbnails of a video dataset
+        columns = tuple(c for c in columns if not isinstance(features.get(c), datasets.Image))
     if not columns:
-        raise ConfigError(f"{key}: no image column in {source!r} (columns {list(features)}); set data.image_column")
+        what = "video" if video else "image"
+        raise ConfigError(f"{key}: no {what} column in {source!r} (columns {list(features)}); set data.image_column")
     for c in columns:
-        if isinstance(features.get(c), datasets.Image) and features[c].decode:
-            ds = ds.cast_column(c, datasets.Image(decode=False))  # decoding is ours: EXIF, alpha, limits
+        if isinstance(features.get(c), datasets.Image | datasets.Video) and features[c].decode:
+            ds = ds.cast_column(c, type(features[c])(decode=False))  # decoding is ours: EXIF, alpha, limits, seeks
     return ds, columns
 
 

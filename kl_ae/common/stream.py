@@ -18,6 +18,10 @@ DataLoader workers, resumable at the exact sample.
   drawn from (seed, epoch, sample label) alone.
 - Bad samples (undecodable, too large, no image member) are dropped and appended to the skip log as
   "<shard>:<key><TAB><reason>", once: a label already listed there is not written again.
+- Video (`data.num_frames` > 1, `StreamClips`): video members (`.mp4`, `.webm`, ... or a `video` / bytes column, see
+  `VIDEO_KEYS`) give clips, their first frame drawn from (seed, epoch, label) like the crop; `data.image_ratio` makes
+  whole batches one-frame clips of a frame each, decided per batch of a worker by (seed, epoch, worker, batch), the
+  same on every process. With `data.num_frames` == 1 a stream is read for its images only.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from datasets.distributed import split_dataset_by_node
 
 from kl_ae.common.config import ConfigError, DataConfig
 from kl_ae.common.data import build_val, crop_flip, decode_resized
-from kl_ae.common.images import DECODE_ERRORS, append_skips, read_skipped, reason
+from kl_ae.common.images import DECODE_ERRORS, append_skips, check_size, read_skipped, reason
 from kl_ae.common.shards import image_of, label_of, looks_like_hub_name, open_stream, shard_files, stable_seed
+from kl_ae.common.video import clip_indices, clip_starts, frame_index, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,12 @@ class StreamImages(torch.utils.data.IterableDataset):
         except DECODE_ERRORS as e:
             raise _BadSample(label, reason(e)) from None
 
+    def sample(self, example: dict, worker: int, yielded: int) -> tuple[str, torch.Tensor]:
+        """(label, float (3, r, r) in [-1, 1]) of the `yielded`-th sample this worker yields; raises _BadSample."""
+        label, x = self.decode(example)
+        seed = stable_seed(self.seed, self.epoch, label)
+        return label, crop_flip(x, self.resolution, self.random_crop, self.hflip, seed)
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
@@ -108,9 +119,10 @@ class StreamImages(torch.utils.data.IterableDataset):
         if start is not None and start["epoch"] != self.epoch:
             start = None  # a state of another epoch: this one starts at its beginning
         block, taken, block_start = (start["block"], start["taken"], start["stream"]) if start else (0, 0, None)
+        yielded = start.get("yielded", 0) if start else 0  # StreamClips decides image batches by it
         self.stream.set_epoch(self.epoch)
         self.stream.load_state_dict(block_start)  # None: from the epoch's first sample
-        self._state = {"epoch": self.epoch, "stream": block_start, "block": block, "taken": taken}
+        self._state = {"epoch": self.epoch, "stream": block_start, "block": block, "taken": taken, "yielded": yielded}
         listed = set(read_skipped(self.skip_log)) if self.skip_log is not None else set()
         samples = iter(self.stream)
         while True:
@@ -123,14 +135,16 @@ class StreamImages(torch.utils.data.IterableDataset):
                 rng = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, self.rank, worker, block))
                 order = torch.randperm(len(chunk), generator=rng).tolist()
             for n in range(taken, len(chunk)):
-                self._state = {"epoch": self.epoch, "stream": block_start, "block": block, "taken": n + 1}
+                self._state = {"epoch": self.epoch, "stream": block_start, "block": block, "taken": n + 1,
+                               "yielded": yielded}  # fmt: skip
                 try:
-                    label, x = self.decode(chunk[order[n]])
+                    sample = self.sample(chunk[order[n]], worker, yielded)
                 except _BadSample as e:
                     self._skip(e.label, e.reason, listed)
                     continue
-                seed = stable_seed(self.seed, self.epoch, label)
-                yield label, crop_flip(x, self.resolution, self.random_crop, self.hflip, seed)
+                yielded += 1
+                self._state["yielded"] = yielded  # the loader reads the state while this sample is out
+                yield sample
             block, taken, block_start = block + 1, 0, after
 
     def _skip(self, label: str, why: str, listed: set[str]) -> None:
@@ -145,6 +159,46 @@ class StreamImages(torch.utils.data.IterableDataset):
                 log.warning("data: cannot write the skip log %s: %s", self.skip_log, e)
 
 
+class StreamClips(StreamImages):
+    """A process's share of a stream of videos -> (label, float32 clip (3, T, resolution, resolution) in [-1, 1]),
+    or (3, 1, r, r) in the image batches of `data.image_ratio` (see the module docstring)."""
+
+    def __init__(self, stream: datasets.IterableDataset, columns, cfg: DataConfig, seed: int, rank: int, source: str):
+        super().__init__(stream, columns, cfg, seed, rank, source)
+        self.num_frames, self.stride, self.fps = cfg.num_frames, cfg.frame_stride, cfg.fps
+        self.image_ratio, self.batch_size = cfg.image_ratio, cfg.batch_size
+
+    def is_still(self, worker: int, yielded: int) -> bool:
+        # a worker's batch is `batch_size` consecutive samples it yields; not seeded by rank, so that the batches of
+        # one step are of one kind on every process (each process's DataLoader takes its workers in turn)
+        if self.image_ratio == 0:
+            return False
+        rng = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, worker, yielded // self.batch_size))
+        return bool(torch.rand((), generator=rng) < self.image_ratio)
+
+    def sample(self, example: dict, worker: int, yielded: int) -> tuple[str, torch.Tensor]:
+        value = image_of(example, self.columns)
+        label = label_of(example, value, self.source)
+        if value is None:
+            raise _BadSample(label, "no video member (none of the video columns / extensions)")
+        still = self.is_still(worker, yielded)
+        rng = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, label, "frames"))
+        try:
+            index = frame_index(value)
+            check_size((index.width, index.height), self.max_pixels, self.min_side)
+            if still:  # one frame: a one-frame clip
+                frames = [int(torch.randint(len(index.pts), (), generator=rng))]
+            else:
+                starts = clip_starts(index, self.num_frames, self.stride, self.fps)
+                start = int(torch.randint(starts, (), generator=rng))
+                frames = clip_indices(index, start, self.num_frames, self.stride, self.fps)
+            x = read_frames(value, frames, self.resize)  # uint8 (3, T, H, W)
+        except DECODE_ERRORS as e:
+            raise _BadSample(label, reason(e)) from None
+        seed = stable_seed(self.seed, self.epoch, label)
+        return label, crop_flip(x, self.resolution, self.random_crop, self.hflip, seed)  # (3, T, r, r)
+
+
 class _BadSample(Exception):
     def __init__(self, label: str, reason: str):
         super().__init__(f"{label}: {reason}")
@@ -157,7 +211,8 @@ class _NoImage(_BadSample):
 
 
 def stream_source(cfg: DataConfig, seed: int) -> tuple[datasets.IterableDataset, tuple[str, ...]]:
-    """The whole stream of `cfg.source` (shard file order permuted by `seed`), with its image columns."""
+    """The whole stream of `cfg.source` (shard file order permuted by `seed`), with its image (video) columns."""
+    video = cfg.num_frames > 1
     shards = shard_files(cfg.source)
     if shards is None:
         folder = Path(cfg.source).expanduser()
@@ -166,13 +221,13 @@ def stream_source(cfg: DataConfig, seed: int) -> tuple[datasets.IterableDataset,
                 f"data.streaming: {cfg.source!r} is not a hub dataset name or a local hub-style folder; "
                 "folders of images and 'sample' are read in place (data.streaming: false)"
             )
-        return open_stream(cfg.source, cfg.image_column, cfg.hub_split)
-    return open_stream(cfg.source, cfg.image_column, cfg.hub_split, shuffle_files=seed)
+        return open_stream(cfg.source, cfg.image_column, cfg.hub_split, video=video)
+    return open_stream(cfg.source, cfg.image_column, cfg.hub_split, shuffle_files=seed, video=video)
 
 
 def build_stream(
     cfg: DataConfig, seed: int, rank: int, world: int
-) -> tuple[StreamImages, torch.utils.data.Dataset, str]:
+) -> tuple[StreamImages | StreamClips, torch.utils.data.Dataset, str]:
     """(this process's training stream, the fixed validation set of `data.val_source`, a line on the sharding)."""
     cfg.validate()
     if cfg.val_source is None:
@@ -185,7 +240,7 @@ def build_stream(
     if cfg.repeats != 1:
         plan += f"\ndata: data.repeats={cfg.repeats} does not apply to a stream (each epoch reads every sample once)"
     stream = split_dataset_by_node(stream, rank=rank, world_size=world)
-    train = StreamImages(stream, columns, cfg, seed, rank, cfg.source)
+    train = (StreamClips if cfg.num_frames > 1 else StreamImages)(stream, columns, cfg, seed, rank, cfg.source)
     try:
         val = build_val(cfg, seed)
     except (ValueError, FileNotFoundError) as e:

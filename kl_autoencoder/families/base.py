@@ -1,9 +1,13 @@
-"""What every family adapter shares: the point posterior of deterministic latents, exact per-channel latent
-moments, freezing by parameter group, and writing a diffusers class with extra config keys.
+"""What every family adapter shares: images and clips through one interface, the point posterior of deterministic
+latents, exact per-channel latent moments, freezing by parameter group, and writing a diffusers class with extra
+config keys.
 
 An adapter holds a module (our `Autoencoder`, or one of diffusers' autoencoder classes) and adds only what that
-module lacks: images as (B, 3, H, W) in [-1, 1], the family's latent normalization as its diffusers pipeline
-applies it, and the parameter groups a fine-tune freezes. `kl_autoencoder.interface` lists the methods.
+module lacks: images (B, C, H, W) and clips (B, C, T, H, W) in [-1, 1], the family's latent normalization as its
+diffusers pipeline applies it, and the parameter groups a fine-tune freezes. A family implements the calls on its
+native shape (images for an image family, clips for a causal video family); `Adapter` takes the other shape through
+one helper: an image family folds T into the batch (frame by frame), a video family sees an image as a one-frame
+clip. `kl_autoencoder.interface` lists the methods.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..diffusers_format import CONFIG_NAME
+from ..model import DiagonalGaussian
 
 # the groups a fine-tune may train; "normalization" (statistics, buffers) changes only through set_normalization
 TRAINABLE = ("encoder", "decoder", "decoder_head")
@@ -37,7 +42,7 @@ class PointPosterior:
     logvar = None
 
     def __init__(self, z: torch.Tensor):
-        self.mean = z  # (B, C, h, w)
+        self.mean = z  # (B, C, h, w) or (B, C, t, h, w)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -93,20 +98,48 @@ class ChannelMoments:
         return math.sqrt(std**2 + mean**2)
 
 
+def fold_frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W), batch-major: row b*T + t is frame t of clip b."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def unfold_frames(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The inverse of `fold_frames`: (B*T, C, H, W) -> (B, C, T, H, W), contiguous."""
+    return x.unflatten(0, (batch, -1)).transpose(1, 2).contiguous()
+
+
+def reshaped(out, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A tensor, or a posterior over it, with `fn` applied to its tensors (dim 1, the channels, kept).
+
+    A Gaussian's moments (mean and log-variance stacked on dim 1) reshape as the latents do, so the posterior over
+    reshaped latents is the same distribution: mode(), sample() and kl() sum over every dim but the batch."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, PointPosterior):
+        return PointPosterior(fn(out.mean))
+    if isinstance(out, DiagonalGaussian):
+        return DiagonalGaussian(fn(out.moments))
+    raise TypeError(f"cannot reshape a {type(out).__name__}")
+
+
 def parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
     """The parameters of the modules that exist (quant convs are optional), in order."""
     return [p for m in modules if m is not None for p in m.parameters()]
 
 
 class Adapter:
-    """The shared part of every family: freezing by group, parameter counts, size checks, device moves.
+    """The shared part of every family: images and clips, freezing by group, parameter counts, size and length
+    checks, device moves.
 
-    A family sets `family` and implements encode, decode, normalize, denormalize, measure_normalization,
-    set_normalization, normalization, param_groups, save_pretrained, spatial_factor, latent_channels,
-    sample_size and fp16_safe (`kl_autoencoder.interface.LatentAutoencoder` says what each means).
+    A family sets `family` and implements `_encode`, `_decode`, `_normalize` and `_denormalize` on its native shape
+    (`is_video`: clips (B, C, T, H, W); else images (B, C, H, W)), measure_normalization, set_normalization,
+    normalization, param_groups, save_pretrained, spatial_factor, latent_channels, sample_size and fp16_safe; a video
+    family also temporal_factor (`kl_autoencoder.interface.LatentAutoencoder` says what each means).
     """
 
     family = ""
+    # a causal video model taking (B, C, T, H, W) natively; an image family takes clips frame by frame
+    is_video = False
 
     def __init__(self, module: nn.Module, class_name: str):
         self.module = module  # what training prepares, moves and puts in train() mode
@@ -114,6 +147,67 @@ class Adapter:
 
     def __repr__(self) -> str:
         return f"<{self.family} autoencoder ({self.class_name}), f{self.spatial_factor}, {self.latent_channels} ch>"
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame (after the first, which a causal model encodes alone); 1 for image families."""
+        return 1
+
+    @property
+    def frame_step(self) -> int:
+        """Clip lengths are 1 + frame_step * k: the temporal factor, more where the class's chunking asks; 1 (any
+        length) for an image family."""
+        return self.temporal_factor if self.is_video else 1
+
+    def check_frames(self, n: int) -> None:
+        """Raise ValueError (one line naming the lengths it takes) for a clip of `n` frames it cannot take."""
+        s = self.frame_step
+        if n >= 1 and (n - 1) % s == 0:
+            return
+        examples = ", ".join(str(1 + s * k) for k in range(5))
+        lengths = "any number of frames >= 1 (frame by frame)" if s == 1 else f"1 + {s}k frames ({examples}, ...)"
+        raise ValueError(f"{self.class_name} takes clips of {lengths}, got {n}")
+
+    def longest_frames(self, n: int) -> int:
+        """The longest clip length <= n that the model takes (n for an image family)."""
+        if n < 1:
+            self.check_frames(n)
+        return 1 + (n - 1) // self.frame_step * self.frame_step
+
+    def _shaped(self, x: torch.Tensor, fn: Callable):
+        """`fn`, the family's call on its native shape, on images (B, C, H, W) or clips (B, C, T, H, W): an image
+        family folds T into the batch (frame by frame); a video family sees an image as a one-frame clip."""
+        if x.dim() not in (4, 5):
+            shape = tuple(x.shape)
+            raise ValueError(f"{self.class_name} takes (B, C, H, W) images or (B, C, T, H, W) clips, got {shape}")
+        if (x.dim() == 5) == self.is_video:
+            return fn(x)
+        if self.is_video:
+            return reshaped(fn(x[:, :, None]), lambda t: t[:, :, 0])  # (B, C, 1, H, W) and back
+        return reshaped(fn(fold_frames(x)), lambda t: unfold_frames(t, x.shape[0]))
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian | PointPosterior:
+        """(B, C, H, W) -> posterior over (B, C', h, w); (B, C, T, H, W) -> over (B, C', t, h, w)."""
+        if x.dim() == 5:
+            self.check_frames(x.shape[2])
+        return self._shaped(x, self._encode)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C', h, w) -> (B, C, H, W); (B, C', t, h, w) -> (B, C, T, H, W)."""
+        return self._shaped(z, self._decode)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents of either shape -> what the family's pipeline feeds its transformer."""
+        return self._shaped(z, self._normalize)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._shaped(latents, self._denormalize)
+
+    def tiling(self, on: bool = True) -> None:
+        """Memory-bounded encode / decode of large frames through the class's own tiling where it has one (blended
+        overlapping tiles: close to, not equal to, the whole pass); a no-op for a class without one."""
+        if hasattr(self.module, "use_tiling"):
+            self.module.use_tiling = on
 
     @property
     def image_multiple(self) -> int:

@@ -28,16 +28,16 @@ class DC(DiffusersAdapter):
     def fp16_safe(self) -> bool | None:
         return None  # no force_upcast in the config
 
-    def encode(self, x: torch.Tensor) -> PointPosterior:
+    def _encode(self, x: torch.Tensor) -> PointPosterior:
         return PointPosterior(self.module.encode(x).latent)  # (B, C, H/f, W/f)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.module.decode(z).sample
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.config["scaling_factor"]
 
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.config["scaling_factor"]
 
     def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:

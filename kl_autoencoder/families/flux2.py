@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module, new_module, parameters
+from .base import ChannelMoments, DiffusersAdapter, fold_frames, load_module, new_module, parameters
 
 
 class Flux2(DiffusersAdapter):
@@ -39,10 +39,10 @@ class Flux2(DiffusersAdapter):
     def fp16_safe(self) -> bool | None:
         return None  # the config has no force_upcast; FLUX.2's pipelines run the VAE in bf16
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.module.encode(x).latent_dist.parameters)  # over (B, C, H/f, W/f)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.module.decode(z).sample
 
     def patchify(self, z: torch.Tensor) -> torch.Tensor:
@@ -63,19 +63,19 @@ class Flux2(DiffusersAdapter):
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.config["batch_norm_eps"]).to(like.device, like.dtype)
         return mean, std
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents (B, C, h, w) -> what the FLUX.2 transformer sees, (B, 4C, h/2, w/2)."""
         p = self.patchify(z)
         mean, std = self._statistics(p)
         return (p - mean) / std
 
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = self._statistics(latents)
         return self.unpatchify(latents * std + mean)
 
     def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
         """The BatchNorm's running statistics: per-channel mean and variance of the patchified latents."""
-        moments = ChannelMoments(self.patchify(z) for z in batches)
+        moments = ChannelMoments(self.patchify(fold_frames(z) if z.dim() == 5 else z) for z in batches)
         return {"running_mean": moments.mean.tolist(), "running_var": moments.std.square().tolist()}
 
     def set_normalization(self, updates: dict) -> None:

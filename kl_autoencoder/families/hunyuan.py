@@ -1,5 +1,6 @@
 """HunyuanImage 2.1's autoencoder (diffusers `AutoencoderKLHunyuanImage`): f32, 64 latent channels, DC-AE-style
 residual shortcuts, a Gaussian posterior. Its pipeline scales the latents by `scaling_factor` alone (no shift).
+`tiling` switches the class's tiled decode; the encode runs whole (the class's tiled encode takes video tensors).
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ class Hunyuan(DiffusersAdapter):
     def spatial_factor(self) -> int:
         return int(self.config["spatial_compression_ratio"])
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.module.encode(x).latent_dist.parameters)  # over (B, C, H/f, W/f)
+    def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        # the class's tiled encode takes 5-D video tensors only: its tiling is for the decode, the encode runs whole
+        tiled, self.module.use_tiling = self.module.use_tiling, False
+        try:
+            return DiagonalGaussian(self.module.encode(x).latent_dist.parameters)  # over (B, C, H/f, W/f)
+        finally:
+            self.module.use_tiling = tiled
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.module.decode(z).sample
 
     @property
@@ -32,10 +38,10 @@ class Hunyuan(DiffusersAdapter):
         scale = self.config["scaling_factor"]
         return 1.0 if scale is None else float(scale)
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.scaling_factor
 
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.scaling_factor
 
     def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:

@@ -16,11 +16,14 @@ from pathlib import Path
 import torch
 
 from ..model import Autoencoder, DiagonalGaussian
+from ..tiling import decode_tiled, encode_tiled
 from .base import Adapter, ChannelMoments, PointPosterior, parameters
 
 
 class Ours(Adapter):
     module: Autoencoder
+    tiled = False  # tiling(): images with a side over `tile` pixels go through kl_autoencoder.tiling
+    tile = 256  # tiling.py's default tile
 
     @property
     def family(self) -> str:
@@ -46,24 +49,35 @@ class Ours(Adapter):
     def fp16_safe(self) -> bool:
         return not self.module.config.force_upcast
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian | PointPosterior:
-        posterior = self.module.encode(x)
+    def tiling(self, on: bool = True) -> None:
+        """Images larger than `tile` pixels encode and decode tile by tile, with the whole image's GroupNorm
+        statistics ("exact"; the zero padding at tile borders remains: close to the whole pass, not equal)."""
+        self.tiled = on
+
+    def _tiled(self, side: int) -> bool:
+        """Whether an image whose longer side is `side` pixels goes through in tiles."""
+        return self.tiled and side > self.tile
+
+    def _encode(self, x: torch.Tensor) -> DiagonalGaussian | PointPosterior:
+        posterior = encode_tiled(self.module, x, self.tile) if self._tiled(max(x.shape[-2:])) else self.module.encode(x)
         return PointPosterior(posterior.latents) if self.vq else posterior
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.vq:
             z = self.module.quantize(z).z_q
+        if self._tiled(max(z.shape[-2:]) * self.spatial_factor):
+            return decode_tiled(self.module, z, self.tile)
         return self.module.decode(z)
 
     def _factors(self) -> tuple[float, float]:
         cfg = self.module.config
         return float(cfg.scaling_factor), float(cfg.shift_factor or 0.0)
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
         scale, shift = self._factors()
         return (z - shift) * scale
 
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         scale, shift = self._factors()
         return latents / scale + shift
 

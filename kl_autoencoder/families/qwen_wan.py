@@ -1,24 +1,32 @@
-"""Qwen-Image's and Wan's autoencoders (diffusers `AutoencoderKLQwenImage`, `AutoencoderKLWan`): causal 3-D
-convolutional VAEs for video, of which an image is a single frame.
+"""Wan's and Qwen-Image's autoencoders (diffusers `AutoencoderKLWan`, `AutoencoderKLQwenImage`): causal 3-D
+convolutional VAEs, f8 t4, for clips (B, C, 1 + 4k, H, W), of which an image is a single frame.
 
-Our images are (B, 3, H, W) and our latents (B, C, h, w): the adapter adds the frame axis, (B, C, 1, H, W),
-on the way in and removes it on the way out. Both pipelines (diffusers `QwenImagePipeline`, `WanPipeline`)
-normalize per channel with the config's `latents_mean` / `latents_std`, multiplying by the reciprocal of the
-std: `normalize` / `denormalize` do the same arithmetic, so they round the same way.
+Both classes take clips natively (`is_video`): the first frame is encoded alone, then every 4 frames make one latent
+frame, each chunk through the causal feature cache (`_encode` / `_decode` of the class), so a long clip costs the
+memory of one chunk and comes out exactly as a whole pass would. Qwen-Image's pipeline only ever feeds one frame,
+but its class is Wan's architecture and takes clips alike, so it counts as a video model here too. An image
+(B, C, H, W) goes through as the clip (B, C, 1, H, W) and its latents back to (B, C', h, w).
+
+Both pipelines (diffusers `QwenImagePipeline`, `WanPipeline`) normalize per channel with the config's
+`latents_mean` / `latents_std`, multiplying by the reciprocal of the std: `normalize` / `denormalize` do the same
+arithmetic, so they round the same way. `build` makes a new random `AutoencoderKLWan` for training from scratch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module
+from .base import ChannelMoments, DiffusersAdapter, load_module, new_module
 
 
 class QwenWan(DiffusersAdapter):
+    is_video = True
+
     @property
     def family(self) -> str:
         return "wan" if self.class_name == "AutoencoderKLWan" else "qwen-image"
@@ -34,28 +42,42 @@ class QwenWan(DiffusersAdapter):
         return 2 ** len(self.config["temperal_downsample"]) * int(patch)
 
     @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(bool(t) for t in self.config["temperal_downsample"])  # the levels that also halve time
+
+    @property
+    def frame_step(self) -> int:
+        # the class encodes the first frame, then chunks of 4 frames (a literal 4 in its `_encode`), and drops the
+        # frames a last, shorter chunk would hold
+        return math.lcm(4, self.temporal_factor)
+
+    @property
     def sample_size(self) -> int | None:
         return None  # not in these configs: any multiple of the spatial factor
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        moments = self.module.encode(x[:, :, None]).latent_dist.parameters  # (B, 2C, 1, h, w)
-        return DiagonalGaussian(moments[:, :, 0])
+    def tiling(self, on: bool = True) -> None:
+        """The class's spatial tiles (blended where frames exceed 256 px: close, not equal); in time the causal
+        cache is always on, and exact."""
+        self.module.enable_tiling() if on else self.module.disable_tiling()
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.module.decode(z[:, :, None]).sample[:, :, 0]  # (B, 3, H, W), clamped to [-1, 1] by diffusers
+    def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.module.encode(x).latent_dist.parameters)  # over (B, C', t, h, w)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.module.decode(z).sample  # (B, C, T, H, W), clamped to [-1, 1] by diffusers
 
     def _statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents_mean, 1 / latents_std), each (1, C, 1, 1), as the pipelines build them."""
+        """(latents_mean, 1 / latents_std), each (1, C, 1, 1, 1), as the pipelines build them."""
         C = self.latent_channels
-        mean = torch.tensor(self.config["latents_mean"]).view(1, C, 1, 1).to(like.device, like.dtype)
-        inv_std = 1.0 / torch.tensor(self.config["latents_std"]).view(1, C, 1, 1).to(like.device, like.dtype)
+        mean = torch.tensor(self.config["latents_mean"]).view(1, C, 1, 1, 1).to(like.device, like.dtype)
+        inv_std = 1.0 / torch.tensor(self.config["latents_std"]).view(1, C, 1, 1, 1).to(like.device, like.dtype)
         return mean, inv_std
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
         mean, inv_std = self._statistics(z)
         return (z - mean) * inv_std
 
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         mean, inv_std = self._statistics(latents)
         return latents / inv_std + mean
 
@@ -74,3 +96,10 @@ def load(folder: Path, class_name: str) -> QwenWan:
 
     cls = AutoencoderKLWan if class_name == "AutoencoderKLWan" else AutoencoderKLQwenImage
     return QwenWan(load_module(cls, folder), class_name)
+
+
+def build(arch: dict) -> QwenWan:
+    """A new, randomly initialised `AutoencoderKLWan(**arch)` (training mode); ValueError for arguments it rejects."""
+    from diffusers import AutoencoderKLWan
+
+    return QwenWan(new_module(AutoencoderKLWan, arch), "AutoencoderKLWan")

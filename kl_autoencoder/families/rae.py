@@ -53,20 +53,20 @@ class RAE(DiffusersAdapter):
                 f"got {height}x{width}"
             )
 
-    def encode(self, x: torch.Tensor) -> PointPosterior:
+    def _encode(self, x: torch.Tensor) -> PointPosterior:
         latents = self.module.encode((x + 1) / 2).latent  # normalized, (B, hidden, h, w)
-        return PointPosterior(self.denormalize(latents))
+        return PointPosterior(self._denormalize(latents))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         # contiguous: diffusers' decode views the latents as tokens, which a rotated or sliced latent is not
-        return self.module.decode(self.normalize(z).contiguous()).sample * 2 - 1
+        return self.module.decode(self._normalize(z).contiguous()).sample * 2 - 1
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
         latents = self.module._normalize_latents(z)
         scale = self.config["scaling_factor"]
         return latents * scale if scale != 1.0 else latents  # diffusers skips the product at 1
 
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         scale = self.config["scaling_factor"]
         return self.module._denormalize_latents(latents / scale if scale != 1.0 else latents)
 
