@@ -20,7 +20,7 @@ from kl_ae.common.metrics import clip_metrics, reconstruction_metrics
 from kl_ae.common.video import probe_video, read_video, write_video
 
 WAN = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
-           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])  # fmt: skip
+           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0], scale_factor_spatial=4)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,30 @@ def test_decoder_only_fine_tune_on_clips_keeps_encoder_and_normalization(wan, cl
     assert any(not torch.equal(before[k], after[k]) for k in decoder)
     config = json.loads((out / "diffusers" / "config.json").read_text())
     assert config["latents_mean"] == WAN["latents_mean"] and config["latents_std"] == WAN["latents_std"]
+    wan_pipeline_makes_frames(out / "diffusers")
+
+
+def wan_pipeline_makes_frames(folder: Path) -> None:
+    """The folder loads strictly into AutoencoderKLWan and serves as the vae of diffusers' WanPipeline (a tiny
+    random transformer, prompt embeddings given directly): frames come out."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    vae, info = AutoencoderKLWan.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=1,
+        rope_max_seq_len=32,
+    )
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+    frames = pipe(prompt_embeds=torch.randn(1, 4, 16), height=32, width=32, num_frames=5, num_inference_steps=2,
+                  guidance_scale=1.0, output_type="pt").frames  # fmt: skip
+    assert frames.shape == (1, 5, 3, 32, 32) and torch.isfinite(frames).all()

@@ -23,6 +23,8 @@ import torch
 from kl_ae.bench.common import FAMILIES, BenchConfig, images, interleaved_times
 from kl_ae.bench.video import CLIP_FRAMES, VIDEO_FAMILIES, video_config
 
+# the switches of diffusers' memory-saving paths (HunyuanVideo's framewise passes are turned off by our adapter)
+TILING_FLAGS = ("use_tiling", "use_slicing", "use_framewise_encoding", "use_framewise_decoding")
 _KL_LEVELS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   layers_per_block=2)  # fmt: skip
 
@@ -127,6 +129,9 @@ def bench_family(name: str, cfg: BenchConfig) -> dict:
         ae = load_autoencoder(tmp).to(cfg.device)
         vae = getattr(diffusers, class_name).from_pretrained(tmp, torch_dtype=torch.float32).eval().to(cfg.device)
     ae.module.eval()
+    for flag in TILING_FLAGS:  # the adapter may switch a class's windows off at load: the same work on both sides
+        if hasattr(vae, flag) and hasattr(ae.module, flag):
+            setattr(vae, flag, getattr(ae.module, flag))
     ae.check_size(cfg.resolution, cfg.resolution)
     x = images(cfg.resolution, cfg.batch_size, cfg.seed + 1, cfg.device)
     if name in VIDEO_FAMILIES:  # a clip: each frame a shifted copy of the image (motion)

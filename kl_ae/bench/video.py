@@ -101,7 +101,9 @@ def bench_video_data(cfg: BenchConfig) -> dict:
     from kl_ae.common.data import build_datasets
 
     frames, batch = 9, cfg.batch_size
-    data = DataConfig(source="sample-video", num_frames=frames, resolution=cfg.resolution, batch_size=batch)
+    # two training videos: each visited many times, a fresh clip (start, crop, flip) per visit
+    data = DataConfig(source="sample-video", num_frames=frames, resolution=cfg.resolution, batch_size=batch,
+                      repeats=(cfg.steps + 2) * batch)  # fmt: skip
     train, _ = build_datasets(data, cfg.seed)
     out: dict = {"clip": f"{frames} frames at {cfg.resolution} px", "batch_size": batch, "loader": {}}
     for workers in (0, 2):
