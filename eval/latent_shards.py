@@ -32,6 +32,7 @@ from kl_ae.common.config import ConfigError
 from kl_ae.common.data import crop_flip, decode_resized
 from kl_ae.common.images import (
     DECODE_ERRORS,
+    Unusable,
     append_skips,
     open_image,
     pixel_limit_lifted,
@@ -40,6 +41,7 @@ from kl_ae.common.images import (
     to_rgb,
 )
 from kl_ae.common.shards import TarWriter, image_of, label_of, open_stream
+from kl_ae.common.video_io import read_video
 from kl_autoencoder.interface import LatentAutoencoder
 
 CONFIG_FILE = "latents_config.json"
@@ -100,19 +102,38 @@ def _write_shard(path: Path, rows: dict, fmt: str, features: datasets.Features) 
     writer.close()
 
 
+def clip_pixels(value, frames: int, resolution: int | None, factor: int) -> torch.Tensor:
+    """A streamed video's first `frames` frames, (3, T, H, W) in [-1, 1]: resized (shorter side) and centre-cropped
+    to `resolution`, or at own size cropped to a multiple of the factor; raises one of DECODE_ERRORS."""
+    x, _ = read_video(value, frames, resolution)  # uint8 (3, T, h, w)
+    if x.shape[1] < frames:
+        raise Unusable(f"too short: {x.shape[1]} frames, {frames} asked for")
+    h, w = x.shape[-2:]
+    th, tw = (resolution, resolution) if resolution is not None else (h // factor * factor, w // factor * factor)
+    if th == 0 or tw == 0:
+        raise Unusable(f"{w}x{h} is smaller than the downsampling factor {factor}")
+    top, left = (h - th) // 2, (w - tw) // 2
+    return x[..., top : top + th, left : left + tw].float().div(127.5).sub(1.0)
+
+
 def encode_chunk(ae: LatentAutoencoder, chunk: list, indices: list[int], data: str, columns, skip,
-                 resolution: int | None, batch_size: int, sample: bool, gen) -> dict:  # fmt: skip
+                 resolution: int | None, batch_size: int, sample: bool, gen,
+                 frames: int | None = None) -> dict:  # fmt: skip
     """The rows {"latent", "index", "path"} of one chunk of the stream (its samples numbered `indices`): latent =
-    ae.normalize(z) of each good sample; `skip(label, error)` is told of each bad one."""
+    ae.normalize(z) of each good sample; `skip(label, error)` is told of each bad one. `frames`: a stream of videos,
+    each encoded as one clip of its first `frames` frames."""
     good = []  # (index, label, pixels)
     for index, example in zip(indices, chunk):
         value = image_of(example, columns)
         label = label_of(example, value, data)
         try:
             if value is None:
-                raise ValueError("no image member (none of the image columns / extensions)")
-            x = pixels(value, resolution, ae.image_multiple)
-            ae.check_size(*x.shape[1:])  # RAE: its one size only
+                raise ValueError(f"no {'video' if frames else 'image'} member (none of the columns / extensions)")
+            if frames:
+                x = clip_pixels(value, frames, resolution, ae.image_multiple)
+            else:
+                x = pixels(value, resolution, ae.image_multiple)
+            ae.check_size(*x.shape[-2:])  # RAE: its one size only
             good.append((index, label, x))
         except DECODE_ERRORS as e:
             skip(label, e)
@@ -125,7 +146,7 @@ def encode_chunk(ae: LatentAutoencoder, chunk: list, indices: list[int], data: s
             posterior = ae.encode(torch.stack([p for _, _, p in part]).to(device))
             z = posterior.sample(gen) if sample else posterior.mode()
             for (index, label, _), latent in zip(part, ae.normalize(z.float()).cpu().numpy()):
-                rows["latent"].append(latent)  # (C, h, w)
+                rows["latent"].append(latent)  # (C, h, w); clips (C, t, h, w)
                 rows["index"].append(index)
                 rows["path"].append(label)
     return rows
@@ -143,17 +164,19 @@ def encode_stream(
     seed: int = 0,
     fmt: str = "parquet",
     per_shard: int = 1000,
+    frames: int | None = None,
 ) -> Path:
     """Encode the stream `data` into latent shards under `out` (see the module docstring). `settings` go to
     latents_config.json; they record `ae.normalization()`, the normalization `ae.normalize` applies here, so the
-    record and the latents cannot disagree."""
+    record and the latents cannot disagree. `frames`: the stream holds videos; each becomes one latent of its first
+    `frames` frames (videos shorter than that are skipped and listed)."""
     out = Path(out)
     if fmt not in FORMATS:
         raise ConfigError(f"--format: choose one of {list(FORMATS)}, got {fmt!r}")
     if per_shard < 1:
         raise ConfigError(f"--per-shard: must be >= 1, got {per_shard}")
     rank, world = accelerator.process_index, accelerator.num_processes
-    stream, columns = open_stream(data, key="--data")
+    stream, columns = open_stream(data, key="--data", video=frames is not None)
     stream = split_dataset_by_node(stream, rank=rank, world_size=world)
     progress_file = out / ".progress" / f"{rank:05d}.json"
     progress_file.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +199,7 @@ def encode_stream(
     while chunk := list(itertools.islice(samples, per_shard)):
         state = stream.state_dict()
         indices = [(progress["position"] + j) * world + rank for j in range(len(chunk))]
-        rows = encode_chunk(ae, chunk, indices, data, columns, skip, resolution, batch_size, sample, gen)
+        rows = encode_chunk(ae, chunk, indices, data, columns, skip, resolution, batch_size, sample, gen, frames)
         if rows["latent"]:
             name = f"{rank:05d}-{len(progress['files']):05d}.{ext}"
             _write_shard(out / name, rows, fmt, latent_features(rows["latent"]))

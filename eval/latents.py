@@ -141,8 +141,11 @@ def encode_dataset(
     check_arguments(ae, resolution, batch_size, split, stream, fmt, grid)
     settings = latent_settings(ae, model_path, data, resolution, sample, seed)
     settings |= split_settings(data, split, grid, max_images, split_seed, run_data)
-    if stream:
-        args = (resolution, batch_size, sample, seed, fmt or "parquet", per_shard)
+    if stream:  # of videos with --frames: one clip of that many frames per video
+        check_frames(ae, frames)
+        if frames is not None:
+            settings |= {"frames": frames, "temporal_factor": ae.temporal_factor}
+        args = (resolution, batch_size, sample, seed, fmt or "parquet", per_shard, frames)
         return encode_stream(ae, data, out, settings, accelerator, *args)
     if is_video_source(data):
         check_frames(ae, frames)

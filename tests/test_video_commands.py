@@ -167,6 +167,27 @@ def test_encode_decode_and_reconstruct_videos(wan, clips, tmp_path):
     assert (info.frames, info.width, info.height) == (13, 96, 40)  # all 13 frames (1 + 4 * 3), input | output
 
 
+def test_encode_a_stream_of_videos_lists_bad_members(wan, clips, tmp_path):
+    import io
+    import tarfile
+
+    from eval.latents import encode_dataset, read_latents
+    from kl_ae.common.images import read_skipped
+
+    members = [(f"{i:04d}.mp4", (clips / f"clip{i}.mp4").read_bytes()) for i in range(3)]
+    members.insert(1, ("0100.mp4", b"not a video"))
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = encode_dataset(str(wan), str(tmp_path / "00000.tar"), tmp_path / "latents", frames=9, resolution=32)
+    table, settings = read_latents(out)
+    assert len(table) == 3 and settings["frames"] == 9
+    assert np.array(table.with_format("numpy")["latent"][0]).shape == (4, 3, 8, 8)
+    assert [k for k in read_skipped(out / "skipped.txt") if k.endswith("0100")]  # the bad member, listed
+
+
 def test_probe_trains_on_video_latents(wan, clips, tmp_path):
     import eval.denoiser as dn
     from eval.probe import ProbeConfig, probe
