@@ -80,6 +80,17 @@ def test_frames_fold_into_the_batch_in_order():
     assert a.shape[2] == 2 and torch.equal(b, a + 1)  # the same frames of both
 
 
+def test_a_folder_of_videos_alone_mixes_in_frames_as_images(clips):
+    from kl_ae.common.config import DataConfig
+    from kl_ae.common.data import build_datasets
+
+    cfg = DataConfig(source=str(clips), num_frames=5, resolution=32, resize=40, batch_size=1, image_ratio=0.5,
+                     val_fraction=0.34, repeats=8)  # fmt: skip
+    train, _ = build_datasets(cfg, 0)
+    shapes = [tuple(train[i].shape) for i in range(len(train))]
+    assert set(shapes) == {(3, 5, 32, 32), (3, 1, 32, 32)}  # clips, and single frames of the videos as images
+
+
 # ----------------------------------------------------------------------------- the loss stack on clips
 
 
