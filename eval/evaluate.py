@@ -10,7 +10,9 @@ launch` (sharded loader, per-image values through `gather_for_metrics`). Images 
 (cropped to what every model takes) or brought to `resolution` by a named protocol (`kl_ae.common.data.PROTOCOLS`);
 protocol, posterior and FID implementation are recorded; rFID's real side is cached per image set and protocol
 (`kl_ae.common.fid_stats`). A `--split` of `sample` or a hub name, or of a run's own folder, is the run's
-held-out split when the model is a run (its split settings and seed).
+held-out split when the model is a run (its split settings and seed); without `--data`, a run's own held-out split.
+Images of any channel count, at their own bit depth, read with the model's recorded value mapping
+(`eval.channels`).
 
     kl-ae eval --model RUN|CHECKPOINT|DIFFUSERS_DIR|HUB_NAME --data FOLDER|sample|HUB_NAME [--compare PATH2] ...
 """
@@ -27,12 +29,15 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from eval import channels as chans
 from eval import diagnostics as diag
 from eval import report
 from eval.clips import clip_figures, clip_row, clip_summary, fvd_status_for
+from eval.figures import figures
 from eval.geometry import TRANSFORMS, geometry_row, scale_size
 from eval.geometry import summarize as summarize_geometry
 from eval.models import check_frames, check_resolution, check_sizes, image_multiple, load_model, longest_frames
+from kl_ae.common.channels import model_mapping
 from kl_ae.common.config import ConfigError
 from kl_ae.common.data import PROTOCOLS, EvalImages, load_images
 from kl_ae.common.fid_stats import load_reference, reference_file, reference_key, save_reference
@@ -55,6 +60,7 @@ from kl_ae.common.metrics import (
 from kl_ae.common.release import run_data_config
 from kl_ae.common.runs import find_run
 from kl_ae.common.video import EvalClips, is_video_source, load_clips
+from kl_ae.common.views import rgb_view
 from kl_autoencoder.interface import LatentAutoencoder
 
 
@@ -78,6 +84,8 @@ class EvalConfig:
     kl_threshold: float = 0.01  # nats per latent element for an active channel / unit
     vectors_per_image: int = 64  # latent vectors kept per image for the MMD and the histograms
     grid_images: int = 8
+    # N bands: the triplet LPIPS, rFID and the pictures see (None: the run's loss.lpips_channels; pictures: 0, 1, 2)
+    bands: list[int] | None = None
 
 
 def latent_row(ae: LatentAutoencoder, posterior, z: torch.Tensor, cfg: EvalConfig, gen) -> dict:
@@ -132,7 +140,7 @@ def collect(
             row = clip_row(a, b, lpips, inception, real)
             ms_ssim_reason = "clips: MS-SSIM is not measured"
         else:
-            row = image_row(a, b, lpips, inception, real)
+            row = image_row(a, b, lpips, inception, real, cfg.bands)
             reason = row.pop("ms_ssim_reason")
             ms_ssim_reason = ms_ssim_reason or reason
         row |= latent_row(ae, posterior, z, cfg, gen)
@@ -149,9 +157,10 @@ def collect(
     return {k: torch.cat(v) for k, v in values.items()}, ms_ssim_reason
 
 
-def image_row(a: torch.Tensor, b: torch.Tensor, lpips, inception, real: bool) -> dict[str, torch.Tensor]:
+def image_row(a: torch.Tensor, b: torch.Tensor, lpips, inception, real: bool, bands=None) -> dict[str, torch.Tensor]:
     """Per-image values of one batch of images in [0, 1]: PSNR, SSIM, MSE, MS-SSIM (NaN, and its reason under
-    "ms_ssim_reason", where too small), pixels, LPIPS and Inception features where their networks are given."""
+    "ms_ssim_reason", where too small), pixels, PSNR per channel (RGBA: of alpha and the composite), LPIPS and
+    Inception features (of the 3-channel view, `rgb_view` with `bands`) where their networks are given."""
     n = len(a)
     ms, reason = ms_ssim(a, b)
     row = {
@@ -161,9 +170,10 @@ def image_row(a: torch.Tensor, b: torch.Tensor, lpips, inception, real: bool) ->
         "ms_ssim": ms if ms is not None else torch.full((n,), math.nan, device=a.device),
         "pixels": torch.full((n,), float(a.shape[2] * a.shape[3]), dtype=torch.float64, device=a.device),
         "ms_ssim_reason": reason,
-    }
-    if lpips is not None:
+    } | chans.channel_row(a, b)
+    if lpips is not None:  # any channel count: `chans.rgb_networks` wrapped it in ChannelLPIPS
         row["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
+    a, b = rgb_view(a, bands)[0], rgb_view(b, bands)[0]  # `rgb_networks` left Inception only where these exist
     if inception is not None:
         if real:
             row["inception_real"] = inception_features(inception, a)
@@ -186,6 +196,8 @@ def reconstruction(values: dict[str, torch.Tensor], lpips_status: str, fid_statu
         if len(ms)
         else {"available": False, "reason": reason or "images too small for 5 scales"},
     }
+    if "psnr_channels" in values:
+        rec |= chans.channel_summary(values)
     if "lpips" in values:
         rec["lpips"] = {"available": True, "value": values["lpips"].double().mean().item(), "net": lpips_status}
     else:
@@ -249,55 +261,6 @@ def summarize(
         "geometry": geometry,
         "warnings": [warning] if warning else [],
     } | family
-
-
-@torch.no_grad()
-def figures(ae: LatentAutoencoder, images: EvalImages, result: dict, tag: str, out: Path, cfg: EvalConfig, device):
-    """Reconstruction grid and prior-sample grid (VQ: random-code grid) of one model (main process).
-
-    Returns {caption key: file}: "recon", and "prior" (continuous latents) or "codes" (VQ).
-    """
-    n = min(cfg.grid_images, len(images))
-    x = [images[i].to(device) for i in range(n)]
-    x_hat = [ae.decode(ae.encode(xi[None]).mode())[0] for xi in x]
-    x, x_hat = [to_unit(t).cpu() for t in x], [to_unit(t).cpu() for t in x_hat]
-    factor = ae.spatial_factor
-    size = report.display_size([tuple(t.shape[1:]) for t in x], ae.image_multiple)
-    report.save_reconstruction_grid(x, x_hat, out / f"recon_{tag}.png", size)
-    # prior samples at the tile size, next to the same images' reconstructions at that size
-    gen = torch.Generator().manual_seed(cfg.seed)
-    thumbs = [report.thumbnail(t, size)[None].to(device) * 2 - 1 for t in x]
-    recon = torch.stack([to_unit(ae.decode(ae.encode(t).mode())[0]).cpu() for t in thumbs])
-    if ae.family == "vq":
-        # codes drawn independently per position, uniformly over the used codes and from the code histogram
-        counts = torch.tensor(result["codebook"]["histogram"], dtype=torch.float64)
-        if counts.sum() == 0:
-            counts = torch.ones_like(counts)
-        shape = (n, size // factor, size // factor)
-        uniform = torch.multinomial((counts > 0).double(), math.prod(shape), replacement=True, generator=gen)
-        unigram = torch.multinomial(counts, math.prod(shape), replacement=True, generator=gen)
-        rows = [recon]
-        for idx in (uniform, unigram):  # quantized latents: the module's decode, which does not quantize again
-            rows.append(to_unit(ae.module.decode(codes_to_latents(ae.module, idx.view(shape).to(device)))).cpu())
-        report.save_code_grid(*rows, out / f"codes_{tag}.png")
-        return {"recon": f"recon_{tag}.png", "codes": f"codes_{tag}.png"}
-    stats = result["latents"]
-    shape = (n, ae.latent_channels, size // factor, size // factor)
-    eps = torch.randn(shape, generator=gen).to(device)
-    mean = torch.tensor(stats["latents_mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(stats["latents_std"], device=device).view(1, -1, 1, 1)
-    prior = to_unit(ae.decode(eps)).cpu()
-    aggregate = to_unit(ae.decode(eps * std + mean)).cpu()
-    report.save_prior_grid(recon, prior, aggregate, out / f"prior_{tag}.png")
-    return {"recon": f"recon_{tag}.png", "prior": f"prior_{tag}.png"}
-
-
-def codes_to_latents(model: torch.nn.Module, indices: torch.Tensor) -> torch.Tensor:
-    """Code indices (B, h, w) -> the quantized latents (B, code_dim, h, w) that `model.decode` takes."""
-    codebook = model.quantize.embedding.weight
-    if model.config.normalize_codes:  # the quantizer looks up (and outputs) unit-norm codes
-        codebook = torch.nn.functional.normalize(codebook, dim=1)
-    return codebook[indices].permute(0, 3, 1, 2).contiguous()
 
 
 def lpips_for_eval(mode: str, download: bool = True) -> tuple[torch.nn.Module | None, str]:
@@ -378,16 +341,22 @@ def eval_images(cfg: EvalConfig, models: dict[str, LatentAutoencoder]) -> tuple[
         cfg.data = run_data.source
     own_folder = run_data is not None and same_folder(cfg.data, run_data.source)
     multiple = image_multiple(*models.values())
+    channels = {name: ae.image_channels for name, ae in models.items()}
+    if len(set(channels.values())) > 1:
+        raise ConfigError(f"--compare: takes {channels['compare']} channels, --model {channels['model']}")
+    mapping = model_mapping(cfg.model)
+    chans.check_mapping(mapping, channels["model"], cfg.model)
+    cfg.bands = cfg.bands if cfg.bands is not None else chans.run_bands(run)
     if is_video_source(cfg.data):
         clips = load_clips(cfg.data, multiple, cfg.resolution, cfg.frames, longest_frames(*models.values()),
                            cfg.max_images, seed, run_data)  # fmt: skip
         return clips, {"split_seed": seed, "run": str(run) if run is not None else None, "frames": clips.frames}
     images = load_images(cfg.data, multiple, cfg.split, cfg.resolution, cfg.max_images, seed, own_folder,
-                         protocol=cfg.protocol, run_data=run_data)  # fmt: skip
+                         cfg.protocol, run_data, channels["model"], mapping)  # fmt: skip
     for name, ae in models.items():
         check_sizes(ae, images.sizes(), name)
     split = {"split_seed": seed, "run": str(run) if run is not None else None}
-    return images, split
+    return images, split | {"value_mapping": images.mapping, "psnr_peak": chans.peak_note(images.mapping)}
 
 
 def measure(cfg: EvalConfig, models: dict, images: EvalImages, accelerator: Accelerator) -> tuple[dict, dict, int]:
@@ -403,13 +372,17 @@ def measure(cfg: EvalConfig, models: dict, images: EvalImages, accelerator: Acce
         inception, fid_status = build_i3d(download=first) if clips else build_inception(download=first)
     if clips:
         inception, fid_status = fvd_status_for(inception, fid_status, images.frames)
+    else:  # LPIPS and Inception take RGB: the view of other channel counts, or off with the reason
+        channels = images.mapping["channels"]
+        lpips, lpips_status, inception, fid_status = chans.rgb_networks(channels, cfg.bands, lpips, lpips_status,
+                                                                  inception, fid_status)  # fmt: skip
     for module in (lpips, inception, *(ae.module for ae in models.values())):
         if module is not None:
             module.to(accelerator.device).eval()
     fid_key = reference = None
     if inception is not None and not clips:
         # every process looks before its first gather; the main process writes only after the last one
-        fid_key = reference_key(images, sizes, fid_implementation())
+        fid_key = reference_key(images, sizes, fid_implementation()) | chans.view_key(images.mapping, cfg.bands)
         cached = load_reference(fid_key)
         reference = None if cached is None else (cached[0], cached[1], f"cached statistics: {cached[2]}")
     results, vectors = {}, {}

@@ -1,5 +1,10 @@
 """`kl-ae reconstruct`: encode and decode one image (the posterior mode) with any supported autoencoder, whole or
-tiled, and write a PNG.
+tiled, and write it back in its own format.
+
+The image is read at its own depth with the model's channels and mapped to [-1, 1] by the model's recorded value
+mapping (a run's or an exported folder's; else the file's format range), and the decoding mapped back
+(`kl_ae.common.channels`): a 16-bit PNG gives a 16-bit PNG (equal values after a perfect round trip), RGBA an RGBA
+PNG, one channel a grayscale PNG; N bands (or float values) a TIFF beside `--out` and a false-colour PNG preview at it.
 
 Tiling is the architecture's own: our KL / VQ model uses `kl_autoencoder.tiling` (tiles whose GroupNorms see the
 whole image's statistics); a diffusers family uses the class's `enable_tiling()` (blended overlapping tiles) with
@@ -11,14 +16,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from eval.channels import run_bands
 from eval.models import check_frames, load_model
-from kl_ae.common.config import ConfigError
-from kl_ae.common.images import DECODE_ERRORS, reason, to_rgb
+from kl_ae.common.channels import files_mapping, model_mapping, read_fitted, to_model, to_stored
+from kl_ae.common.config import ConfigError, DataConfig
+from kl_ae.common.images import DECODE_ERRORS, reason
+from kl_ae.common.metrics import to_unit
+from kl_ae.common.runs import find_run
+from kl_ae.common.stored import write_stored
 from kl_ae.common.video import VIDEO_SUFFIXES, read_video, write_video
+from kl_ae.common.views import display
 from kl_autoencoder.interface import LatentAutoencoder
 from kl_autoencoder.tiling import decode_tiled, encode_tiled
 
@@ -66,16 +75,18 @@ def codec(ae: LatentAutoencoder, x: torch.Tensor, tile: int | None) -> torch.Ten
 
 
 def reconstruct(image: str, model_path: str, out: str, tile: int | None = None, frames: int | None = None) -> Path:
-    """Encode and decode one image (posterior mean), tiled when `tile` is given; writes a PNG. A video: its first
-    `frames` frames (default: all, cut to the longest length the model takes), written as a side-by-side video
-    (input | reconstruction) at the input's frame rate."""
+    """Encode and decode one image (posterior mean), tiled when `tile` is given; writes it in its own format (see
+    the module docstring) and returns the file. A video: its first `frames` frames (default: all, cut to the longest
+    length the model takes), written as a side-by-side video (input | reconstruction) at the input's frame rate."""
     ae = load_model(model_path)
     if Path(image).suffix.lower() in VIDEO_SUFFIXES:
         return reconstruct_video(image, ae, out, tile, frames)
     m = ae.image_multiple
-    with Image.open(image) as img:
-        img = to_rgb(img)
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    try:
+        mapping = model_mapping(model_path) or files_mapping([Path(image)], DataConfig(channels=ae.image_channels), 0)
+        x = torch.from_numpy(to_model(read_fitted(image, mapping, DataConfig.max_pixels), mapping)).permute(2, 0, 1)
+    except DECODE_ERRORS as e:  # a file of other channels than the model's is a mismatch, said in one line
+        raise ConfigError(f"{image}: {reason(e)}") from None
     h, w = x.shape[1] // m * m, x.shape[2] // m * m
     if h == 0 or w == 0:
         raise ConfigError(f"{image}: smaller than {m}, the side multiple {ae.class_name} takes")
@@ -83,12 +94,10 @@ def reconstruct(image: str, model_path: str, out: str, tile: int | None = None, 
         ae.check_size(h, w)
     except ValueError as e:
         raise ConfigError(f"{image}: {e}") from None
-    x = x[None, :, :h, :w].float() / 127.5 - 1.0
-    y = codec(ae, x, tile)
-    pixels = ((y[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(out, format="PNG")
-    return Path(out)
+    y = codec(ae, x[None, :, :h, :w], tile)  # (1, C, h, w) in [-1, 1]
+    run = find_run(model_path) if Path(model_path).exists() else None
+    preview = display(to_unit(y), run_bands(run))[0].mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return write_stored(out, to_stored(y[0], mapping), preview)
 
 
 def reconstruct_video(video: str, ae: LatentAutoencoder, out: str, tile: int | None, frames: int | None) -> Path:

@@ -6,9 +6,10 @@ classes for the others. Every adapter takes images (B, C, H, W) and clips (B, C,
 latents (B, C', h, w) and (B, C', t, h, w): a causal video family (`is_video`) takes clips of 1 + k *
 `temporal_factor` frames (`check_frames`) whole and an image as a one-frame clip; an image family takes a clip frame
 by frame (t = T). `normalize` turns raw latents into exactly what the family's diffusion pipeline feeds its
-transformer (its shape included: FLUX.2's are patchified to (B, 4C, h/2, w/2)). `new_autoencoder(family, arch)`
-builds a new random model of a diffusers family (DC-AE, FLUX.2, Wan, LTX-Video) from its class's constructor
-arguments, for training from scratch.
+transformer (its shape included: FLUX.2's are patchified to (B, 4C, h/2, w/2)).
+`new_autoencoder(family, arch, channels)` builds a new random model of a diffusers family (DC-AE, FLUX.2, Wan,
+LTX-Video) from its class's constructor arguments and the data's channels, for training from scratch. C is
+`image_channels` (1, 3, 4 or N); `kl_autoencoder.channels` widens or narrows it through `channel_convs`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .diffusers_format import CONFIG_NAME
-from .families.base import PROJECTIONS, TRAINABLE, PointPosterior
+from .families.base import PROJECTIONS, TRAINABLE, ChannelConvs, PointPosterior
 from .folders import find_diffusers_folder
 
 # _class_name -> family, the classes `load_autoencoder` takes
@@ -46,8 +47,8 @@ SUPPORTED = {
 BUILDABLE = {"dc-ae": "AutoencoderDC", "flux2": "AutoencoderKLFlux2", "wan": "AutoencoderKLWan",
              "ltx-video": "AutoencoderKLLTXVideo"}  # fmt: skip
 
-__all__ = ["BUILDABLE", "PROJECTIONS", "SUPPORTED", "TRAINABLE", "LatentAutoencoder", "PointPosterior",
-           "load_autoencoder", "new_autoencoder"]  # fmt: skip
+__all__ = ["BUILDABLE", "PROJECTIONS", "SUPPORTED", "TRAINABLE", "ChannelConvs", "LatentAutoencoder",
+           "PointPosterior", "load_autoencoder", "new_autoencoder"]  # fmt: skip
 
 
 @runtime_checkable
@@ -79,6 +80,9 @@ class LatentAutoencoder(Protocol):
 
     @property
     def image_multiple(self) -> int: ...  # sides must be multiples (FLUX.2: 2x the factor; RAE: its one size)
+
+    @property
+    def image_channels(self) -> int: ...  # channels of its images: 1 gray, 3 RGB, 4 RGBA (channel 3 alpha), N bands
 
     def check_size(self, height: int, width: int) -> None: ...  # ValueError, one line, for a size it cannot take
 
@@ -113,6 +117,12 @@ class LatentAutoencoder(Protocol):
     def freeze(self, trainable: Iterable[str]) -> None: ...  # only these groups (param_groups') take gradients
 
     def parameter_counts(self) -> dict[str, int]: ...  # encoder, decoder, total
+
+    # the encoder's first and the decoder's last conv, which `kl_autoencoder.channels.adapt_channels` resizes
+    # (ValueError for a class it does not adapt), and the new count recorded in the config that save_pretrained writes
+    def channel_convs(self) -> ChannelConvs: ...
+
+    def set_image_channels(self, channels: int) -> None: ...
 
     def save_pretrained(self, path: str | Path, extra_config: dict | None = None) -> Path: ...  # its own class
 
@@ -156,9 +166,10 @@ def load_autoencoder(path: str | Path, subfolder: str | None = None) -> LatentAu
     return family.load(folder, name)
 
 
-def new_autoencoder(family: str, arch: dict | None = None) -> LatentAutoencoder:
+def new_autoencoder(family: str, arch: dict | None = None, channels: int = 3) -> LatentAutoencoder:
     """A new, randomly initialised autoencoder of a diffusers family (BUILDABLE), in training mode: its class
-    built with the constructor arguments `arch` (the class's config.json keys; the others take its defaults).
+    built with the constructor arguments `arch` (the class's config.json keys; the others take its defaults) and
+    its image channels set to `channels` under the class's own argument names (`arch` may not contradict them).
     ValueError (one line) for another family, an argument the class does not take, or values it rejects.
     Under `torch.device("meta")` it allocates nothing: a cheap check of a configuration."""
     if family == "dc-ae":
@@ -171,4 +182,4 @@ def new_autoencoder(family: str, arch: dict | None = None) -> LatentAutoencoder:
         from .families import ltx_video as module
     else:
         raise ValueError(f"no new {family!r} autoencoder can be built; families built from scratch: {list(BUILDABLE)}")
-    return module.build(dict(arch or {}))
+    return module.build(dict(arch or {}), channels)

@@ -37,9 +37,10 @@ class ModelConfig:
     code_dim: int | None = None  # vq presets: code width (< latent_channels: low-dimensional codes)
     normalize_codes: bool | None = None  # vq presets: L2-normalised codes and lookups (cosine similarity)
     # what a new run builds: "ours" (our KL / VQ Autoencoder: model.preset and the fields above), or a diffusers
-    # family's class built from model.arch: "dc-ae" (AutoencoderDC, deterministic) or "flux2" (AutoencoderKLFlux2).
-    # With model.init_from the folder's own class trains; a family named here must be that class's
-    family: Literal["ours", "dc-ae", "flux2"] = "ours"
+    # family's class built from model.arch: "dc-ae" (AutoencoderDC, deterministic), "flux2" (AutoencoderKLFlux2), or
+    # the causal video VAEs "wan" (AutoencoderKLWan) and "ltx-video" (AutoencoderKLLTXVideo). With model.init_from
+    # the folder's own class trains; a family named here must be that class's
+    family: Literal["ours", "dc-ae", "flux2", "wan", "ltx-video"] = "ours"
     # family dc-ae / flux2: the diffusers class's constructor arguments (its config.json keys; the others take its
     # defaults), e.g. {latent_channels: 32, encoder_block_out_channels: [...]}. An unknown key is an error; the
     # override model.arch.KEY=VALUE sets one key (null: the class's default). Not with model.init_from
@@ -110,11 +111,12 @@ class ModelConfig:
             overrides["channel_mult"] = tuple(overrides["channel_mult"])
         return dataclasses.replace(PRESETS[self.preset], **overrides)
 
-    def new_autoencoder(self):
-        """A new random model of `family` built from `arch` (`kl_autoencoder.interface.new_autoencoder`)."""
+    def new_autoencoder(self, channels: int = 3):
+        """A new random model of `family` built from `arch` for `channels`-channel images
+        (`kl_autoencoder.interface.new_autoencoder`)."""
         from kl_autoencoder.interface import new_autoencoder
 
-        return new_autoencoder(self.family, self.arch)
+        return new_autoencoder(self.family, self.arch, channels)
 
 
 @dataclass
@@ -127,6 +129,10 @@ class LossConfig:
     lpips_autocast: bool = False  # run LPIPS in the step's bf16/fp16 (faster) instead of fp32 (more exact)
     # clips: LPIPS on this many frames of each clip, drawn at random each step (0: every frame); bounds its memory
     lpips_frames: int = 0
+    # the bands LPIPS sees, as triplets: [r, g, b] indices of the data's channels, or 3k indices (k triplets, LPIPS
+    # averaged over them). null: 3 channels as they are, 1 repeated to 3, 4 (RGBA) composited over a random solid
+    # background per image; other counts train without LPIPS (said loudly at start). Set, it wins for any count
+    lpips_channels: list[int] | None = None
     learn_logvar: bool = False  # learn the decoder's output log-variance (sigma_x^2), LDM's `logvar`
     logvar_init: float = 0.0  # the initial (or, without learn_logvar, fixed) output log-variance
     kl_weight: float = 1e-6  # beta; relative to the reduction below
@@ -143,6 +149,8 @@ class LossConfig:
     disc_norm: Literal["batch", "group"] = "group"  # batch (pix2pix) or group (the same on any number of processes)
     disc_channels: int = 32  # the discriminator's first width (LDM's: 64)
     disc_layers: int = 3  # PatchGAN layers
+    # 2: a 2-D PatchGAN judging each frame of a clip as an image; 3: a 3-D one over (T, H, W) that judges motion too
+    disc_dims: Literal[2, 3] = 2
     codebook_weight: float = 1.0  # vq models: weight of the VQ loss, which takes the KL term's place
     # latent shaping for diffusion (training/shaping.py, training/align.py); all off by default
     eq_weight: float = 0.0  # EQ-VAE: weight of reconstructing T(x) from T(z) (same terms as the main loss)
@@ -173,6 +181,9 @@ class LossConfig:
                 raise ConfigError(f"loss.{key}: must be > 0, got {getattr(self, key)}")
         if self.lpips_weights is not None and not Path(self.lpips_weights).is_file():
             raise ConfigError(f"loss.lpips_weights: {self.lpips_weights} is not a file")
+        bands = self.lpips_channels
+        if bands is not None and (not bands or len(bands) % 3 or min(bands) < 0):
+            raise ConfigError(f"loss.lpips_channels: band triplets, 3k channel indices >= 0, or null; got {bands}")
 
 
 @dataclass
@@ -313,6 +324,7 @@ class TrainConfig:
                     "freezes it"
                 )
         check_writable("out_dir", Path(self.out_dir))
+        self.check_channels()
         try:
             QuantizerConfig(**asdict(self.vq))  # its own checks
         except ValueError as e:
@@ -337,6 +349,14 @@ class TrainConfig:
             )
         return self
 
+    def check_channels(self) -> None:
+        """What the losses ask of data.channels: band indices that exist; the VF loss's vision model reads RGB."""
+        channels, bands = self.data.channels, self.loss.lpips_channels
+        if bands is not None and max(bands) >= channels:
+            raise ConfigError(f"loss.lpips_channels: index {max(bands)} is not a channel of data.channels={channels}")
+        if self.loss.align_weight > 0 and channels != 3:
+            raise ConfigError(f"loss.align_weight: the VF loss's vision model reads RGB; data.channels is {channels}")
+
     def check_family(self) -> None:
         """model.family dc-ae / flux2: no VQ option; a new model's arguments and the image size, checked by building
         it on the meta device and passing one image of data.resolution through it (no memory, no compute)."""
@@ -345,10 +365,10 @@ class TrainConfig:
             raise ConfigError(f"{vq_keys[0]}: a VQ option, but model.family {self.model.family} is not a VQ model")
         if self.model.init_from is not None:  # its own architecture: checked when it is loaded
             return
-        r = self.data.resolution
+        r, c = self.data.resolution, self.data.channels
         with torch.device("meta"):
             try:
-                ae = self.model.new_autoencoder()
+                ae = self.model.new_autoencoder(c)
             except ValueError as e:
                 raise ConfigError(f"model.arch: {e}") from None
             try:
@@ -356,7 +376,7 @@ class TrainConfig:
             except ValueError as e:
                 raise ConfigError(f"data.resolution: {e}") from None
             try:
-                ae.decode(ae.encode(torch.empty(1, 3, r, r)).mode())
+                ae.decode(ae.encode(torch.empty(1, c, r, r)).mode())
             except (RuntimeError, ValueError, AssertionError, IndexError) as e:
                 why = " ".join(str(e).split())[:300]
                 what = f"{ae.class_name} cannot encode and decode {r} px images"

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from kl_ae.common.frames import fold_frames, per_frame, pick_frames
+from kl_ae.common.frames import per_frame, pick_frames
 from kl_ae.common.transforms import apply_pair
 from kl_autoencoder import Autoencoder, DiagonalGaussian, QuantizerOutput
 from kl_autoencoder.families.ours import wrap
@@ -199,7 +199,7 @@ def generator_objective(
     discriminator = inputs.discriminator
     discriminator.requires_grad_(False)
     with inputs.no_sync():
-        g_adv = generator_adv_loss(discriminator(fold_frames(recon)), cfg.gan_loss)
+        g_adv = generator_adv_loss(discriminator(recon), cfg.gan_loss)
     discriminator.requires_grad_(True)
     # LDM's adaptive weight, with LPIPS and the discriminator differentiated once each (see below)
     grad_nll, grad_adv = (torch.autograd.grad(t, recon, retain_graph=True)[0] for t in (nll, g_adv))
@@ -218,8 +218,13 @@ def generator_objective(
 def _error(x: torch.Tensor, recon: torch.Tensor, lpips, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
     """The per-element reconstruction error with the perceptual term added (LDM's `rec_loss`), and its logs.
 
-    Clips (B, C, T, H, W): LPIPS runs per frame, on `loss.lpips_frames` random frames of each clip where set, and
-    each clip's mean over those frames is added to every element of the clip, as an image's LPIPS is."""
+    The per-pixel error covers every channel: RGBA's alpha (the L1 on alpha of LayerDiffuse / AlphaVAE is this
+    term's alpha channel, nothing apart) and every band. The perceptual term is what `lpips` makes of the channels
+    (`kl_ae.common.lpips.ChannelLPIPS`, as the trainer builds it): RGB as it is, 1 channel repeated to 3, RGBA's RGB
+    composited over one random solid background per image shared by x and recon, `loss.lpips_channels` triplets; the
+    trainer passes None (no term) for band counts LPIPS cannot see. Clips (B, C, T, H, W): LPIPS runs per frame, on
+    `loss.lpips_frames` random frames of each clip where set, and each clip's mean over those frames is added to every
+    element of the clip, as an image's LPIPS is."""
     error = reconstruction_error(x, recon, cfg.rec_loss)
     logs = {f"train/{cfg.rec_loss}": error.detach().mean()}
     if lpips is not None:
@@ -233,9 +238,7 @@ def discriminator_objective(
     x: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module, cfg: LossConfig, factor: float
 ) -> tuple[torch.Tensor, Logs]:
     """The discriminator's loss on real images and the DETACHED reconstruction of the same forward."""
-    # a 2-D PatchGAN judges every frame of a clip as an image
-    loss, logs = discriminator_loss(discriminator(fold_frames(x)), discriminator(fold_frames(recon.detach())),
-                                    cfg.gan_loss)  # fmt: skip
+    loss, logs = discriminator_loss(discriminator(x), discriminator(recon.detach()), cfg.gan_loss)
     return factor * loss, logs
 
 

@@ -17,6 +17,7 @@ skip non-finite steps, and stop cleanly on SIGTERM or before `train.max_time` ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -34,12 +35,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from kl_ae.common.channels import save_mapping, value_mapping
 from kl_ae.common.config import ConfigError
 from kl_ae.common.data import build_datasets
-from kl_ae.common.lpips import autocast_dtype, build_lpips
+from kl_ae.common.lpips import ChannelLPIPS, autocast_dtype, build_lpips
 from kl_ae.common.release import export_after_training
 from kl_ae.common.stream import build_stream, is_stream
 from kl_autoencoder import Autoencoder
+from kl_autoencoder.channels import adapt_channels
 from kl_autoencoder.families.ours import wrap
 from kl_autoencoder.folders import find_diffusers_folder
 from kl_autoencoder.interface import BUILDABLE, SUPPORTED, LatentAutoencoder, load_autoencoder, read_class_name
@@ -129,9 +132,24 @@ def build_autoencoder(cfg: TrainConfig) -> Autoencoder | LatentAutoencoder:
             return ae
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
+    channels = cfg.data.channels  # a new model takes the data's channels; a loaded one is adapted (`adapt`)
     if family != "ours":  # seeded by the caller: every process builds the same weights
-        return cfg.model.new_autoencoder()
-    return Autoencoder(cfg.model.autoencoder_config(), vq=cfg.vq)
+        return cfg.model.new_autoencoder(channels)
+    config = dataclasses.replace(cfg.model.autoencoder_config(), in_channels=channels, out_channels=channels)
+    return Autoencoder(config, vq=cfg.vq)
+
+
+def adapt(cfg: TrainConfig, ae: LatentAutoencoder, log: Log) -> bool:
+    """A loaded model whose channels are not data.channels, widened (3 -> 4) or narrowed (3 -> 1) as
+    `kl_autoencoder.channels` says, in one line; any other pair is a ConfigError naming both counts. True when
+    widened to RGBA."""
+    try:
+        what = adapt_channels(ae, cfg.data.channels)
+    except ValueError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    if what:
+        log(f"{what} (data.channels={cfg.data.channels})")
+    return what != "" and cfg.data.channels == 4
 
 
 def freeze(cfg: TrainConfig, ae: LatentAutoencoder) -> None:
@@ -192,19 +210,28 @@ def build_models(cfg: TrainConfig, accelerator: Accelerator, precision: str, log
     set_seed(cfg.train.seed)
     built = build_autoencoder(cfg)
     ae = wrap(built) if isinstance(built, Autoencoder) else built
+    widened = False
     if cfg.model.init_from:
         log(f"initialised from {cfg.model.init_from} ({ae.class_name}); training {cfg.train.trainable}")
+        widened = adapt(cfg, ae, log)
     if cfg.model.gradient_checkpointing:
         try:  # ours, and diffusers' classes that support it (a ValueError from the others)
             ae.module.enable_gradient_checkpointing()
         except ValueError:
             raise ConfigError(f"model.gradient_checkpointing: {ae.class_name} does not support it") from None
     freeze(cfg, ae)  # decoder: SD's ft-EMA / ft-MSE recipe, the latent space stays as it is
+    if widened and not ae.channel_convs().first.weight.requires_grad:  # its alpha kernel is 0 and would stay 0
+        raise ConfigError(f"train.trainable: {cfg.train.trainable} freezes the encoder's first conv, whose new alpha "
+                          "input starts at zero: the latents would never see alpha; train the encoder too")  # fmt: skip
     align, align_status = load_align(cfg, accelerator, log)
     model = AutoencoderWithLoss(ae, cfg.loss.learn_logvar, cfg.loss.logvar_init, align.dim if align else 0)
     check_family(cfg, ae, model.last_layer)
-    discriminator = PatchDiscriminator(
-        base_channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers, norm=cfg.loss.disc_norm
+    discriminator = PatchDiscriminator(  # it judges every channel of the data (alpha, every band)
+        cfg.data.channels,
+        base_channels=cfg.loss.disc_channels,
+        n_layers=cfg.loss.disc_layers,
+        norm=cfg.loss.disc_norm,
+        dims=cfg.loss.disc_dims,
     )
     lpips, lpips_status = load_lpips(cfg, accelerator, precision, log)
     ema = ema_model = None
@@ -231,8 +258,15 @@ def load_align(cfg: TrainConfig, accelerator: Accelerator, log: Log) -> tuple[nn
 
 
 def load_lpips(cfg: TrainConfig, accelerator: Accelerator, precision: str, log: Log) -> tuple[nn.Module | None, str]:
-    """The perceptual loss's network per `loss.lpips`: (module or None, status)."""
+    """The perceptual loss's network per `loss.lpips`, fed the data's channels as `ChannelLPIPS` says: (module or
+    None, status). Data it cannot see as RGB (not 1, 3 or 4 channels, no `loss.lpips_channels`) trains without it,
+    whatever `loss.lpips` says, loudly: never a crash, never bands averaged into a colour image."""
     mode = cfg.loss.lpips if cfg.loss.perceptual_weight > 0 else "off"
+    channels, bands = cfg.data.channels, cfg.loss.lpips_channels
+    if mode != "off" and bands is None and channels not in (1, 3, 4):
+        why = f"data.channels={channels} is not RGB; name band triplets in loss.lpips_channels, e.g. [3, 2, 1]"
+        log(f"WARNING: training WITHOUT the LPIPS perceptual loss ({why})")
+        return None, f"OFF: {why}"
     # the step's autocast covers only the prepared modules' forwards: LPIPS opens its own when asked to
     dtype = autocast_dtype(precision) if cfg.loss.lpips_autocast else None
     with accelerator.local_main_process_first():  # one download per machine; the others find it in the cache
@@ -243,7 +277,9 @@ def load_lpips(cfg: TrainConfig, accelerator: Accelerator, precision: str, log: 
         return None, f"OFF: {status}"
     if dtype is not None:
         status += f" (under {precision} autocast: loss.lpips_autocast)"
-    return lpips.to(accelerator.device), status
+    if bands is not None:
+        status += f" on bands {bands}"
+    return ChannelLPIPS(lpips, bands).to(accelerator.device), status
 
 
 @dataclass
@@ -298,6 +334,7 @@ def create_run_folder(cfg: TrainConfig, accelerator: Accelerator, data: Data) ->
         for folder in (out, out / "samples", out / "checkpoints"):
             folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        save_mapping(out, getattr(data.train, "mapping", None) or value_mapping(cfg.data, cfg.train.seed))
     accelerator.wait_for_everyone()
     data.train.skip_log = data.val.skip_log = out / "skipped.txt"  # every process lists the files it skipped
 
@@ -368,7 +405,8 @@ def main(cfg: TrainConfig) -> dict:
             checkpoint.trim_log(out / name, step if state is not None else -1)
     if accelerator.is_main_process and cfg.train.tracker != "none":
         accelerator.init_trackers("kl-ae", config=flat_config(cfg))
-    validator = Validator(accelerator, val_dl, sample_batch, models.lpips, out, use_weights)
+    val_lpips = models.lpips.deterministic() if models.lpips is not None else None  # RGBA: over the fixed grey
+    validator = Validator(accelerator, val_dl, sample_batch, val_lpips, out, use_weights, cfg.loss.lpips_channels)
     if step == 0:
         validator.record(step, history)
         validator.save_samples(step)

@@ -2,7 +2,9 @@
 
 Validation, sample grids and export use the EMA weights when the run keeps an EMA (`weights_for_use`).
 Metrics are computed per image with the same functions `kl-ae eval` uses and gathered from every process; the
-reconstruction is the decoded posterior mode, through the family's adapter (`kl_autoencoder.interface`).
+reconstruction is the decoded posterior mode, through the family's adapter (`kl_autoencoder.interface`). Images of
+any channel count: grids drawn as `kl_ae.common.views.display` draws them (alpha over a checkerboard, one channel in
+grayscale, N bands as a false-colour triplet: the first of `bands`, or the first three).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torchvision.utils import make_grid
 from kl_ae.common.frames import is_clip
 from kl_ae.common.metrics import reconstruction_metrics
 from kl_ae.common.runs import checkpoint_name
+from kl_ae.common.views import display
 from kl_autoencoder.interface import LatentAutoencoder
 from training.step import GuardedEMA
 from training.trackers import log_image
@@ -50,9 +53,13 @@ class Validator:
     `val.jsonl`, and reconstruction grids in `samples/` and the trackers (`val/samples`), for the weights
     `weights()` returns."""
 
-    def __init__(self, accelerator: Accelerator, val_dl, sample_batch: torch.Tensor, lpips, out: Path, weights):
+    def __init__(
+        self, accelerator: Accelerator, val_dl, sample_batch: torch.Tensor, lpips, out: Path, weights,
+        bands: list[int] | None = None,
+    ):  # fmt: skip
         self.accelerator, self.val_dl, self.lpips, self.out, self.weights = accelerator, val_dl, lpips, out, weights
         self.sample_batch = sample_batch  # a fixed batch of held-out images (main process only, unsharded)
+        self.bands = bands  # N channels: the triplet the grids show (loss.lpips_channels)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -96,7 +103,8 @@ class Validator:
         else:
             nrow = len(x)
         tiles = x if recon is None else torch.cat([x, recon])
-        grid = make_grid(tiles * 0.5 + 0.5, nrow=nrow)  # (3, H, W); as save_image writes it:
+        tiles = tiles * 0.5 + 0.5 if is_clip(self.sample_batch) else display(tiles * 0.5 + 0.5, self.bands)
+        grid = make_grid(tiles, nrow=nrow)  # (3, H, W); as save_image writes it:
         pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
         Image.fromarray(pixels).save(path)
         log_image(self.accelerator, "val/samples", pixels, path, step)

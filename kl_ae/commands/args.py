@@ -183,6 +183,7 @@ def add_bench_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kl_ae.commands.inflate import add_inflate_command
     from kl_ae.commands.study import add_study_command
     from training.cli import add_train_arguments
 
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_latent_commands(sub)
     add_bench_command(sub)
     add_study_command(sub)
+    add_inflate_command(sub)
     return parser
 
 

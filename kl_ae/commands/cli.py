@@ -15,6 +15,7 @@ kl-ae eval   --model PATH [--subfolder SUB] --data SPEC [--out DIR] [--resolutio
 kl-ae probe  --model PATH [--data SPEC] [--out DIR] [--steps N] [--compare PATH2] [--seed N] [--batch-size N] ...
 kl-ae rd     [--kl-weights 1e-6,1e-2,1] [--max-steps N] [--out DIR] [section.key=value ...]
 kl-ae sanity [--seed N] [--steps N]
+kl-ae inflate IMAGE_MODEL --out DIR [--subfolder SUB] [--temporal-factor 4]
 kl-ae study  [--variants plain,eq,noise,mask] [--seeds 0,1,2] [--max-steps N] [--probe-steps N] [--out DIR]
 kl-ae bench  [--preset kl-f8] [--resolution 128] [--batch-size 2] [--steps N] [--precision fp32|bf16|both]
              [--what train,codec,data,peak,optim,tiled,maxbatch,fp16,families] [--device auto|cpu|cuda] [--model RUN]
@@ -204,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench_command(args)
         elif args.command == "study":
             return run_study_command(args)
+        elif args.command == "inflate":
+            from kl_ae.commands.inflate import run_inflate_command
+
+            return run_inflate_command(args)
         elif args.command == "info":
             from kl_ae.commands.info import run_info_command
 

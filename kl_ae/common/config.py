@@ -202,6 +202,15 @@ class DataConfig:
     # clips: the fraction of training batches that are images as one-frame clips (B, 3, 1, H, W), as video
     # autoencoders are trained on both (the folder's images, "sample-video": the bundled photographs)
     image_ratio: float = 0.0
+    # channels of the data and of the model's input and output: 1 (grayscale), 3 (RGB), 4 (RGBA: channel 3 is
+    # alpha, -1 = transparent) or N (multiband); every item is float (C, H, W) in [-1, 1]. Videos stay 3-channel
+    channels: int = 3
+    # how stored values map to [-1, 1]: "format": the format's range (uint8 0..255, uint16 0..65535; float files
+    # as stored, expected in [0, 1]), v / max * 2 - 1; "measured": per-channel 0.1 / 99.9 percentiles of the
+    # training split (clipped outside), recorded in the run and the model card so decodings map back to units
+    value_range: Literal["format", "measured"] = "format"
+    # a file whose channel count or bit depth differs from the set's: "skip" (listed in the skip log) or "error"
+    channel_mismatch: Literal["skip", "error"] = "skip"
 
     def validate(self) -> None:
         def bad(key: str, reason: str) -> ConfigError:
@@ -247,3 +256,15 @@ class DataConfig:
             raise bad("image_ratio", "mixes image batches into clip batches: it needs data.num_frames > 1")
         if self.val_source is not None and not self.val_source.strip():
             raise bad("val_source", "must be a folder, 'sample', shards or a hub dataset name, or null")
+        if self.channels < 1:
+            raise bad("channels", f"must be >= 1 (1 gray, 3 RGB, 4 RGBA, N bands), got {self.channels}")
+        if self.value_range not in ("format", "measured"):
+            raise bad("value_range", f"must be 'format' or 'measured', got {self.value_range!r}")
+        if self.channel_mismatch not in ("skip", "error"):
+            raise bad("channel_mismatch", f"must be 'skip' or 'error', got {self.channel_mismatch!r}")
+        if self.channels != 3 and (self.num_frames > 1 or self.source == "sample-video"):
+            raise bad("channels", f"videos are 3-channel (RGB); data.channels={self.channels} is for images")
+        rgb_only = self.source == "sample" or self.streaming or self.source.lower().endswith((".tar", ".parquet"))
+        if (self.channels != 3 or self.value_range != "format") and rgb_only:
+            key = "channels" if self.channels != 3 else "value_range"
+            raise bad(key, f"{getattr(self, key)} reads a folder of PNG / TIFF files, not {self.source!r} (RGB only)")

@@ -10,9 +10,12 @@ same skip machinery (`kl_ae.common.images.SkippingDataset`) and the same crop (`
 Bad input. Real folders are dirty; no single file may end a run, and none is dropped silently:
 - Listing: only files with an image suffix (`IMAGE_SUFFIXES`, any case) are listed; other files are
   ignored, not logged.
-- Modes: every image becomes upright RGB (`to_rgb`): EXIF orientation is applied; grayscale and
-  CMYK are converted; 16-bit grayscale (I;16, I) is rescaled to 8 bits, not clipped; alpha (RGBA,
-  LA, PA, palette transparency) is composited on WHITE; multi-frame files give their first frame.
+- Modes: in a set of 3-channel 8-bit images (`data.channels=3`, the default) every image becomes upright RGB
+  (`to_rgb`): EXIF orientation is applied; grayscale and CMYK are converted; 16-bit grayscale (I;16, I) is
+  rescaled to 8 bits, not clipped; alpha (RGBA, LA, PA, palette transparency) is composited on WHITE; multi-frame
+  files give their first frame. Other sets (1, 4 or N channels, 16-bit or float values; folders only) are read at
+  their stored depth and mapped to [-1, 1] by the set's value mapping; a file that does not fit the set's channels
+  or type is skipped like a broken one, or stops the build (`data.channel_mismatch`): `kl_ae.common.channels`.
 - Skipped: files that cannot be decoded (truncated, corrupt, zero bytes, not an image despite the
   suffix, unreadable, vanished since listing), images whose header says width*height >
   `data.max_pixels` (checked before decoding, so a decompression bomb is never decoded; PIL's own
@@ -32,15 +35,24 @@ Bad input. Real folders are dirty; no single file may end a run, and none is dro
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
-from PIL import Image
 
+from kl_ae.common.channels import (
+    check_files,
+    files_mapping,
+    folder_only,
+    format_mapping,
+    is_rgb8,
+    stored_resized,
+    value_mapping,
+)
 from kl_ae.common.config import ConfigError, DataConfig
+from kl_ae.common.fixed_sets import PROTOCOLS as PROTOCOLS  # the fixed sets are imported from here
+from kl_ae.common.fixed_sets import EvalImages as EvalImages
+from kl_ae.common.fixed_sets import resize_and_crop as resize_and_crop
 from kl_ae.common.images import (
     DECODE_ERRORS,
     SAMPLE_TRAIN,
@@ -53,7 +65,6 @@ from kl_ae.common.images import (
     reason,
     sample_dir,
     seeded_split,
-    to_rgb,
 )
 from kl_ae.common.images import read_skipped as read_skipped  # training.progress reads skip logs through here
 from kl_ae.common.shards import files_table, fixed_table, looks_like_hub_name, shard_files
@@ -63,16 +74,22 @@ CACHE_MAX_IMAGES = 512  # below this, decoded+resized images are kept in memory
 
 
 class ImageDataset(SkippingDataset):
-    """Rows of a `datasets.Dataset` -> float32 tensors (3, resolution, resolution) in [-1, 1].
+    """Rows of a `datasets.Dataset` -> float32 tensors (C, resolution, resolution) in [-1, 1]; C and the values as
+    `mapping` says (`kl_ae.common.channels`; by default 8-bit RGB).
 
-    Bad images are skipped and replaced by the next usable one (see the module docstring).
-    Set `skip_log` to a file to have each skip appended to it as a line "<path><TAB><reason>".
+    Bad images are skipped and replaced by the next usable one (see the module docstring), and so are files that do
+    not fit the set's channels or type. Set `skip_log` to a file to have each skip appended to it as a line
+    "<path><TAB><reason>".
     """
 
     what = "image"
 
-    def __init__(self, table: datasets.Dataset, cfg: DataConfig, train: bool, column: str = "image", seed: int = 0):
+    def __init__(
+        self, table: datasets.Dataset, cfg: DataConfig, train: bool, column: str = "image", seed: int = 0,
+        mapping: dict | None = None,
+    ):  # fmt: skip
         super().__init__(train, seed)
+        self.mapping = mapping or format_mapping(3, "uint8", "rgb8")
         self.table, self.column = table, column
         self.resolution = cfg.resolution
         self.resize = cfg.resize or cfg.resolution
@@ -81,7 +98,7 @@ class ImageDataset(SkippingDataset):
         self.repeats = cfg.repeats if train else 1
         self.min_side = cfg.resolution if cfg.small_images == "skip" else 0
         self.max_pixels = cfg.max_pixels
-        # small sets (the sample set) are decoded over and over; keep uint8 (3, H, W) tensors
+        # small sets (the sample set) are decoded over and over; keep uint8 (3, H, W) tensors (other sets: float)
         self.cache: dict[int, torch.Tensor] | None = {} if len(table) < CACHE_MAX_IMAGES else None
 
     def __len__(self) -> int:
@@ -106,13 +123,16 @@ class ImageDataset(SkippingDataset):
         return len(self.table)
 
     def load(self, index: int) -> torch.Tensor:
-        """Decoded and resized image as a uint8 tensor (3, H, W) with min(H, W) == resize.
-
-        Raises one of `DECODE_ERRORS` for a bad image.
+        """Decoded and resized image as a uint8 tensor (3, H, W) with min(H, W) == resize (sets beyond 8-bit RGB:
+        float (C, H, W) in [-1, 1]). Raises one of `DECODE_ERRORS` for a bad image or one that does not fit the set.
         """
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        x = decode_resized(self.table[index][self.column], self.resize, self.max_pixels, self.min_side)
+        value = self.table[index][self.column]
+        if is_rgb8(self.mapping):
+            x = decode_resized(value, self.resize, self.max_pixels, self.min_side)
+        else:
+            x = stored_resized(value, self.mapping, self.resize, self.max_pixels, self.min_side)
         if self.cache is not None:
             self.cache[index] = x
         return x
@@ -178,20 +198,28 @@ def _no_clips(source: str, cfg: DataConfig) -> ValueError:
     )
 
 
-def build_datasets(cfg: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+def build_datasets(
+    cfg: DataConfig, seed: int, mapping: dict | None = None
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """(train, val) torch datasets for `cfg.source`; the split depends only on `seed` and the files. With
     `cfg.val_source` nothing is held out: validation is that fixed set. Videos ("sample-video", a folder holding
-    videos) give `ClipDataset`s (`kl_ae.common.video`)."""
+    videos) give `ClipDataset`s (`kl_ae.common.video`). Images map to [-1, 1] by `mapping` (a run's record), else by
+    the folder's (`kl_ae.common.channels.files_mapping` of the training split), found on `.mapping` of both."""
     cfg.validate()
     column = "image"
     held_out = cfg.val_source is None
     folder = Path(cfg.source).expanduser()
     videos = list_videos(folder) if cfg.source != "sample" and folder.is_dir() else []
     if cfg.source == "sample-video" or videos:
+        if cfg.channels != 3:
+            raise ConfigError(f"data.channels: {folder} holds videos, which are 3-channel (RGB); got {cfg.channels}")
         train, val = _clip_datasets(cfg, seed)
         return _checked(train, val if held_out else None, cfg, seed)
     if cfg.num_frames > 1:
         raise _no_clips(repr(cfg.source) if cfg.source == "sample" or not folder.is_dir() else str(folder), cfg)
+    if cfg.source == "sample" or not folder.is_dir():  # RGB only: read as 8-bit RGB
+        folder_only(cfg)
+        mapping = format_mapping(3, "uint8", "rgb8")
     if cfg.source == "sample":
         train_table = files_table([sample_dir() / n for n in SAMPLE_TRAIN])
         val_table = files_table([sample_dir() / n for n in SAMPLE_VAL])
@@ -203,6 +231,9 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset
                 hint = "; it holds .tar shards: pass them as a pattern, e.g. DIR/*.tar" if tars else ""
                 raise ValueError(f"data.source: no images found in {folder}{hint}")
             train_idx, val_idx = _seeded_split(len(files), cfg, seed) if held_out else (range(len(files)), [])
+            mapping = mapping or files_mapping([files[i] for i in train_idx], cfg, seed)
+            if cfg.channel_mismatch == "error" and not is_rgb8(mapping):
+                check_files([str(f) for f in files], mapping, str(folder))
             train_table = files_table([files[i] for i in train_idx])
             val_table = files_table([files[i] for i in val_idx])
         elif folder.exists():
@@ -214,21 +245,23 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset
             column = cfg.image_column
             train_idx, val_idx = _seeded_split(len(table), cfg, seed) if held_out else (range(len(table)), [])
             train_table, val_table = table.select(train_idx), table.select(val_idx)
-    train = ImageDataset(train_table, cfg, True, column, seed)
-    return _checked(train, ImageDataset(val_table, cfg, False, column, seed) if held_out else None, cfg, seed)
+    train = ImageDataset(train_table, cfg, True, column, seed, mapping)
+    val = ImageDataset(val_table, cfg, False, column, seed, mapping) if held_out else None
+    return _checked(train, val, cfg, seed, mapping)
 
 
-def _checked(train, val, cfg: DataConfig, seed: int):
+def _checked(train, val, cfg: DataConfig, seed: int, mapping: dict | None = None):
     _check_usable(train, "train", cfg.source)
     if val is None:
-        return train, build_val(cfg, seed)
+        return train, build_val(cfg, seed, mapping)
     _check_usable(val, "val", cfg.source)
     return train, val
 
 
-def build_val(cfg: DataConfig, seed: int) -> ImageDataset | ClipDataset:
+def build_val(cfg: DataConfig, seed: int, mapping: dict | None = None) -> ImageDataset | ClipDataset:
     """The validation set of `cfg.val_source`, checked to hold a usable image (clip): videos for
-    'sample-video' and folders holding videos, images otherwise."""
+    'sample-video' and folders holding videos, images otherwise, mapped to [-1, 1] by `mapping` (the training
+    split's; by default the set's own, which only a folder can hold beyond 8-bit RGB)."""
     folder = Path(cfg.val_source).expanduser()
     files = []
     if cfg.val_source == "sample-video":
@@ -241,94 +274,15 @@ def build_val(cfg: DataConfig, seed: int) -> ImageDataset | ClipDataset:
     elif cfg.num_frames > 1:
         raise _no_clips(f"data.val_source {cfg.val_source!r}", cfg)
     else:
-        val = ImageDataset(fixed_table(cfg.val_source, cfg), cfg, False, "image", seed)
+        if cfg.val_source == "sample" or not Path(cfg.val_source).expanduser().is_dir():
+            folder_only(dataclasses.replace(cfg, source=cfg.val_source))
+        mapping = mapping or value_mapping(cfg, seed)  # the training source's, measured there
+        val = ImageDataset(fixed_table(cfg.val_source, cfg), cfg, False, "image", seed, mapping)
     _check_usable(val, "val", cfg.val_source)
     return val
 
 
 # ----------------------------------------------------------------------------- fixed image sets
-
-
-# how a fixed set is brought to N x N; published rFID / PSNR tables differ mostly here
-PROTOCOLS = {
-    "torchvision": "torchvision Resize(N) (bilinear, antialiased; shorter side to N) then CenterCrop(N)",
-    "adm": "ADM center_crop_arr: BOX halvings while the shorter side >= 2N, BICUBIC to N, centre crop",
-}
-
-
-def resize_and_crop(img: Image.Image, size: int, protocol: str) -> Image.Image:
-    """`img` as `protocol` brings it to size x size (see PROTOCOLS)."""
-    if protocol == "adm":
-        # guided-diffusion's image_datasets.center_crop_arr (ADM; LlamaGen, REPA and LightningDiT reuse it)
-        while min(img.size) >= 2 * size:
-            img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-        scale = size / min(img.size)
-        img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    if protocol == "torchvision":
-        from torchvision.transforms.v2 import functional as tvf
-
-        return tvf.center_crop(tvf.resize(img, size), size)
-    raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
-
-
-class EvalImages(torch.utils.data.Dataset):
-    """A fixed set: rows of an image table -> (3, H, W) in [-1, 1], at own size (centre-cropped to a multiple of
-    the factor) or brought to resolution x resolution by `protocol` (see PROTOCOLS)."""
-
-    def __init__(
-        self, table: datasets.Dataset, column: str, factor: int, resolution: int | None, protocol: str = "torchvision"
-    ):
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"--protocol: unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
-        self.table, self.column, self.factor, self.resolution = table, column, factor, resolution
-        self.protocol = protocol
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def row(self, i: int) -> int:
-        """The table row of item `i` (`kl_ae.common.crops.GridCrops` cuts several items from one row)."""
-        return i
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img = to_rgb(datasets.Image().decode_example(_row(self.table[i][self.column])))
-        if self.resolution is not None:
-            img = resize_and_crop(img, self.resolution, self.protocol)
-        w, h = img.size
-        th, tw = self.target_size(h, w)
-        if th == 0 or tw == 0:
-            raise ConfigError(f"--data: image {i} ({w}x{h}) is smaller than the downsampling factor {self.factor}")
-        top, left = (h - th) // 2, (w - tw) // 2
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, h, w)
-        return x[:, top : top + th, left : left + tw].float().div(127.5).sub(1.0)  # (3, th, tw) in [-1, 1]
-
-    def target_size(self, h: int, w: int) -> tuple[int, int]:
-        if self.resolution is not None:
-            return self.resolution, self.resolution
-        return h // self.factor * self.factor, w // self.factor * self.factor
-
-    def sizes(self) -> set[tuple[int, int]]:
-        """The evaluated sizes, from the file headers only (EXIF rotation included)."""
-        if self.resolution is not None:
-            return {(self.resolution, self.resolution)}
-        column = self.table.select_columns([self.column])[self.column]
-        return {self.target_size(*_stored_size(_row(value))) for value in column}
-
-
-def _row(value) -> dict:
-    """An undecoded image cell as datasets' {"path", "bytes"} dict (hub columns may hold plain paths)."""
-    return {"path": value, "bytes": None} if isinstance(value, str) else value
-
-
-def _stored_size(value: dict) -> tuple[int, int]:
-    """(H, W) of an undecoded image row, upright; PIL reads the header only."""
-    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-    with Image.open(source) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF 5-8 are transposed
 
 
 def trainer_split(data: str, run_data: DataConfig | None = None) -> DataConfig:
@@ -353,13 +307,16 @@ def load_images(
     folder_split: bool = False,
     protocol: str = "torchvision",
     run_data: DataConfig | None = None,
+    channels: int = 3,
+    mapping: dict | None = None,
 ) -> EvalImages:
     """A fixed image set (evaluation, export, encoding): every image of a folder; the first `max_images` (default
     256) of shards; the held-out (`split="val"`) or training (`"train"`) split of `sample` or a hub dataset, brought
     to `resolution` by `protocol` (PROTOCOLS). `folder_split`: a folder is split too. A split is the trainer's
     (`build_datasets`) seeded by `seed`, with the split settings of `run_data`, the run's data section, when given
     (`trainer_split`): pass it and the run's seed wherever the held-out images must be the run's validation set.
-    Errors name the command's `--data` / `--split`."""
+    Images have `channels` (the model's) and map to [-1, 1] by `mapping` (the model's record), else by the run's data
+    section or the files' own type (`kl_ae.common.channels`). Errors name the command's `--data` / `--split`."""
     folder = Path(data).expanduser()
     try:
         if shard_files(data, "--data") is not None:  # shards: the first images of the stream
@@ -367,6 +324,7 @@ def load_images(
                 raise ConfigError(
                     "--split: shards are evaluated as a fixed set; --split train is for 'sample' or a hub name"
                 )
+            folder_only(DataConfig(source=data, channels=channels))
             table, column = fixed_table(data, DataConfig(val_max=max_images or DataConfig.val_max), "--data"), "image"
         elif data != "sample" and folder.is_dir() and not folder_split:
             if split != "val":
@@ -374,16 +332,19 @@ def load_images(
             files = list_images(folder)
             if not files:
                 raise ConfigError(f"--data: no images found in {folder}")
+            mapping = mapping or files_mapping(files, DataConfig(source=data, channels=channels), seed)
             table = datasets.Dataset.from_dict({"image": [str(p) for p in files]})
             table, column = table.cast_column("image", datasets.Image(decode=False)), "image"
         else:
-            train, val = build_datasets(trainer_split(data, run_data), seed)
+            cfg = trainer_split(data, run_data)
+            cfg.channels = channels if run_data is None else cfg.channels
+            train, val = build_datasets(cfg, seed, mapping)
             chosen = train if split == "train" else val
             if isinstance(chosen, ClipDataset):
                 raise ConfigError(f"--data: {data} holds videos: a fixed clip set is kl_ae.common.video.load_clips'")
-            table, column = chosen.table, chosen.column
+            table, column, mapping = chosen.table, chosen.column, chosen.mapping
     except (ValueError, FileNotFoundError) as e:  # build_datasets' messages name data.source; here it is --data
         raise ConfigError(str(e).replace("data.source", "--data")) from None
     if max_images is not None:
         table = table.select(range(min(max_images, len(table))))
-    return EvalImages(table, column, factor, resolution, protocol)
+    return EvalImages(table, column, factor, resolution, protocol, mapping)

@@ -4,8 +4,9 @@ sample photographs; the skip machinery that the map-style datasets (images and v
 Shared by training (`kl_ae.common.data`, `kl_ae.common.video`), evaluation and export, so that every path decodes an
 image the same way: EXIF orientation applied, grayscale / CMYK / 16-bit / palette converted to RGB (16-bit
 rescaled, not clipped), alpha composited on white, the header's size checked against `data.max_pixels` before any
-pixel is decoded. A file that cannot be used raises one of `DECODE_ERRORS`; `reason()` turns it into the skip log's
-text, and `SkippingDataset` logs, lists and replaces it.
+pixel is decoded. That is the reader of 3-channel 8-bit sets; sets of other channel counts or bit depths are read
+as stored (`kl_ae.common.stored`, `kl_ae.common.channels`). A file that cannot be used raises one of
+`DECODE_ERRORS`; `reason()` turns it into the skip log's text, and `SkippingDataset` logs, lists and replaces it.
 """
 
 from __future__ import annotations
@@ -152,21 +153,29 @@ def path_of(value) -> str | None:
     return getattr(value, "filename", None) or None
 
 
-def open_image(value, max_pixels: int, min_side: int = 0) -> Image.Image:
-    """Decoded image; its header size is checked against the limits before any pixel is decoded."""
-    # hub columns may hold PIL images, {"path", "bytes"} dicts (decode=False) or path strings
-    if isinstance(value, Image.Image):
-        check_size(value.size, max_pixels, min_side)
-        return value
+def image_source(value) -> str | io.BytesIO:
+    """A path or an in-memory file of an undecoded image cell; Unusable for an empty one."""
+    # hub columns may hold {"path", "bytes"} dicts (decode=False) or path strings
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             value = io.BytesIO(value["bytes"])
         else:
             value = value.get("path")
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if not isinstance(value, str | io.BytesIO):
         raise ValueError(f"cannot read an image from {type(value).__name__}")
     if (len(value.getbuffer()) if isinstance(value, io.BytesIO) else os.path.getsize(value)) == 0:
         raise Unusable("empty file (0 bytes)")
+    return value
+
+
+def open_image(value, max_pixels: int, min_side: int = 0) -> Image.Image:
+    """Decoded image; its header size is checked against the limits before any pixel is decoded."""
+    if isinstance(value, Image.Image):  # a hub column we could not keep undecoded
+        check_size(value.size, max_pixels, min_side)
+        return value
+    value = image_source(value)
     try:
         img = Image.open(value)  # reads the header only
     except UnidentifiedImageError:
@@ -198,7 +207,8 @@ def decode_resized(value, resize: int, max_pixels: int, min_side: int = 0) -> to
 
 def crop_flip(x: torch.Tensor, r: int, random_crop: bool, hflip: bool, seed: int) -> torch.Tensor:
     """uint8 (3, H, W) or a clip (3, T, H, W) -> float (3, [T,] r, r) in [-1, 1]: a random (or centre) crop and flip
-    drawn from `seed` alone; a clip gets one crop and one flip for all its frames (its motion stays intact)."""
+    drawn from `seed` alone; a clip gets one crop and one flip for all its frames (its motion stays intact). A float
+    image (C, H, W) is already in [-1, 1] (`kl_ae.common.channels.stored_resized`): cropped and flipped only."""
     h, w = x.shape[-2:]
     rng = torch.Generator().manual_seed(seed)
     if random_crop:
@@ -209,6 +219,8 @@ def crop_flip(x: torch.Tensor, r: int, random_crop: bool, hflip: bool, seed: int
     x = x[..., top : top + r, left : left + r]
     if hflip and bool(torch.rand((), generator=rng) < 0.5):
         x = x.flip(-1)
+    if x.is_floating_point():
+        return x.clone()  # a copy: the crop is a view of a cached image
     return x.float().div_(127.5).sub_(1.0)  # (3, [T,] r, r) in [-1, 1]
 
 

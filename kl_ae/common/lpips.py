@@ -6,6 +6,10 @@ torchvision file ourselves, from an explicit path or the torch hub cache (downlo
 with its hash checked on first use, unless offline: `kl_ae.common.weights`), strictly, so a wrong
 or truncated file is an error rather than a silently random trunk (taming / latent-diffusion
 load with strict=False).
+
+LPIPS is defined for RGB. `ChannelLPIPS` feeds it images of any channel count, each as 3 channels it can take (1
+channel repeated, RGBA composited over solid backgrounds, N channels as named band triplets) and refuses the
+rest in one line; the trainer decides from data.channels beforehand whether LPIPS runs at all.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from kl_ae.common import weights
+from kl_ae.common.views import BACKGROUND, composite
 
 # torchvision's file names (the hash suffix is part of the name torch.hub looks for)
 BACKBONE_FILES = {net: weights.KNOWN[f"lpips-{net}"].file for net in ("vgg", "alex")}
@@ -142,6 +147,58 @@ class LPIPS(nn.Module):
         with torch.autocast(device_type=x.device.type, dtype=self.dtype, enabled=fast):
             d = self.model(x, y, normalize=False) if fast else self.model(x.float(), y.float(), normalize=False)
         return d.reshape(x.shape[0]).float()
+
+
+class ChannelLPIPS(nn.Module):
+    """LPIPS for images of any channel count, (B, C, H, W) in [-1, 1] -> (B,), each image as 3 channels LPIPS takes:
+
+    - `bands` set (3k indices): those channels, k triplets, LPIPS averaged over them (explicit, for any C);
+    - 3 channels as they are; 1 channel repeated to 3;
+    - 4 (RGBA): the RGB composited over a solid background (`kl_ae.common.views.composite`), the SAME one for both
+      images of a pair (x and its reconstruction): a random colour per image per call (`random_background`,
+      training: what lies behind transparent pixels never matters, as LayerDiffuse and AlphaVAE train), else the
+      metrics' fixed grey (`views.BACKGROUND`: validation scores the composite `kl-ae eval` scores);
+    - any other count: ValueError (one line). It never averages bands into 3 channels of its own accord.
+    """
+
+    def __init__(self, lpips: nn.Module, bands: list[int] | None = None, random_background: bool = True):
+        super().__init__()
+        self.lpips = lpips  # frozen, in eval mode (LPIPS)
+        self.bands = None if bands is None else list(bands)
+        if self.bands is not None and (not self.bands or len(self.bands) % 3):
+            raise ValueError(f"LPIPS bands come in triplets (3k channel indices), got {self.bands}")
+        self.random_background = random_background
+
+    def deterministic(self) -> ChannelLPIPS:
+        """The same network with the fixed background of validation."""
+        return ChannelLPIPS(self.lpips, self.bands, random_background=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, b = self.views(x, y)  # (k * B, 3, H, W): k triplets or backgrounds, each a block of B
+        return self.lpips(a, b).view(-1, x.shape[0]).mean(0)
+
+    def views(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 3-channel pairs LPIPS sees for x and y, stacked along the batch (k blocks of B)."""
+        C = x.shape[1]
+        if self.bands is not None:
+            if max(self.bands) >= C:
+                raise ValueError(f"LPIPS bands {self.bands} name a channel the {C}-channel images do not have")
+            index = torch.tensor(self.bands, device=x.device)
+            return tuple(t.index_select(1, index).unflatten(1, (-1, 3)).transpose(0, 1).flatten(0, 1) for t in (x, y))
+        if C == 3:
+            return x, y
+        if C == 1:
+            return x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        if C == 4:
+            background = self.background(x)  # in [0, 1], as views.composite takes images
+            return tuple(composite(t * 0.5 + 0.5, background) * 2 - 1 for t in (x, y))
+        raise ValueError(f"LPIPS takes 1, 3 or 4 (RGBA) channels or named band triplets, got {C} channels")
+
+    def background(self, x: torch.Tensor) -> torch.Tensor | float:
+        """The solid background of each image in [0, 1]: a random colour (B, 3, 1, 1), or the fixed grey."""
+        if not self.random_background:
+            return BACKGROUND
+        return torch.rand(x.shape[0], 3, 1, 1, device=x.device, dtype=x.dtype)
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

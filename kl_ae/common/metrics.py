@@ -1,5 +1,8 @@
 """Image-quality metrics as pure functions over batches of images, one value per image: `psnr`, `ssim`,
 `mse`, `ms_ssim` and `inception_features` take images in [0, 1], `reconstruction_metrics` the model's [-1, 1].
+Any channel count: PSNR per channel, and for RGBA the PSNR of alpha and of the RGB composited over a fixed grey
+(`kl_ae.common.views`). [0, 1] is the data's own range (its format's peak, or
+the measured one): no 8-bit quantization on the way, so 16-bit data is scored at its 16-bit peak.
 
 Thin wrappers over torchmetrics' functional API so that training-time validation and `kl-ae eval`
 compute the same numbers; per-image values let callers gather them across processes exactly.
@@ -23,6 +26,7 @@ from torchmetrics.functional.image import (
 )
 
 from kl_ae.common.frames import is_clip, per_frame
+from kl_ae.common.views import composite
 from kl_ae.common.weights import INCEPTION_FILE, KNOWN, cache_dir, fetch
 
 # the file torch-fidelity's FeatureExtractorInceptionV3 fetches with torch.hub.load_state_dict_from_url,
@@ -38,6 +42,18 @@ def to_unit(x: Tensor) -> Tensor:
 def psnr(x: Tensor, y: Tensor) -> Tensor:
     """Per-image PSNR in dB of images in [0, 1]. (B,)"""
     return peak_signal_noise_ratio(x.float(), y.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
+def psnr_per_channel(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image, per-channel PSNR in dB of images in [0, 1]. (B, C)"""
+    err = (x.float() - y.float()).square().mean(dim=(2, 3))
+    return 10 * torch.log10(1.0 / err)
+
+
+def alpha_metrics(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """RGBA images (B, 4, H, W) in [0, 1]: PSNR of alpha and of the RGB composited over the fixed grey, each image's
+    over its own alpha. {"psnr_alpha": (B,), "psnr_composite": (B,)}"""
+    return {"psnr_alpha": psnr(x[:, 3:], y[:, 3:]), "psnr_composite": psnr(composite(x), composite(y))}
 
 
 def ssim(x: Tensor, y: Tensor) -> Tensor:
@@ -64,12 +80,15 @@ def ms_ssim(x: Tensor, y: Tensor) -> tuple[Tensor | None, str]:
 
 @torch.no_grad()
 def reconstruction_metrics(x: Tensor, x_hat: Tensor, lpips=None) -> dict[str, Tensor]:
-    """PSNR, SSIM (and LPIPS when a perceptual model is given) per image, for images in [-1, 1]; clips
+    """PSNR, SSIM (and LPIPS when a perceptual model is given: one that takes x's channels, such as
+    `kl_ae.common.lpips.ChannelLPIPS`) per image, for images in [-1, 1]; RGBA adds `alpha_metrics`; clips
     (B, C, T, H, W) give each clip's mean over its frames and the figures of `clip_metrics`."""
     a, b = to_unit(x), to_unit(x_hat)
     if is_clip(x):
         return clip_metrics(a, b, lpips)
     out = {"psnr": psnr(a, b), "ssim": ssim(a, b)}
+    if a.shape[1] == 4:
+        out |= alpha_metrics(a, b)
     if lpips is not None:
         out["lpips"] = lpips(a * 2 - 1, b * 2 - 1).float()
     return out

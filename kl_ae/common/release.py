@@ -26,6 +26,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
+from kl_ae.common.channels import card_lines, model_mapping
 from kl_ae.common.config import ConfigError, DataConfig, merge
 from kl_ae.common.data import build_datasets, build_val, load_images
 from kl_ae.common.runs import find_run, latest_weights
@@ -65,7 +66,8 @@ def held_out_images(run: Path | None, data: str | None, resolution: int, max_ima
     if max_images is not None and len(val) > max_images:
         val = torch.utils.data.Subset(val, range(max_images))
     name = f"validation set {data_cfg.val_source}" if data_cfg.val_source else f"validation split of {data_cfg.source}"
-    return val, f"{name} ({len(val)} images at {data_cfg.resolution}px)"
+    items = "images" if data_cfg.num_frames == 1 else f"clips of {data_cfg.num_frames} frames"
+    return val, f"{name} ({len(val)} {items} at {data_cfg.resolution}px)"
 
 
 def keeps_latent_space(run: Path | None) -> bool:
@@ -303,6 +305,7 @@ def _model_card(ae: LatentAutoencoder, config: dict, info: dict, run: Path | Non
         "```python",
         *usage,
         "```",
+        *card_lines(info.get("value_mapping")),
     ]
     if fp16_variant:
         lines += ["", f'`{FP16_WEIGHTS_NAME}` holds fp16 weights (`variant="fp16"`).']
@@ -356,6 +359,8 @@ def export_run(
     except ValueError as e:
         raise ValueError(f"export: {e} on {description}; no latent normalization") from None
     info = {"data": description, "seed": seed, **info}
+    if (mapping := model_mapping(str(source))) is not None:  # how its data's values map to [-1, 1] and back
+        info["value_mapping"] = mapping
     extra = {}
     if ae.fp16_safe is not None:  # the class has force_upcast: decided by running it in fp16
         # our model as itself: a VQ model's latents go through the decoder unquantized, in fp16 throughout

@@ -17,6 +17,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -122,6 +123,28 @@ def reshaped(out, fn: Callable[[torch.Tensor], torch.Tensor]):
     raise TypeError(f"cannot reshape a {type(out).__name__}")
 
 
+@dataclass
+class ChannelConvs:
+    """The two layers that see image channels (`kl_autoencoder.channels` widens and narrows them): the encoder's first
+    conv and the decoder's last. Image channel c is `group` consecutive channels of the conv, c * group onwards, where
+    a patchify (Wan 2.2) or a pixel shuffle (DC-AE's head) sits beside it; 1 elsewhere."""
+
+    first: nn.Conv2d | nn.Conv3d  # its input channels are the image's
+    last: nn.Conv2d | nn.Conv3d  # its output channels are the image's
+    in_group: int = 1
+    out_group: int = 1
+
+
+def with_channels(cls: type, arch: dict, arguments: dict[str, int]) -> dict:
+    """`arch` with the image channels (`arguments`: the class's own argument names) set from the data; ValueError
+    (one line) where `arch` names one of them with another value, since data.channels decides them."""
+    for key, value in arguments.items():
+        if key in arch and arch[key] != value:
+            raise ValueError(f"{cls.__name__}'s {key}={arch[key]} contradicts data.channels ({key}={value} for the "
+                             f"data): leave {key} out, data.channels sets it")  # fmt: skip
+    return {**arch, **arguments}
+
+
 def parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
     """The parameters of the modules that exist (quant convs are optional), in order."""
     return [p for m in modules if m is not None for p in m.parameters()]
@@ -220,6 +243,23 @@ class Adapter:
         if height <= 0 or width <= 0 or height % m or width % m:
             raise ValueError(f"{self.class_name} takes images whose sides are multiples of {m}, got {height}x{width}")
 
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images it takes and gives: 1 gray, 3 RGB, 4 RGBA (channel 3 alpha), N bands."""
+        return 3
+
+    def channel_convs(self) -> ChannelConvs:
+        """The layers `kl_autoencoder.channels.adapt_channels` widens or narrows; ValueError for a class whose
+        channels it does not adapt."""
+        raise ValueError(f"{self.class_name}'s image channels cannot be widened or narrowed here (our AutoencoderKL "
+                         "and VQModel, AutoencoderKLFlux2, AutoencoderDC, AutoencoderKLQwenImage, AutoencoderKLWan "
+                         "and AutoencoderKLHunyuanImage can)")  # fmt: skip
+
+    def set_image_channels(self, channels: int) -> None:
+        """Record a new channel count in the config, so that save_pretrained writes it (after `channel_convs` were
+        resized)."""
+        raise ValueError(f"{self.class_name}: its image channels are not recorded here")
+
     def freeze(self, trainable: Iterable[str]) -> None:
         """Train only the named groups (TRAINABLE, and the PROJECTIONS of the families that have them); every other
         parameter takes no gradient.
@@ -291,6 +331,17 @@ class DiffusersAdapter(Adapter):
     def set_normalization(self, updates: dict) -> None:
         """Apply `measure_normalization`'s result to this model (its config), so normalize and save use it."""
         self.module.register_to_config(**updates)
+
+    # the class's config keys that hold the image channels, and how many config channels one image channel is
+    channel_keys: tuple[str, ...] = ("in_channels", "out_channels")
+    channel_factor = 1
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.config[self.channel_keys[0]]) // self.channel_factor
+
+    def set_image_channels(self, channels: int) -> None:
+        self.module.register_to_config(**{key: channels * self.channel_factor for key in self.channel_keys})
 
     def param_groups(self) -> dict[str, list[torch.Tensor]]:
         """encoder (with quant_conv), decoder (with post_quant_conv), its output head, normalization buffers."""

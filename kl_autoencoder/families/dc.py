@@ -14,11 +14,21 @@ from pathlib import Path
 
 import torch
 
-from .base import ChannelMoments, DiffusersAdapter, PointPosterior, load_module, new_module, parameters
+from .base import (
+    ChannelConvs,
+    ChannelMoments,
+    DiffusersAdapter,
+    PointPosterior,
+    load_module,
+    new_module,
+    parameters,
+    with_channels,
+)
 
 
 class DC(DiffusersAdapter):
     family = "dc-ae"
+    channel_keys = ("in_channels",)  # the decoder's output channels too
 
     @property
     def spatial_factor(self) -> int:
@@ -47,6 +57,17 @@ class DC(DiffusersAdapter):
     def normalization(self) -> dict:
         return {"convention": "z * scaling_factor", "scaling_factor": self.config["scaling_factor"]}
 
+    def channel_convs(self) -> ChannelConvs:
+        """The first and last convs, inside the up / down blocks a level without resnets uses: the down block's conv
+        reads the image before its pixel unshuffle; the up block's pixel shuffle makes 4 conv channels one image
+        channel (its interpolate variant convolves after upsampling: 1)."""
+        first, last = self.module.encoder.conv_in, self.module.decoder.conv_out
+        group = 1
+        if not isinstance(last, torch.nn.Conv2d):  # a DCUpBlock2d
+            group = 1 if last.interpolate else last.factor**2
+            last = last.conv
+        return ChannelConvs(getattr(first, "conv", first), last, out_group=group)
+
     def param_groups(self) -> dict[str, list[torch.Tensor]]:
         """The usual groups, and the projections at the latent: the residual shortcuts around them have no weights."""
         m = self.module
@@ -60,8 +81,10 @@ def load(folder: Path, class_name: str) -> DC:
     return DC(load_module(AutoencoderDC, folder), class_name)
 
 
-def build(arch: dict) -> DC:
-    """A new, randomly initialised `AutoencoderDC(**arch)` (training mode); ValueError for arguments it rejects."""
+def build(arch: dict, channels: int = 3) -> DC:
+    """A new, randomly initialised `AutoencoderDC(**arch)` for images of `channels` channels (training mode);
+    ValueError for arguments it rejects."""
     from diffusers import AutoencoderDC
 
+    arch = with_channels(AutoencoderDC, arch, {"in_channels": channels})
     return DC(new_module(AutoencoderDC, arch), "AutoencoderDC")

@@ -15,7 +15,16 @@ from pathlib import Path
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, fold_frames, load_module, new_module, parameters
+from .base import (
+    ChannelConvs,
+    ChannelMoments,
+    DiffusersAdapter,
+    fold_frames,
+    load_module,
+    new_module,
+    parameters,
+    with_channels,
+)
 
 
 class Flux2(DiffusersAdapter):
@@ -93,6 +102,9 @@ class Flux2(DiffusersAdapter):
     def head(self) -> tuple:
         return self.module.decoder.conv_norm_out, self.module.decoder.conv_out
 
+    def channel_convs(self) -> ChannelConvs:
+        return ChannelConvs(self.module.encoder.conv_in, self.module.decoder.conv_out)
+
     def param_groups(self) -> dict[str, list[torch.Tensor]]:
         """The usual groups; the projections at the latent (the encoder's conv_out with quant_conv, post_quant_conv
         with the decoder's conv_in); the BatchNorm's statistics as normalization."""
@@ -117,8 +129,10 @@ def load(folder: Path, class_name: str) -> Flux2:
     return Flux2(load_module(AutoencoderKLFlux2, folder), class_name)
 
 
-def build(arch: dict) -> Flux2:
-    """A new, randomly initialised `AutoencoderKLFlux2(**arch)` (training mode); ValueError for arguments it rejects."""
+def build(arch: dict, channels: int = 3) -> Flux2:
+    """A new, randomly initialised `AutoencoderKLFlux2(**arch)` for images of `channels` channels (training mode);
+    ValueError for arguments it rejects."""
     from diffusers import AutoencoderKLFlux2
 
+    arch = with_channels(AutoencoderKLFlux2, arch, {"in_channels": channels, "out_channels": channels})
     return Flux2(new_module(AutoencoderKLFlux2, arch), "AutoencoderKLFlux2")

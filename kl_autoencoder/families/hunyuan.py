@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module
+from .base import ChannelConvs, ChannelMoments, DiffusersAdapter, load_module
 
 
 class Hunyuan(DiffusersAdapter):
@@ -31,6 +31,9 @@ class Hunyuan(DiffusersAdapter):
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.module.decode(z).sample
+
+    def channel_convs(self) -> ChannelConvs:
+        return ChannelConvs(self.module.encoder.conv_in, self.module.decoder.conv_out)
 
     @property
     def scaling_factor(self) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module, new_module
+from .base import ChannelMoments, DiffusersAdapter, load_module, new_module, with_channels
 
 
 class LTXVideo(DiffusersAdapter):
@@ -107,9 +107,10 @@ def load(folder: Path, class_name: str) -> LTXVideo:
     return LTXVideo(load_module(cls, folder), class_name)
 
 
-def build(arch: dict) -> LTXVideo:
-    """A new, randomly initialised `AutoencoderKLLTXVideo(**arch)` (training mode); ValueError for arguments it
-    rejects."""
+def build(arch: dict, channels: int = 3) -> LTXVideo:
+    """A new, randomly initialised `AutoencoderKLLTXVideo(**arch)` for images of `channels` channels (training mode);
+    ValueError for arguments it rejects."""
     from diffusers import AutoencoderKLLTXVideo
 
+    arch = with_channels(AutoencoderKLLTXVideo, arch, {"in_channels": channels, "out_channels": channels})
     return LTXVideo(new_module(AutoencoderKLLTXVideo, arch), "AutoencoderKLLTXVideo")

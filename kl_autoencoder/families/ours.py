@@ -17,7 +17,7 @@ import torch
 
 from ..model import Autoencoder, DiagonalGaussian
 from ..tiling import decode_tiled, encode_tiled
-from .base import Adapter, ChannelMoments, PointPosterior, parameters
+from .base import Adapter, ChannelConvs, ChannelMoments, PointPosterior, parameters
 
 
 class Ours(Adapter):
@@ -48,6 +48,16 @@ class Ours(Adapter):
     @property
     def fp16_safe(self) -> bool:
         return not self.module.config.force_upcast
+
+    @property
+    def image_channels(self) -> int:
+        return self.module.config.in_channels
+
+    def channel_convs(self) -> ChannelConvs:
+        return ChannelConvs(self.module.encoder.conv_in, self.module.decoder.conv_out)
+
+    def set_image_channels(self, channels: int) -> None:
+        self.module.config.in_channels = self.module.config.out_channels = channels
 
     def tiling(self, on: bool = True) -> None:
         """Images larger than `tile` pixels encode and decode tile by tile, with the whole image's GroupNorm

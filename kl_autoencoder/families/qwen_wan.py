@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module, new_module
+from .base import ChannelConvs, ChannelMoments, DiffusersAdapter, load_module, new_module, with_channels
 
 
 class QwenWan(DiffusersAdapter):
@@ -54,6 +54,21 @@ class QwenWan(DiffusersAdapter):
     @property
     def sample_size(self) -> int | None:
         return None  # not in these configs: any multiple of the spatial factor
+
+    @property
+    def channel_keys(self) -> tuple[str, ...]:
+        # Qwen-Image's class has one argument for both ends (Qwen-Image-Layered's RGBA VAE: input_channels=4)
+        return ("in_channels", "out_channels") if self.class_name == "AutoencoderKLWan" else ("input_channels",)
+
+    @property
+    def channel_factor(self) -> int:
+        # Wan 2.2 patchifies p x p pixels into channels before its first conv (channel-major), and its config counts
+        # those: in_channels 12 for RGB at patch_size 2
+        return (self.config.get("patch_size") or 1) ** 2
+
+    def channel_convs(self) -> ChannelConvs:
+        g = self.channel_factor
+        return ChannelConvs(self.module.encoder.conv_in, self.module.decoder.conv_out, g, g)
 
     def tiling(self, on: bool = True) -> None:
         """The class's spatial tiles (blended where frames exceed 256 px: close, not equal); in time the causal
@@ -98,8 +113,18 @@ def load(folder: Path, class_name: str) -> QwenWan:
     return QwenWan(load_module(cls, folder), class_name)
 
 
-def build(arch: dict) -> QwenWan:
-    """A new, randomly initialised `AutoencoderKLWan(**arch)` (training mode); ValueError for arguments it rejects."""
+def build(arch: dict, channels: int = 3) -> QwenWan:
+    """A new, randomly initialised `AutoencoderKLWan(**arch)` for images of `channels` channels (training mode);
+    ValueError for arguments it rejects."""
     from diffusers import AutoencoderKLWan
 
+    patch = arch.get("patch_size") or 1
+    per_channel = patch**2  # see QwenWan.channel_factor
+    arch = with_channels(AutoencoderKLWan, arch, {"in_channels": channels * per_channel,
+                                                  "out_channels": channels * per_channel})  # fmt: skip
+    # WanPipeline sizes its latents from these config keys, not from the architecture: keep them true to it
+    levels = arch.get("dim_mult", [1, 2, 4, 4])
+    downsample = arch.get("temperal_downsample", [False, True, True])
+    arch.setdefault("scale_factor_spatial", 2 ** (len(levels) - 1) * patch)
+    arch.setdefault("scale_factor_temporal", 2 ** sum(map(bool, downsample)))
     return QwenWan(new_module(AutoencoderKLWan, arch), "AutoencoderKLWan")

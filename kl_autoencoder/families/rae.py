@@ -25,6 +25,7 @@ from .base import TRAINABLE, ChannelMoments, DiffusersAdapter, PointPosterior, l
 
 class RAE(DiffusersAdapter):
     family = "rae"
+    channel_keys = ("num_channels",)  # the decoder's output; the frozen vision encoder reads RGB
 
     @property
     def latent_channels(self) -> int:
