@@ -365,6 +365,31 @@ class DiffusersAdapter(Adapter):
         return path
 
 
+class ScaledLatents:
+    """The normalization of the pipelines that scale latents by `scaling_factor` alone (SANA, HunyuanImage,
+    HunyuanVideo, CogVideoX): z * scaling_factor, measured as 1 / RMS, which makes the mean square of all values 1
+    (a scalar cannot make every channel unit). A config without one (None) passes latents unscaled."""
+
+    config: dict
+
+    @property
+    def scaling_factor(self) -> float:
+        scale = self.config["scaling_factor"]
+        return 1.0 if scale is None else float(scale)
+
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scaling_factor
+
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scaling_factor
+
+    def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
+        return {"scaling_factor": 1.0 / ChannelMoments(batches).rms()}
+
+    def normalization(self) -> dict:
+        return {"convention": "z * scaling_factor", "scaling_factor": self.scaling_factor}
+
+
 def constructor_arguments(cls: type) -> list[str]:
     """The arguments of a diffusers class's constructor: the keys of its config.json."""
     return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]

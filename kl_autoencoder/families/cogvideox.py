@@ -19,16 +19,15 @@ so another chunk size gives other latents (measured on a random model: 0.12 at m
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module
+from .base import DiffusersAdapter, ScaledLatents, load_module
 
 
-class CogVideoX(DiffusersAdapter):
+class CogVideoX(ScaledLatents, DiffusersAdapter):
     family = "cogvideox"
     is_video = True
 
@@ -56,19 +55,6 @@ class CogVideoX(DiffusersAdapter):
         if t % 2 == 0:
             raise ValueError(f"AutoencoderKLCogVideoX decodes an odd number of latent frames (1, 3, 5, ...), got {t}")
         return self.module.decode(z).sample  # (B, C, T, H, W)
-
-    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.config["scaling_factor"]
-
-    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.config["scaling_factor"]
-
-    def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
-        # a scalar cannot make every channel unit; 1 / RMS makes the mean square of all values 1
-        return {"scaling_factor": 1.0 / ChannelMoments(batches).rms()}
-
-    def normalization(self) -> dict:
-        return {"convention": "z * scaling_factor", "scaling_factor": self.config["scaling_factor"]}
 
 
 def load(folder: Path, class_name: str) -> CogVideoX:

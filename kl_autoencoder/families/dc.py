@@ -9,16 +9,15 @@ output projection) and `decoder_in` (the decoder's input projection) are what DC
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from .base import (
     ChannelConvs,
-    ChannelMoments,
     DiffusersAdapter,
     PointPosterior,
+    ScaledLatents,
     load_module,
     new_module,
     parameters,
@@ -26,7 +25,7 @@ from .base import (
 )
 
 
-class DC(DiffusersAdapter):
+class DC(ScaledLatents, DiffusersAdapter):
     family = "dc-ae"
     channel_keys = ("in_channels",)  # the decoder's output channels too
 
@@ -43,19 +42,6 @@ class DC(DiffusersAdapter):
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.module.decode(z).sample
-
-    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.config["scaling_factor"]
-
-    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.config["scaling_factor"]
-
-    def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
-        # a scalar cannot make every channel unit; 1 / RMS makes the mean square of all values 1
-        return {"scaling_factor": 1.0 / ChannelMoments(batches).rms()}
-
-    def normalization(self) -> dict:
-        return {"convention": "z * scaling_factor", "scaling_factor": self.config["scaling_factor"]}
 
     def channel_convs(self) -> ChannelConvs:
         """The first and last convs, inside the up / down blocks a level without resnets uses: the down block's conv

@@ -5,16 +5,15 @@ residual shortcuts, a Gaussian posterior. Its pipeline scales the latents by `sc
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelConvs, ChannelMoments, DiffusersAdapter, load_module
+from .base import ChannelConvs, DiffusersAdapter, ScaledLatents, load_module
 
 
-class Hunyuan(DiffusersAdapter):
+class Hunyuan(ScaledLatents, DiffusersAdapter):
     family = "hunyuan-image"
 
     @property
@@ -34,25 +33,6 @@ class Hunyuan(DiffusersAdapter):
 
     def channel_convs(self) -> ChannelConvs:
         return ChannelConvs(self.module.encoder.conv_in, self.module.decoder.conv_out)
-
-    @property
-    def scaling_factor(self) -> float:
-        # the class's default is None (no normalization measured yet): latents pass unscaled
-        scale = self.config["scaling_factor"]
-        return 1.0 if scale is None else float(scale)
-
-    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.scaling_factor
-
-    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.scaling_factor
-
-    def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
-        # a scalar cannot make every channel unit; 1 / RMS makes the mean square of all values 1
-        return {"scaling_factor": 1.0 / ChannelMoments(batches).rms()}
-
-    def normalization(self) -> dict:
-        return {"convention": "z * scaling_factor", "scaling_factor": self.scaling_factor}
 
 
 def load(folder: Path, class_name: str) -> Hunyuan:

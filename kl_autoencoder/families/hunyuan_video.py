@@ -14,16 +14,15 @@ on the class's slicing, which encodes and decodes each clip alone (exact: clips 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module
+from .base import DiffusersAdapter, ScaledLatents, load_module
 
 
-class HunyuanVideo(DiffusersAdapter):
+class HunyuanVideo(ScaledLatents, DiffusersAdapter):
     is_video = True
 
     @property
@@ -52,19 +51,6 @@ class HunyuanVideo(DiffusersAdapter):
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.module.decode(z).sample  # (B, C, T, H, W)
-
-    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.config["scaling_factor"]
-
-    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.config["scaling_factor"]
-
-    def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict:
-        # a scalar cannot make every channel unit; 1 / RMS makes the mean square of all values 1
-        return {"scaling_factor": 1.0 / ChannelMoments(batches).rms()}
-
-    def normalization(self) -> dict:
-        return {"convention": "z * scaling_factor", "scaling_factor": self.config["scaling_factor"]}
 
 
 def load(folder: Path, class_name: str) -> HunyuanVideo:
