@@ -194,3 +194,22 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
         out[name] = tmp_path_factory.mktemp(name)
         module.save_pretrained(out[name])
     return out
+
+
+def moving_clip(t: int, h: int = 40, w: int = 48, seed: int = 0) -> torch.Tensor:
+    """A texture sliding one pixel per frame, uint8 (3, T, H, W): real motion for a temporal model (the video tests)."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    base = g.integers(0, 256, (3, h, w + t), dtype=np.uint8)
+    base = np.repeat(np.repeat(base[:, ::4, ::4], 4, 1), 4, 2)[:, :h, : w + t]  # blocks: survives H.264
+    return torch.from_numpy(np.stack([base[:, :, i : i + w] for i in range(t)], 1).copy())
+
+
+def clip_folder(root: Path, frames: int, h: int = 40, w: int = 48, count: int = 3) -> Path:
+    """`count` mp4 clips of `moving_clip`s (seeds 0, 1, ...) in `root`."""
+    from kl_ae.common.video import write_video
+
+    for i in range(count):
+        write_video(root / f"clip{i}.mp4", moving_clip(frames, h, w, seed=i), fps=10)
+    return root

@@ -17,7 +17,9 @@ import torch
 
 from kl_ae.common.frames import fold_frames, per_frame, pick_frames
 from kl_ae.common.metrics import clip_metrics, reconstruction_metrics
-from kl_ae.common.video import probe_video, read_video, write_video
+from kl_ae.common.video import probe_video, read_video
+
+from .conftest import clip_folder
 
 WAN = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
            latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0], scale_factor_spatial=4)  # fmt: skip
@@ -33,20 +35,9 @@ def wan(tmp_path_factory) -> Path:
     return folder
 
 
-def moving_clip(t: int, h: int = 40, w: int = 48, seed: int = 0) -> torch.Tensor:
-    """A texture sliding one pixel per frame, uint8 (3, T, H, W): real motion for a temporal model."""
-    g = np.random.default_rng(seed)
-    base = g.integers(0, 256, (3, h, w + t), dtype=np.uint8)
-    base = np.repeat(np.repeat(base[:, ::4, ::4], 4, 1), 4, 2)[:, :h, : w + t]  # blocks: survives H.264
-    return torch.from_numpy(np.stack([base[:, :, i : i + w] for i in range(t)], 1).copy())
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("clips")
-    for i in range(3):
-        write_video(folder / f"clip{i}.mp4", moving_clip(13, seed=i), fps=10)
-    return folder
+    return clip_folder(tmp_path_factory.mktemp("clips"), 13)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from kl_ae.common.video import write_video
+from .conftest import clip_folder, moving_clip
 
 ARCH = {  # family -> (model.arch, a clip length it takes)
     "wan": (dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True]), 5),
@@ -25,19 +24,9 @@ ARCH = {  # family -> (model.arch, a clip length it takes)
 }  # fmt: skip
 
 
-def moving_clip(t: int, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
-    g = np.random.default_rng(seed)
-    base = g.integers(0, 256, (3, h, w + t), dtype=np.uint8)
-    base = np.repeat(np.repeat(base[:, ::4, ::4], 4, 1), 4, 2)[:, :h, : w + t]
-    return torch.from_numpy(np.stack([base[:, :, i : i + w] for i in range(t)], 1).copy())
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("clips")
-    for i in range(3):
-        write_video(folder / f"clip{i}.mp4", moving_clip(11, seed=i), fps=10)
-    return folder
+    return clip_folder(tmp_path_factory.mktemp("clips"), 11, 32, 32)
 
 
 @pytest.mark.slow
@@ -74,7 +63,7 @@ def test_a_new_video_vae_trains_and_its_release_loads_in_its_class(family, clips
     module, info = cls.from_pretrained(folder, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     ae = load_autoencoder(folder)
-    x = moving_clip(frames)[None].float() / 127.5 - 1
+    x = moving_clip(frames, 32, 32)[None].float() / 127.5 - 1
     with torch.no_grad():
         ours = ae.decode(ae.encode(x).mode())
         temb = {"temb": torch.zeros(1)} if getattr(module.config, "timestep_conditioning", False) else {}
