@@ -158,9 +158,10 @@ def encode_dataset(
         settings |= {"frames": videos.frames, "fps": dict(zip(videos.paths(), videos.fps_list())),
                      "temporal_factor": ae.temporal_factor, "num_videos": len(videos),
                      "num_latents": len(clips)}  # fmt: skip
-        # long clips through the class's chunks and tiles, so memory does not grow with length (exact for Wan's
-        # causal cache; blended windows for HunyuanVideo, LTX and CogVideoX, recorded below)
-        if videos.frames > 2 * ae.temporal_factor:
+        # long clips through a video class's chunks and tiles, so memory does not grow with length (exact for Wan's
+        # causal cache; blended windows for HunyuanVideo, LTX and CogVideoX, recorded below). An image family
+        # encodes frame by frame already: its spatial tiles would change its latents and save nothing here
+        if ae.is_video and videos.frames > 2 * ae.temporal_factor:
             ae.tiling(True)
             settings["chunked"] = True
         write_latents(ae, clips, out, settings, accelerator, batch_size, sample, seed)
