@@ -12,7 +12,8 @@ protocol, posterior and FID implementation are recorded; rFID's real side is cac
 (`kl_ae.common.fid_stats`). A `--split` of `sample` or a hub name, or of a run's own folder, is the run's
 held-out split when the model is a run (its split settings and seed); without `--data`, a run's own held-out split.
 Images of any channel count, at their own bit depth, read with the model's recorded value mapping
-(`eval.channels`).
+(`eval.channels`). Clips (`eval.clips`) of a folder or file of videos, "sample-video", or the first videos of shards
+or of a hub dataset streamed with `streaming` (`kl_ae.common.video.load_clips`); bad ones are skipped and listed.
 
     kl-ae eval --model RUN|CHECKPOINT|DIFFUSERS_DIR|HUB_NAME --data FOLDER|sample|HUB_NAME [--compare PATH2] ...
 """
@@ -68,8 +69,9 @@ from kl_autoencoder.interface import LatentAutoencoder
 class EvalConfig:
     model: str  # a run, checkpoint or diffusers folder of any supported class, or a hub name (REPO[/SUBFOLDER])
     # a folder (all its images or videos), a video file, "sample" / "sample-video" or a hub name (their held-out
-    # split); None: a run's own data, its held-out split
+    # split), shards (the first max_images, default 256); None: a run's own data, its held-out split
     data: str | None = "sample"
+    streaming: bool = False  # data: a hub dataset of videos (or a local hub-style folder), streamed: its first clips
     split: str = "val"  # "sample" or a hub name: "val" (held out) or "train" (the images the recipe trains on)
     out: str | None = None  # default <model>/eval
     resolution: int | None = None  # None: each image at its own size (cropped to a multiple of what the models take)
@@ -347,10 +349,13 @@ def eval_images(cfg: EvalConfig, models: dict[str, LatentAutoencoder]) -> tuple[
     mapping = model_mapping(cfg.model)
     chans.check_mapping(mapping, channels["model"], cfg.model)
     cfg.bands = cfg.bands if cfg.bands is not None else chans.run_bands(run)
-    if is_video_source(cfg.data):
+    if is_video_source(cfg.data, cfg.streaming):
         clips = load_clips(cfg.data, multiple, cfg.resolution, cfg.frames, longest_frames(*models.values()),
-                           cfg.max_images, seed, run_data)  # fmt: skip
-        return clips, {"split_seed": seed, "run": str(run) if run is not None else None, "frames": clips.frames}
+                           cfg.max_images, seed, run_data, streaming=cfg.streaming)  # fmt: skip
+        return clips, {"split_seed": seed, "run": str(run) if run is not None else None, "frames": clips.frames,
+                       "skipped": clips.skipped}  # fmt: skip
+    if cfg.streaming:
+        raise ConfigError(f"--streaming: {cfg.data} holds no videos; a hub image dataset is read by its name alone")
     images = load_images(cfg.data, multiple, cfg.split, cfg.resolution, cfg.max_images, seed, own_folder,
                          cfg.protocol, run_data, channels["model"], mapping)  # fmt: skip
     for name, ae in models.items():

@@ -127,7 +127,7 @@ def encode_dataset(
     settings of `run_data`, the run's data section: `kl_ae.common.data.trainer_split`), folders included. `grid`:
     several fixed crops per image (`kl_ae.common.crops.CropGrid`). `max_images`: the first N images.
     A stream (shards, or a hub name with `streaming`) is written as latent shards (`eval.latent_shards`, format
-    `fmt`).
+    `fmt`); a stream of videos cut by a crop `grid` (`kl-ae probe`) is its first clips' windows, as for a folder.
     """
     from kl_ae.common.shards import shard_files
 
@@ -137,6 +137,8 @@ def encode_dataset(
         accelerator.print(f"{out} is complete; nothing to do")
         return out
     stream = streaming or shard_files(data, "--data") is not None
+    clips_of_stream = stream and grid is not None and is_video_source(data, streaming)
+    stream = stream and not clips_of_stream
     ae = load_model(model_path).to(accelerator.device)
     check_arguments(ae, resolution, batch_size, split, stream, fmt, grid)
     settings = latent_settings(ae, model_path, data, resolution, sample, seed)
@@ -147,10 +149,10 @@ def encode_dataset(
             settings |= {"frames": frames, "temporal_factor": ae.temporal_factor}
         args = (resolution, batch_size, sample, seed, fmt or "parquet", per_shard, frames)
         return encode_stream(ae, data, out, settings, accelerator, *args)
-    if is_video_source(data):
+    if clips_of_stream or is_video_source(data):
         check_frames(ae, frames)
         clips = load_clips(data, ae.image_multiple, None if grid else resolution, frames, ae.longest_frames,
-                           max_images, split_seed, run_data, split or "val")  # fmt: skip
+                           max_images, split_seed, run_data, split or "val", clips_of_stream)  # fmt: skip
         if grid is not None:  # windows of each video, each cut by the crop grid
             clips = ClipCrops(clips, grid, resolution)
         check_sizes(ae, clips.sizes())

@@ -17,7 +17,9 @@ which metrics.json says. Then the recipe of
 `eval.denoiser` trains a small DiT on the training latents for `--steps` steps and reports its held-out
 denoising loss on a fixed timestep grid (same noise draws for every model), the curve of that loss over
 training, samples decoded through the autoencoder (DDIM, seeded), and the FID of the decoded samples against the
-held-out crops when the Inception weights are installed (otherwise "unavailable" with the reason).
+held-out crops when the Inception weights are installed (otherwise "unavailable" with the reason). Videos: windows
+of `--frames` frames of the clips `kl_ae.common.video.load_clips` gives (a folder, "sample-video", shards, or a hub
+dataset streamed with `streaming`), cut by the same crop grid.
 
 Defaults: a run folder's own `data.resolution` / `data.resize` (the default run: 64 px crops of images resized
 to 128 px), else the model's `sample_size` with resize = resolution; a 4 x 4 grid with mirrors (32 crops per
@@ -62,8 +64,10 @@ MAX_FID_SAMPLES = 1024
 @dataclass
 class ProbeConfig:
     model: str  # a run, checkpoint or diffusers folder of any supported class, or a hub name (REPO[/SUBFOLDER])
-    # a folder, "sample" or a hub name: its training split and its held-out split; None: a run's own data.source
+    # a folder, "sample" or a hub name: its training split and its held-out split; None: a run's own data.source.
+    # Shards or a streamed hub dataset of videos: their first max_images videos for both (a stream holds nothing out)
     data: str | None = None
+    streaming: bool = False  # data: a hub dataset of videos (or a local hub-style folder), streamed
     out: str | None = None  # default <model>/probe
     steps: int = 600  # denoiser training steps (the budget)
     compare: str | None = None  # a second model probed on the same images, seeds and budget
@@ -137,7 +141,7 @@ def encode_split(cfg: ProbeConfig, path: str, crops: Crops, split: str, folder: 
     try:
         return encode_dataset(path, cfg.data, folder, resolution, batch_size=16, sample=True, seed=cfg.seed,
                               split=split, grid=grid, max_images=cfg.max_images, split_seed=split_seed,
-                              run_data=run_data, frames=cfg.frames)  # fmt: skip
+                              run_data=run_data, frames=cfg.frames, streaming=cfg.streaming)  # fmt: skip
     except ConfigError as e:
         raise ConfigError(f"{e} (probe of {path}, {split} split)") from None
 
@@ -191,9 +195,9 @@ def normalise(ae: LatentAutoencoder, train: torch.Tensor, heldout: torch.Tensor,
 
 def split_images(cfg: ProbeConfig, crops: Crops, factor: int, split: str, longest=None) -> GridCrops | ClipCrops:
     """The crops of one split ("train" or "val") of the trainer's split of `cfg.data` (videos: of their windows)."""
-    if is_video_source(cfg.data):
+    if is_video_source(cfg.data, cfg.streaming):
         clips = load_clips(cfg.data, factor, None, cfg.frames, longest, cfg.max_images, crops.split_seed,
-                           crops.run_data, split)  # fmt: skip
+                           crops.run_data, split, cfg.streaming)  # fmt: skip
         return ClipCrops(clips, crops.grid, crops.resolution)
     images = load_images(cfg.data, factor, split, crops.resolution, cfg.max_images, crops.split_seed, True,
                          run_data=crops.run_data)  # fmt: skip

@@ -9,7 +9,8 @@ PNG, one channel a grayscale PNG; N bands (or float values) a TIFF beside `--out
 Tiling is the architecture's own: our KL / VQ model uses `kl_autoencoder.tiling` (tiles whose GroupNorms see the
 whole image's statistics); a diffusers family uses the class's `enable_tiling()` (blended overlapping tiles) with
 `tile`-pixel tiles (HunyuanImage: the decode only, diffusers' tiled encode of that class taking video tensors
-only); a class without one (RAE) refuses `--tile` in one line.
+only), through the family's `tiling(True, tile)`; a class without one (RAE) refuses `--tile` in one line. A video
+goes through the family's chunks in time and its `tile`-pixel spatial tiles.
 """
 
 from __future__ import annotations
@@ -33,23 +34,18 @@ from kl_autoencoder.tiling import decode_tiled, encode_tiled
 
 
 def enable_tiling(ae: LatentAutoencoder, tile: int) -> None:
-    """Switch a diffusers family to its own tiled encode / decode with `tile`-pixel tiles, overlapping by a quarter
-    (diffusers' default share); ConfigError (one line) where the class has no tiling or the tile does not fit."""
-    m = ae.module
-    if not hasattr(m, "use_tiling"):
+    """Switch the model to its own tiled encode / decode with `tile`-pixel tiles (`tiling(True, tile)`: a quarter
+    overlapping for diffusers' classes); ConfigError (one line) where the class has no tiling or the tile does not
+    fit."""
+    if ae.family not in ("kl", "vq") and not hasattr(ae.module, "use_tiling"):
         raise ConfigError(f"--tile: {ae.class_name} has no tiled encode / decode; run without --tile")
     multiple = ae.image_multiple
     if tile <= 0 or tile % multiple:
         raise ConfigError(f"--tile: {tile} is not a positive multiple of {multiple}, what {ae.class_name} takes")
-    stride = max(multiple, tile * 3 // 4 // multiple * multiple)
-    if ae.class_name == "AutoencoderKLHunyuanImage":
-        m.enable_tiling(tile_sample_min_size=tile)
-    elif ae.class_name == "AutoencoderKLFlux2":  # its enable_tiling takes no sizes: set them as its __init__ does
-        m.enable_tiling()
-        m.tile_sample_min_size, m.tile_latent_min_size = tile, tile // ae.spatial_factor
-    else:  # AutoencoderDC, AutoencoderKLQwenImage, AutoencoderKLWan
-        m.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_sample_stride_height=stride,
-                        tile_sample_stride_width=stride)  # fmt: skip
+    try:
+        ae.tiling(True, tile)
+    except ValueError as e:
+        raise ConfigError(f"--tile: {e}") from None
 
 
 @torch.no_grad()
@@ -118,8 +114,8 @@ def reconstruct_video(video: str, ae: LatentAutoencoder, out: str, tile: int | N
     except ValueError as e:
         raise ConfigError(f"{video}: {e}") from None
     x = clip[None, :, :t, :h, :w].float() / 127.5 - 1.0  # (1, 3, T, H, W)
-    if tile:
-        ae.tiling(True)  # long clips and large frames through the class's own chunks and tiles
+    if tile:  # long clips and large frames through the class's own chunks and `tile`-pixel tiles
+        enable_tiling(ae, tile)
     with torch.no_grad():
         y = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
     path = Path(out)

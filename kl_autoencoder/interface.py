@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .diffusers_format import CONFIG_NAME
-from .families.base import PROJECTIONS, TRAINABLE, ChannelConvs, PointPosterior
+from .families.base import PROJECTIONS, TRAINABLE, ChannelConvs, PointPosterior, as_saved
 from .folders import find_diffusers_folder
 
 # _class_name -> family, the classes `load_autoencoder` takes
@@ -101,8 +101,9 @@ class LatentAutoencoder(Protocol):
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor: ...  # the inverse
 
     # memory-bounded encode / decode of long clips and large frames through the class's own mechanisms (each family
-    # says whether that is exact or blended); off: one pass
-    def tiling(self, on: bool = True) -> None: ...
+    # says whether that is exact or blended); off: one pass. `tile`: the spatial tiles' side in pixels, where the class
+    # takes sizes (None: its own)
+    def tiling(self, on: bool = True, tile: int | None = None) -> None: ...
 
     def measure_normalization(self, batches: Iterable[torch.Tensor]) -> dict: ...  # raw latents -> updates
 
@@ -163,7 +164,7 @@ def load_autoencoder(path: str | Path, subfolder: str | None = None) -> LatentAu
         from .families import cogvideox as family
     else:
         raise ValueError(f"{folder}: _class_name {name!r} is not supported; supported: {', '.join(SUPPORTED)}")
-    return family.load(folder, name)
+    return as_saved(folder, family.load(folder, name))  # a video model saved per frame stays per frame
 
 
 def new_autoencoder(family: str, arch: dict | None = None, channels: int = 3) -> LatentAutoencoder:

@@ -305,6 +305,9 @@ class Autoencoder(nn.Module):
             if isinstance(module, Checkpointable):
                 module.gradient_checkpointing = flag
 
+    def disable_gradient_checkpointing(self) -> None:
+        self.enable_gradient_checkpointing(False)  # diffusers' name for it
+
     @classmethod
     def from_pretrained(
         cls, path: str | Path, vq: QuantizerConfig | None = None, subfolder: str | None = None

@@ -213,3 +213,53 @@ def clip_folder(root: Path, frames: int, h: int = 40, w: int = 48, count: int = 
     for i in range(count):
         write_video(root / f"clip{i}.mp4", moving_clip(frames, h, w, seed=i), fps=10)
     return root
+
+
+def resume_from(run: Path, copy: Path, step: int) -> None:
+    """`copy`: `run` as a run killed right after its checkpoint of `step` leaves it."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    for later in (copy / "checkpoints").glob("step_*"):
+        if int(later.name.split("_")[1]) > step:
+            shutil.rmtree(later)
+    (copy / "checkpoints" / "latest").write_text(f"step_{step:07d}")
+
+
+_MEAN, _STD = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 2.0, 1.0]
+_LTX_LEVELS = (True, True, True, False)  # three levels halve space and time: f8 t8 with patch_size 1
+# the video classes the tests share: family -> (diffusers class, tiny config, a clip length it takes, its temporal
+# factor): 32 px frames, 8 channels
+VIDEO = {
+    "wan": ("AutoencoderKLWan", dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+            temperal_downsample=[True, True], scale_factor_spatial=4, latents_mean=_MEAN, latents_std=_STD), 5, 4),
+    "hunyuan-video": ("AutoencoderKLHunyuanVideo", dict(latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                      layers_per_block=1, norm_num_groups=4), 5, 4),
+    "ltx-video": ("AutoencoderKLLTXVideo", dict(latent_channels=8, block_out_channels=(8,) * 4,
+                  decoder_block_out_channels=(8,) * 4, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+                  spatio_temporal_scaling=_LTX_LEVELS, decoder_spatio_temporal_scaling=_LTX_LEVELS, patch_size=1,
+                  decoder_inject_noise=(False,) * 5, timestep_conditioning=True, scaling_factor=0.8), 9, 8),
+    # CogVideoX round-trips 1 + 8k frames only (an odd number of latent frames: see families/cogvideox.py)
+    "cogvideox": ("AutoencoderKLCogVideoX", dict(block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1,
+                  norm_num_groups=2), 9, 4),
+    "hunyuan-video-1.5": ("AutoencoderKLHunyuanVideo15", dict(latent_channels=4, block_out_channels=(8,) * 4,
+                          layers_per_block=1, spatial_compression_ratio=8, scaling_factor=0.9), 5, 4),
+    # LTX-2's levels: one spatial, one temporal, two both (its ratios are not derived from them: given); its
+    # residual upsamplers need widening decoder channels
+    "ltx2-video": ("AutoencoderKLLTX2Video", dict(latent_channels=8, block_out_channels=(8,) * 4,
+                   decoder_block_out_channels=(16, 32, 64), layers_per_block=(1,) * 5,
+                   decoder_layers_per_block=(1,) * 4, spatio_temporal_scaling=(True,) * 4,
+                   decoder_spatio_temporal_scaling=(True,) * 3, decoder_inject_noise=(False,) * 4,
+                   downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"), patch_size=1,
+                   spatial_compression_ratio=8, temporal_compression_ratio=8, scaling_factor=0.8), 9, 8),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run hundreds of small ops: one thread does them as fast as two, and does not spin-wait for a
+    second core that the machine's other work holds (which made a tiled pass 100x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

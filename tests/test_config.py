@@ -26,7 +26,7 @@ def test_field_list_is_pinned():
         "model.preset", "model.base_channels", "model.channel_mult", "model.layers_per_block",
         "model.latent_channels", "model.norm_num_groups", "model.num_codes", "model.code_dim",
         "model.normalize_codes", "model.family", "model.arch", "model.init_from", "model.trust_pickle",
-        "model.gradient_checkpointing",
+        "model.gradient_checkpointing", "model.per_frame",
         "data.source", "data.resolution", "data.resize", "data.random_crop", "data.hflip", "data.batch_size",
         "data.num_workers", "data.val_fraction", "data.val_max", "data.val_source", "data.streaming",
         "data.shuffle_buffer", "data.image_column", "data.hub_split",

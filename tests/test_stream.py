@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from kl_ae.common.stream import build_stream, shard_plan
 from training.config import load_config
 from training.train import main as train_main
 
-from .conftest import TINY_RUN, checkpoint_tensors, launch_two_processes
+from .conftest import TINY_RUN, checkpoint_tensors, launch_two_processes, resume_from
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [*TINY_RUN, "data.repeats=1", "data.val_source=sample", "data.shuffle_buffer=3", "train.log_every=1",
@@ -156,15 +155,6 @@ def test_hub_style_parquet_streams_offline(tmp_path):
         assert list(read_skipped(skip_log)) == [f"{cfg.source}:broken.png"]
 
 
-def _resume_from(run: Path, copy: Path, step: int) -> None:
-    """`copy`: `run` as a run killed right after its checkpoint of `step` leaves it."""
-    shutil.copytree(run, copy)
-    for later in (copy / "checkpoints").glob("step_*"):
-        if int(later.name.split("_")[1]) > step:
-            shutil.rmtree(later)
-    (copy / "checkpoints" / "latest").write_text(f"step_{step:07d}")
-
-
 @pytest.mark.slow
 def test_kill_and_resume_on_a_stream_is_exact(shards, tmp_path):
     """SIGKILL a run on shards (2 DataLoader workers, shuffle buffer) mid-epoch; the re-run reaches the same weights
@@ -208,7 +198,7 @@ def test_two_process_run_on_shards_resumes_exactly(shards, tmp_path):
     assert read_skipped(out / "skipped.txt").keys() == shards["bad"].keys()
     positions = [torch.load(out / "checkpoints" / "step_0000004" / f"data_state_{r}.pt") for r in (0, 1)]
     assert positions[0] != positions[1]  # each process resumes its own stream
-    _resume_from(out, tmp_path / "resumed", 4)
+    resume_from(out, tmp_path / "resumed", 4)
     launch_two_processes(["--out", str(tmp_path / "resumed"), *args])
     a = checkpoint_tensors(out / "checkpoints" / "step_0000006")
     b = checkpoint_tensors(tmp_path / "resumed" / "checkpoints" / "step_0000006")

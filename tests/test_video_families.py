@@ -22,34 +22,8 @@ from kl_autoencoder import Autoencoder
 from kl_autoencoder.families.base import PointPosterior
 from kl_autoencoder.interface import BUILDABLE, SUPPORTED, LatentAutoencoder, load_autoencoder, new_autoencoder
 
-from .conftest import FAMILY_CONFIGS, tiny
+from .conftest import FAMILY_CONFIGS, VIDEO, tiny
 
-_MEAN, _STD = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 2.0, 1.0]
-_LTX_LEVELS = (True, True, True, False)  # three levels halve space and time: f8 t8 with patch_size 1
-# family -> (diffusers class, tiny config, a clip length it takes, its temporal factor): 32 px frames, 8 channels
-VIDEO = {
-    "wan": ("AutoencoderKLWan", dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
-            temperal_downsample=[True, True], scale_factor_spatial=4, latents_mean=_MEAN, latents_std=_STD), 5, 4),
-    "hunyuan-video": ("AutoencoderKLHunyuanVideo", dict(latent_channels=4, block_out_channels=(8, 8, 8, 8),
-                      layers_per_block=1, norm_num_groups=4), 5, 4),
-    "ltx-video": ("AutoencoderKLLTXVideo", dict(latent_channels=8, block_out_channels=(8,) * 4,
-                  decoder_block_out_channels=(8,) * 4, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
-                  spatio_temporal_scaling=_LTX_LEVELS, decoder_spatio_temporal_scaling=_LTX_LEVELS, patch_size=1,
-                  decoder_inject_noise=(False,) * 5, timestep_conditioning=True, scaling_factor=0.8), 9, 8),
-    # CogVideoX round-trips 1 + 8k frames only (an odd number of latent frames: see families/cogvideox.py)
-    "cogvideox": ("AutoencoderKLCogVideoX", dict(block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1,
-                  norm_num_groups=2), 9, 4),
-    "hunyuan-video-1.5": ("AutoencoderKLHunyuanVideo15", dict(latent_channels=4, block_out_channels=(8,) * 4,
-                          layers_per_block=1, spatial_compression_ratio=8, scaling_factor=0.9), 5, 4),
-    # LTX-2's levels: one spatial, one temporal, two both (its ratios are not derived from them: given); its
-    # residual upsamplers need widening decoder channels
-    "ltx2-video": ("AutoencoderKLLTX2Video", dict(latent_channels=8, block_out_channels=(8,) * 4,
-                   decoder_block_out_channels=(16, 32, 64), layers_per_block=(1,) * 5,
-                   decoder_layers_per_block=(1,) * 4, spatio_temporal_scaling=(True,) * 4,
-                   decoder_spatio_temporal_scaling=(True,) * 3, decoder_inject_noise=(False,) * 4,
-                   downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"), patch_size=1,
-                   spatial_compression_ratio=8, temporal_compression_ratio=8, scaling_factor=0.8), 9, 8),
-}  # fmt: skip
 PER_CHANNEL = {"wan", "ltx-video", "ltx2-video"}  # per-channel statistics; the others a scaling_factor alone
 LTX = {"ltx-video", "ltx2-video"}
 # the module attributes that make each class's tiling engage on 32 px frames and 17-frame clips: 24 px tiles every
@@ -70,14 +44,7 @@ SMALL_TILES = {
 SWITCHES = ("use_tiling", "use_framewise_encoding", "use_framewise_decoding")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run hundreds of small ops: one thread does them as fast as two, and does not spin-wait for a
-    second core that the machine's other work holds (which made a tiled pass 100x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,10 @@ class ModelConfig:
     init_from: str | None = None
     trust_pickle: bool = False  # unpickle a .ckpt that needs more than tensors: only for files you trust
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # a video family (wan, ltx-video) taken frame by frame: each frame a one-frame clip folded into the batch, so no
+    # frame sees another; the baseline a video VAE's temporal compression is measured against (with the arch's
+    # temporal downsampling off). Recorded in the export, whose reload takes frames alone too
+    per_frame: bool = False
 
     def validate(self) -> None:
         from kl_autoencoder import PRESETS
@@ -65,6 +69,12 @@ class ModelConfig:
             raise ConfigError(f"model.channel_mult: must be a non-empty list of positive ints, got {self.channel_mult}")
         if self.init_from is not None and not Path(self.init_from).exists() and not is_hub_name(self.init_from):
             raise ConfigError(f"model.init_from: {self.init_from} does not exist (nor is it a hub name org/name)")
+        if self.per_frame and self.family not in ("wan", "ltx-video"):
+            raise ConfigError(f"model.per_frame: takes a video family (model.family wan or ltx-video), got "
+                              f"model.family {self.family}")  # fmt: skip
+        if self.per_frame and self.init_from is not None:
+            raise ConfigError("model.per_frame: model.init_from's folder records whether it is per frame; leave "
+                              "model.per_frame out")  # fmt: skip
         if self.family != "ours":
             self.validate_family()
             return
@@ -99,7 +109,7 @@ class ModelConfig:
 
     def preset_fields(self) -> list[str]:
         """The fields that override the preset's `AutoencoderConfig` (our own model only)."""
-        others = ("preset", "family", "arch", "init_from", "trust_pickle", "gradient_checkpointing")
+        others = ("preset", "family", "arch", "init_from", "trust_pickle", "gradient_checkpointing", "per_frame")
         return [f.name for f in fields(self) if f.name not in others]
 
     def autoencoder_config(self):
@@ -114,9 +124,11 @@ class ModelConfig:
     def new_autoencoder(self, channels: int = 3):
         """A new random model of `family` built from `arch` for `channels`-channel images
         (`kl_autoencoder.interface.new_autoencoder`)."""
+        from kl_autoencoder.families.base import PerFrame
         from kl_autoencoder.interface import new_autoencoder
 
-        return new_autoencoder(self.family, self.arch, channels)
+        ae = new_autoencoder(self.family, self.arch, channels)
+        return PerFrame(ae) if self.per_frame else ae
 
 
 @dataclass

@@ -29,8 +29,8 @@ class PatchDiscriminator(nn.Module):
     """NLayerDiscriminator: returns one real/fake logit per overlapping patch, (B, 1, h, w).
 
     With the defaults (64 channels, 3 layers) each logit sees a 70x70 receptive field.
-    `norm="batch"` is the reference; its batch statistics differ per process under DDP
-    unless converted to SyncBatchNorm. `norm="group"` avoids that entirely.
+    `norm="batch"` is the reference; under several processes the trainer synchronizes its
+    batch statistics (training/sync_batchnorm.py). `norm="group"` needs no synchronization.
 
     `dims=3`: the same network over clips (B, C, T, H, W) with (3, 4, 4) kernels that keep the frame count (stride 1
     in time): one logit per patch of 3 frames and more, (B, 1, T, h, w), so it judges motion as well as each frame

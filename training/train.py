@@ -63,6 +63,7 @@ from training.step import (
     TrainStep,
     adamw,
 )
+from training.sync_batchnorm import synchronize_batchnorm
 from training.trackers import check_tracker
 from training.validation import Validator, weights_for_use
 
@@ -215,8 +216,8 @@ def build_models(cfg: TrainConfig, accelerator: Accelerator, precision: str, log
         log(f"initialised from {cfg.model.init_from} ({ae.class_name}); training {cfg.train.trainable}")
         widened = adapt(cfg, ae, log)
     if cfg.model.gradient_checkpointing:
-        try:  # ours, and diffusers' classes that support it (a ValueError from the others)
-            ae.module.enable_gradient_checkpointing()
+        try:  # ours, Wan's per causal chunk, and diffusers' classes that support it (ValueError from the others)
+            ae.gradient_checkpointing(True)
         except ValueError:
             raise ConfigError(f"model.gradient_checkpointing: {ae.class_name} does not support it") from None
     freeze(cfg, ae)  # decoder: SD's ft-EMA / ft-MSE recipe, the latent space stays as it is
@@ -342,6 +343,9 @@ def create_run_folder(cfg: TrainConfig, accelerator: Accelerator, data: Data) ->
 def prepare_step(cfg: TrainConfig, accelerator: Accelerator, models: Models, data: Data, fp16: bool):
     """The optimizers and their schedules, everything through `accelerator.prepare`, and the step that uses the
     prepared objects: (TrainStep, the training batches, the prepared held-out loader)."""
+    if accelerator.num_processes > 1:  # BatchNorm statistics of the whole batch, the same on every process
+        synced = sum(synchronize_batchnorm(m, accelerator.device) for m in (models.model, models.discriminator))
+        accelerator.print(f"BatchNorm: {synced} layer(s) synchronized across {accelerator.num_processes} processes")
     lr, disc_lr = cfg.optim.lr, cfg.optim.disc_lr or cfg.optim.lr
     if cfg.optim.scale_lr:
         scale = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum

@@ -25,6 +25,7 @@ SECTIONS = (
     "families",
     "video-memory",
     "video-data",
+    "video-train",
 )
 # tiled decoding of large images takes minutes on a CPU; maxbatch and fp16 are meant for a GPU; families builds
 # and times eight models

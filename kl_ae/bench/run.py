@@ -7,7 +7,8 @@ through kl-ae against its diffusers class (`families.py`); the modern formats: D
 f32, our DC step, the step time and memory of dc-f32c32 and flux2-f8c32 against kl-f8 (`formats.py`).
 `--device cuda` runs every section on the GPU (`device.py`: synchronised timing, peak allocation, MFU against the
 GPU's bf16 datasheet peak); video: memory of long clips whole against chunked, and clips decoded per second
-against a video step's demand (`video.py`).
+against a video step's demand (`video.py`); a Wan training step against a plain loop over diffusers' class, and its
+memory with gradient checkpointing off and on (`video_train.py`).
 
 Every comparison is measured in one process, interleaved (ours, baseline, ours, ...), and reported as a median;
 on a shared machine only the ratios are meaningful. LPIPS runs with a RANDOM VGG backbone (no weights offline):
@@ -31,6 +32,7 @@ from kl_ae.bench.gpu import bench_fp16, bench_maxbatch
 from kl_ae.bench.step import bench_default, bench_optim, bench_peak, bench_train
 from kl_ae.bench.tiled import bench_tiled
 from kl_ae.bench.video import bench_video_data, bench_video_memory
+from kl_ae.bench.video_train import bench_video_train
 
 __all__ = ["BenchConfig", "format_table", "run_bench"]
 
@@ -74,6 +76,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["video-memory"] = bench_video_memory(cfg)
     if "video-data" in cfg.what:
         result["video-data"] = bench_video_data(cfg)
+    if "video-train" in cfg.what:
+        result["video-train"] = bench_video_train(cfg, precisions)
     result |= bench_formats(cfg)  # the sections of FORMAT_SECTIONS that cfg.what names
     return result
 

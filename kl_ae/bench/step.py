@@ -121,7 +121,7 @@ def our_step_fn(
     model.train(), disc.train()
     opt_g = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.5, 0.9))
     opt_d = adamw(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    average = GuardedEMA(autoencoder.parameters(), decay=0.999, use_ema_warmup=True) if ema else None
+    average = GuardedEMA(model.autoencoder.parameters(), decay=0.999, use_ema_warmup=True) if ema else None
     modules = StepModules(model, disc, acc.prepare_optimizer(opt_g), acc.prepare_optimizer(opt_d), lpips, ema=average)
     train_step = TrainStep(acc, modules, LossConfig(), grad_clip=1.0, fp16=precision == "fp16")
     schedule = StepSchedule(disc_factor=1.0 if gan else 0.0)

@@ -88,8 +88,9 @@ def add_eval_commands(sub) -> None:
     """The evaluation subcommands: eval, probe, rd, sanity (their packages are imported only when they run)."""
     p = sub.add_parser("eval", help="metrics, latent statistics, VAE diagnostics and an HTML report")
     add_model_arguments(p)
-    p.add_argument("--data", help="a folder of images or videos, a video file, 'sample', 'sample-video' or a hub "
-                   "dataset name (default: a run's own held-out split)")  # fmt: skip
+    p.add_argument("--data", help="a folder of images or videos, a video file, shards, 'sample', 'sample-video' or a "
+                   "hub dataset name (default: a run's own held-out split)")  # fmt: skip
+    p.add_argument("--streaming", action="store_true", help="stream a hub dataset of videos: its first clips")
     p.add_argument(
         "--split",
         choices=["val", "train"],
@@ -118,7 +119,8 @@ def add_eval_commands(sub) -> None:
     p = sub.add_parser("probe", help="diffusability: train a small latent DiT on the model's latents, report its loss")
     add_model_arguments(p)
     p.add_argument("--data", help="a folder, 'sample' or a hub dataset name, split as the trainer splits it "
-                   "(default: a run's own data and its held-out split)")  # fmt: skip
+                   "(default: a run's own data and its held-out split); videos: also shards")  # fmt: skip
+    p.add_argument("--streaming", action="store_true", help="stream a hub dataset of videos: its first clips")
     p.add_argument("--out", help="where metrics.json, report.html and the latents go (default MODEL/probe)")
     p.add_argument("--steps", type=int, default=600, help="denoiser training steps (default 600)")
     p.add_argument("--compare", help="a second model, probed on the same images, seeds and budget")
@@ -159,7 +161,7 @@ def add_bench_command(sub) -> None:
         "--what",
         default="train,codec,data,peak,optim",
         help="comma-separated sections (also: default, tiled, maxbatch, fp16, families, dc-vs-sd, dc-step, "
-        "formats-step, video-memory, video-data)",
+        "formats-step, video-memory, video-data, video-train)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu or cuda")
     p.add_argument("--tiled-sizes", default="1024,2048", help="tiled section: output sizes in px, comma-separated")

@@ -99,14 +99,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
         from eval.evaluate import EvalConfig, evaluate
 
         fields = ("data", "split", "out", "resolution", "protocol", "posterior", "batch_size", "compare", "lpips",
-                  "max_images", "seed", "frames")  # fmt: skip
+                  "max_images", "seed", "frames", "streaming")  # fmt: skip
         evaluate(EvalConfig(model=model_of(args), **{k: getattr(args, k) for k in fields}))
         return 0
     if args.command == "probe":
         from eval.probe import ProbeConfig, probe
 
         fields = ("data", "out", "steps", "compare", "seed", "batch_size", "resolution", "resize", "crops",
-                  "max_images", "eval_every", "frames")  # fmt: skip
+                  "max_images", "eval_every", "frames", "streaming")  # fmt: skip
         probe(ProbeConfig(model=model_of(args), **{k: getattr(args, k) for k in fields}))
         return 0
     if args.command == "rd":

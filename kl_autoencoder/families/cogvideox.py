@@ -44,8 +44,17 @@ class CogVideoX(ScaledLatents, DiffusersAdapter):
         # latent frames decode in pairs after an odd first chunk (num_latent_frames_batch_size 2)
         return 2 * self.temporal_factor
 
-    def tiling(self, on: bool = True) -> None:
-        self.module.enable_tiling() if on else self.module.disable_tiling()
+    def tiling(self, on: bool = True, tile: int | None = None) -> None:
+        """The class's spatial tiles: `tile` pixels overlapping by a quarter (None: its own sizes and shares)."""
+        if not on or tile is None:
+            self.module.enable_tiling() if on else self.module.disable_tiling()
+            return
+        f = self.spatial_factor  # its strides come from a share of the tile in pixels and in latents: whole numbers
+        if tile % (4 * f):
+            raise ValueError(f"{self.class_name} overlaps its tiles by a quarter: a tile must be a multiple of {4 * f} "
+                             f"px, got {tile}")  # fmt: skip
+        self.module.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                                  tile_overlap_factor_height=0.25, tile_overlap_factor_width=0.25)  # fmt: skip
 
     def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.module.encode(x).latent_dist.parameters)  # over (B, C', t, h, w)

@@ -48,6 +48,12 @@ class Flux2(DiffusersAdapter):
     def fp16_safe(self) -> bool | None:
         return None  # the config has no force_upcast; FLUX.2's pipelines run the VAE in bf16
 
+    def tiling(self, on: bool = True, tile: int | None = None) -> None:
+        """The class's tiles; its `enable_tiling` takes no sizes: `tile` is set as its `__init__` sets them."""
+        super().tiling(on)
+        if on and tile is not None:
+            self.module.tile_sample_min_size, self.module.tile_latent_min_size = tile, tile // self.spatial_factor
+
     def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.module.encode(x).latent_dist.parameters)  # over (B, C, H/f, W/f)
 

@@ -20,6 +20,12 @@ class Hunyuan(ScaledLatents, DiffusersAdapter):
     def spatial_factor(self) -> int:
         return int(self.config["spatial_compression_ratio"])
 
+    def tiling(self, on: bool = True, tile: int | None = None) -> None:
+        """The class's tiled decode, `tile` pixels (its own overlap share; None: its own size)."""
+        if on and tile is not None:
+            self.module.enable_tiling(tile_sample_min_size=tile)
+        self.module.use_tiling = on
+
     def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
         # the class's tiled encode takes 5-D video tensors only: its tiling is for the decode, the encode runs whole
         tiled, self.module.use_tiling = self.module.use_tiling, False

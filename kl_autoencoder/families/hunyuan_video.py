@@ -41,7 +41,17 @@ class HunyuanVideo(ScaledLatents, DiffusersAdapter):
         decoder = self.module.decoder
         return getattr(decoder, "conv_norm_out", None) or decoder.norm_out, decoder.conv_out  # 1.5: norm_out
 
-    def tiling(self, on: bool = True) -> None:
+    def tiling(self, on: bool = True, tile: int | None = None) -> None:
+        """The class's spatial tiles (`tile` pixels overlapping by a quarter; None: its own 256) and time windows."""
+        if on and tile is not None and self.class_name == "AutoencoderKLHunyuanVideo15":
+            f = self.spatial_factor  # its strides come from a share of the tile in pixels and in latents: whole numbers
+            if tile % (4 * f):
+                raise ValueError(f"{self.class_name} overlaps its tiles by a quarter: a tile must be a multiple of "
+                                 f"{4 * f} px, got {tile}")  # fmt: skip
+            self.module.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_overlap_factor=0.25,
+                                      tile_latent_min_height=tile // f, tile_latent_min_width=tile // f)  # fmt: skip
+        elif on and tile is not None:
+            super().tiling(on, tile)
         for switch in ("use_tiling", "use_framewise_encoding", "use_framewise_decoding"):  # 1.5: spatial tiles only
             if hasattr(self.module, switch):
                 setattr(self.module, switch, on)

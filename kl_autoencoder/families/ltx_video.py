@@ -42,7 +42,9 @@ class LTXVideo(DiffusersAdapter):
     def temporal_factor(self) -> int:
         return int(self.module.temporal_compression_ratio)
 
-    def tiling(self, on: bool = True) -> None:
+    def tiling(self, on: bool = True, tile: int | None = None) -> None:
+        """The class's spatial tiles (`tile` pixels overlapping by a quarter; None: its own 512) and time windows."""
+        super().tiling(on, tile)
         m = self.module
         # the class's `_encode` reads use_framewise_decoding (not ..._encoding) for its temporal windows: set both
         m.use_tiling = m.use_framewise_encoding = m.use_framewise_decoding = on

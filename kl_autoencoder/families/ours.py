@@ -59,10 +59,13 @@ class Ours(Adapter):
     def set_image_channels(self, channels: int) -> None:
         self.module.config.in_channels = self.module.config.out_channels = channels
 
-    def tiling(self, on: bool = True) -> None:
-        """Images larger than `tile` pixels encode and decode tile by tile, with the whole image's GroupNorm
-        statistics ("exact"; the zero padding at tile borders remains: close to the whole pass, not equal)."""
+    def tiling(self, on: bool = True, tile: int | None = None) -> None:
+        """Images larger than `tile` pixels (None: as set, 256 by default) encode and decode tile by tile, with the
+        whole image's GroupNorm statistics ("exact"; the zero padding at tile borders remains: close to the whole
+        pass, not equal)."""
         self.tiled = on
+        if tile is not None:
+            self.tile = tile
 
     def _tiled(self, side: int) -> bool:
         """Whether an image whose longer side is `side` pixels goes through in tiles."""
