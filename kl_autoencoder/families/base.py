@@ -378,6 +378,21 @@ class DiffusersAdapter(Adapter):
         return path
 
 
+class ModuleRatios:
+    """The factors of the classes that hold them as module attributes (HunyuanVideo and 1.5, LTX-Video and LTX-2):
+    `spatial_compression_ratio` and `temporal_compression_ratio`, derived by the class from its own levels."""
+
+    module: nn.Module
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.module.spatial_compression_ratio)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.module.temporal_compression_ratio)
+
+
 class ScaledLatents:
     """The normalization of the pipelines that scale latents by `scaling_factor` alone (SANA, HunyuanImage,
     HunyuanVideo, CogVideoX): z * scaling_factor, measured as 1 / RMS, which makes the mean square of all values 1

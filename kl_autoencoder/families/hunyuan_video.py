@@ -19,23 +19,15 @@ from pathlib import Path
 import torch
 
 from ..model import DiagonalGaussian
-from .base import DiffusersAdapter, ScaledLatents, load_module
+from .base import DiffusersAdapter, ModuleRatios, ScaledLatents, load_module
 
 
-class HunyuanVideo(ScaledLatents, DiffusersAdapter):
+class HunyuanVideo(ModuleRatios, ScaledLatents, DiffusersAdapter):
     is_video = True
 
     @property
     def family(self) -> str:
         return "hunyuan-video-1.5" if self.class_name == "AutoencoderKLHunyuanVideo15" else "hunyuan-video"
-
-    @property
-    def spatial_factor(self) -> int:
-        return int(self.module.spatial_compression_ratio)
-
-    @property
-    def temporal_factor(self) -> int:
-        return int(self.module.temporal_compression_ratio)
 
     def head(self) -> tuple:
         decoder = self.module.decoder

@@ -24,23 +24,15 @@ from pathlib import Path
 import torch
 
 from ..model import DiagonalGaussian
-from .base import ChannelMoments, DiffusersAdapter, load_module, new_module, with_channels
+from .base import ChannelMoments, DiffusersAdapter, ModuleRatios, load_module, new_module, with_channels
 
 
-class LTXVideo(DiffusersAdapter):
+class LTXVideo(ModuleRatios, DiffusersAdapter):
     is_video = True
 
     @property
     def family(self) -> str:
         return "ltx2-video" if self.class_name == "AutoencoderKLLTX2Video" else "ltx-video"
-
-    @property
-    def spatial_factor(self) -> int:
-        return int(self.module.spatial_compression_ratio)
-
-    @property
-    def temporal_factor(self) -> int:
-        return int(self.module.temporal_compression_ratio)
 
     def tiling(self, on: bool = True, tile: int | None = None) -> None:
         """The class's spatial tiles (`tile` pixels overlapping by a quarter; None: its own 512) and time windows."""
