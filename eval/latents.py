@@ -144,6 +144,9 @@ def encode_dataset(
     settings = latent_settings(ae, model_path, data, resolution, sample, seed)
     settings |= split_settings(data, split, grid, max_images, split_seed, run_data)
     if stream:  # of videos with --frames: one clip of that many frames per video
+        if frames is None and is_video_source(data, streaming):  # a stream's video lengths are not known ahead
+            raise ConfigError(f"--frames: {data} holds videos; a stream of them is encoded one clip of --frames N "
+                              "frames per video (e.g. --frames 17)")  # fmt: skip
         check_frames(ae, frames)
         if frames is not None:
             settings |= {"frames": frames, "temporal_factor": ae.temporal_factor}

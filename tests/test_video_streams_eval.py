@@ -211,3 +211,14 @@ def test_reconstruct_tile_on_a_video_sets_the_tile(wan, clips, tmp_path):
     assert (whole[..., 48:].int() - tiled[..., 48:].int()).abs().max() > 8  # the reconstructions differ
     with pytest.raises(ConfigError, match="^--tile: 10 is not a positive multiple of 4"):
         reconstruct(video, str(wan), str(tmp_path / "bad.mp4"), tile=10, frames=9)
+
+
+def test_encode_of_a_video_stream_without_frames_is_one_line(wan, shards, tmp_path):
+    """A stream's video lengths are unknown ahead, so encode takes one clip of --frames N per video: without it, one
+    line before anything is written (it once read every video member as a missing image)."""
+    from eval.latents import encode_dataset
+    from kl_ae.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--frames: .* holds videos; a stream of them is encoded one clip"):
+        encode_dataset(str(wan), shards, tmp_path / "latents", resolution=32)
+    assert not (tmp_path / "latents").exists()
