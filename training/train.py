@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -343,6 +343,10 @@ def create_run_folder(cfg: TrainConfig, accelerator: Accelerator, data: Data) ->
 def prepare_step(cfg: TrainConfig, accelerator: Accelerator, models: Models, data: Data, fp16: bool):
     """The optimizers and their schedules, everything through `accelerator.prepare`, and the step that uses the
     prepared objects: (TrainStep, the training batches, the prepared held-out loader)."""
+    if accelerator.num_processes > 1 and not isinstance(models.model.autoencoder, Autoencoder):
+        # a diffusers class may leave parameters out of a batch's graph (a causal video class's temporal convolutions
+        # on one-frame clips: images mixed into clips, Qwen-Image on images), which DDP must then look for
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     if accelerator.num_processes > 1:  # BatchNorm statistics of the whole batch, the same on every process
         synced = sum(synchronize_batchnorm(m, accelerator.device) for m in (models.model, models.discriminator))
         accelerator.print(f"BatchNorm: {synced} layer(s) synchronized across {accelerator.num_processes} processes")
