@@ -192,6 +192,8 @@ def test_export_of_a_family_run(name, convention, n, family_folders, tmp_path):
     ("rae", "data.resolution=64 data.resize=64", "data.resolution: AutoencoderRAE decodes to 32x32 only"),
     ("flux2", "data.resolution=34", "data.resolution: AutoencoderKLFlux2 takes images whose sides are multiples of 4"),
     ("dc-ae", "model.gradient_checkpointing=true", "model.gradient_checkpointing: AutoencoderDC does not support it"),
+    ("qwen-image", "model.gradient_checkpointing=true",
+     "model.gradient_checkpointing: AutoencoderKLQwenImage does not support it"),
     ("qwen-image", "train.trainable=[encoder] loss.disc_start=0", "train.trainable: the adversarial loss's"),
 ])  # fmt: skip
 def test_what_a_family_cannot_do_is_an_error_before_compute(name, override, message, family_folders, tmp_path, capsys):

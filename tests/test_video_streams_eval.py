@@ -222,3 +222,13 @@ def test_encode_of_a_video_stream_without_frames_is_one_line(wan, shards, tmp_pa
     with pytest.raises(ConfigError, match=r"^--frames: .* holds videos; a stream of them is encoded one clip"):
         encode_dataset(str(wan), shards, tmp_path / "latents", resolution=32)
     assert not (tmp_path / "latents").exists()
+
+
+def test_a_stream_that_cannot_be_opened_says_why():
+    """Only a dataset without a video column reads as images; a stream that cannot be opened at all keeps its own
+    error (it once became "holds no videos")."""
+    from kl_ae.common.config import ConfigError
+    from kl_ae.common.video import is_video_source
+
+    with pytest.raises(ConfigError, match=r"^--data: cannot stream 'nobody/no-such-videos'"):
+        is_video_source("nobody/no-such-videos", streaming=True)

@@ -52,8 +52,9 @@ class ModelConfig:
     trust_pickle: bool = False  # unpickle a .ckpt that needs more than tensors: only for files you trust
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # a video family (wan, ltx-video) taken frame by frame: each frame a one-frame clip folded into the batch, so no
-    # frame sees another; the baseline a video VAE's temporal compression is measured against (with the arch's
-    # temporal downsampling off). Recorded in the export, whose reload takes frames alone too
+    # frame sees another; the baseline a video VAE's temporal compression is measured against (turn the arch's
+    # temporal downsampling off too: its temporal convolutions never see a second frame). Recorded in the export,
+    # whose reload takes frames alone too
     per_frame: bool = False
 
     def validate(self) -> None:

@@ -343,11 +343,12 @@ def create_run_folder(cfg: TrainConfig, accelerator: Accelerator, data: Data) ->
 def prepare_step(cfg: TrainConfig, accelerator: Accelerator, models: Models, data: Data, fp16: bool):
     """The optimizers and their schedules, everything through `accelerator.prepare`, and the step that uses the
     prepared objects: (TrainStep, the training batches, the prepared held-out loader)."""
-    if accelerator.num_processes > 1 and not isinstance(models.model.autoencoder, Autoencoder):
-        # a diffusers class may leave parameters out of a batch's graph (a causal video class's temporal convolutions
-        # on one-frame clips: images mixed into clips, Qwen-Image on images), which DDP must then look for
-        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
-    if accelerator.num_processes > 1:  # BatchNorm statistics of the whole batch, the same on every process
+    if accelerator.num_processes > 1:
+        if not isinstance(models.model.autoencoder, Autoencoder):
+            # a diffusers class may leave parameters out of a batch's graph (a causal video class's temporal
+            # convolutions on one-frame clips: images mixed into clips, Qwen-Image on images); DDP must look for them
+            accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        # BatchNorm statistics of the whole batch, the same on every process
         synced = sum(synchronize_batchnorm(m, accelerator.device) for m in (models.model, models.discriminator))
         accelerator.print(f"BatchNorm: {synced} layer(s) synchronized across {accelerator.num_processes} processes")
     lr, disc_lr = cfg.optim.lr, cfg.optim.disc_lr or cfg.optim.lr

@@ -88,8 +88,10 @@ def is_video_source(source: str, streaming: bool = False) -> bool:
     if streaming or shard_files(source, "--data") is not None:
         try:
             stream, columns = open_stream(source, key="--data", video=True)
-        except ConfigError:  # no video column (an image dataset), or nothing to stream: the image path says why
-            return False
+        except ConfigError as e:  # no video column: an image dataset; anything else (cannot stream it) is said here
+            if " column in " in str(e):
+                return False
+            raise
         for example in itertools.islice(stream, 64):  # samples holding neither (a caption alone) are passed over
             if image_of(example, columns) is not None:
                 return True

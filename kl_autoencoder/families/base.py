@@ -235,7 +235,8 @@ class Adapter:
         """Memory-bounded encode / decode of large frames through the class's own tiling where it has one (blended
         overlapping tiles: close to, not equal to, the whole pass); a no-op for a class without one. `tile`: tiles of
         that many pixels a side overlapping by a quarter (the stride a multiple of `image_multiple`), given to the
-        class's `enable_tiling(tile_sample_min_height=..., ...)`; None: the sizes the class holds (its defaults)."""
+        class's `enable_tiling(tile_sample_min_height=..., ...)`; None: the sizes the class holds now (its defaults
+        unless set before)."""
         if not hasattr(self.module, "use_tiling"):
             return
         if on and tile is not None:

@@ -126,7 +126,10 @@ class QwenWan(DiffusersAdapter):
 
     def gradient_checkpointing(self, on: bool = True) -> None:
         """Recompute each causal chunk's activations in backward (training only: a pass without gradients, or one
-        through the spatial tiles, is the class's own)."""
+        through the spatial tiles, is the class's own). Wan's class only: Qwen-Image's chunks its decoder otherwise
+        (no `first_chunk`, no patches), and its pipeline feeds single frames."""
+        if on and self.class_name != "AutoencoderKLWan":
+            raise ValueError(f"{self.class_name}: gradient checkpointing per causal chunk is for AutoencoderKLWan")
         self.checkpointing = on
 
     def _checkpointed(self) -> bool:
