@@ -16,6 +16,7 @@ width `family_width`):
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import tempfile
 
@@ -43,6 +44,8 @@ def plain_step_fn(vae, x: torch.Tensor, bf16: bool, lpips: torch.nn.Module | Non
     import lpips as lpips_pkg
     from diffusers.training_utils import EMAModel
 
+    from kl_ae.common.frames import fold_frames
+
     lp = lpips or lpips_pkg.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     lp = lp.eval().requires_grad_(False)
     vae.train()
@@ -54,8 +57,7 @@ def plain_step_fn(vae, x: torch.Tensor, bf16: bool, lpips: torch.nn.Module | Non
         with autocast(dtype, x.device.type):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample.float()
-        frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B*T, C, H, W)
-        p = lp(frames(x), frames(recon)).view(B, -1).mean(1)  # fp32, as ours: each clip's mean over its frames
+        p = lp(fold_frames(x), fold_frames(recon)).view(B, -1).mean(1)  # fp32, as ours: each clip's mean of frames
         rec = (x - recon).abs() + p.view(B, 1, 1, 1, 1)
         loss = rec.sum() / B + 1e-6 * posterior.kl().float().sum() / B
         loss.backward()
@@ -77,7 +79,7 @@ def bench_step(cfg: BenchConfig, precisions: list[str]) -> dict:
     for precision in precisions:
         with tempfile.TemporaryDirectory() as folder:
             ours = build_video_family("wan-video", cfg.family_width, folder).to(cfg.device)
-            plain = build_video_family("wan-video", cfg.family_width, folder).module.to(cfg.device)
+        plain = copy.deepcopy(ours.module)  # the same weights
         lpips = lpips_random(device=cfg.device)
         fns = {"ours": our_step_fn(ours, x, precision, gan=False, lpips=lpips),
                "plain": plain_step_fn(plain, x, bf16=precision == "bf16")}  # fmt: skip
