@@ -5,6 +5,7 @@ interleaved timing. The sections import this module; `run.py` imports the sectio
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import statistics
 from dataclasses import dataclass
 
@@ -60,6 +61,17 @@ class BenchConfig:
     # dc-vs-sd section: one pair of training runs per seed, and the optimizer steps of each
     seeds: tuple[int, ...] = (0, 1, 2)
     train_steps: int = 300
+
+
+def in_child(target, *args) -> dict:
+    """`target(*args, queue)` in a fresh spawned process (a CPU process's peak RSS only grows, so each memory figure
+    needs one): the dict it puts on the queue, or {"error": "exit N"} where it failed."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    child.join()
+    return queue.get() if child.exitcode == 0 else {"error": f"exit {child.exitcode}"}
 
 
 def interleaved_times(fns: dict, steps: int, repeats: int) -> dict[str, list[float]]:

@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import tempfile
 import time
 
 import torch
 
-from kl_ae.bench.common import BenchConfig, interleaved_times
+from kl_ae.bench.common import BenchConfig, in_child, interleaved_times
 from kl_ae.bench.device import peak_memory_mib, reset_peak_memory, sync
 
 VIDEO_FAMILIES = ("wan-video", "hunyuan-video", "ltx-video", "cogvideox")
@@ -77,19 +76,14 @@ def _memory_child(name: str, width: int, frames: int, size: int, chunked: bool, 
 
 def bench_video_memory(cfg: BenchConfig) -> dict:
     """{family: {whole|chunked: {frames: figures}}}, each figure from a process of its own."""
-    context = mp.get_context("spawn")
     out: dict = {"resolution": cfg.resolution, "width": cfg.family_width, "frames": list(MEMORY_FRAMES)}
     for name in cfg.video_families:
         out[name] = {}
         for mode in ("whole", "chunked"):
             out[name][mode] = {}
             for frames in MEMORY_FRAMES:
-                queue = context.Queue()
-                args = (name, cfg.family_width, frames, cfg.resolution, mode == "chunked", cfg.device, queue)
-                child = context.Process(target=_memory_child, args=args)
-                child.start()
-                child.join()
-                out[name][mode][frames] = queue.get() if child.exitcode == 0 else {"error": f"exit {child.exitcode}"}
+                args = (name, cfg.family_width, frames, cfg.resolution, mode == "chunked", cfg.device)
+                out[name][mode][frames] = in_child(_memory_child, *args)
     return out
 
 

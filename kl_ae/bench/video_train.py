@@ -17,12 +17,11 @@ width `family_width`):
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
 import tempfile
 
 import torch
 
-from kl_ae.bench.common import BenchConfig, interleaved, lpips_random
+from kl_ae.bench.common import BenchConfig, in_child, interleaved, lpips_random
 from kl_ae.bench.device import autocast, peak_memory_mib, reset_peak_memory, sync
 from kl_ae.bench.video import build_video_family
 
@@ -134,19 +133,14 @@ def _memory_child(width: int, frames: int, size: int, on: bool, precision: str, 
 
 def bench_memory(cfg: BenchConfig, precision: str) -> dict:
     """{frames: {off|on: peak MiB}, and on / off of each}, each figure from a process of its own."""
-    context = mp.get_context("spawn")
     out: dict = {"resolution": cfg.resolution, "width": cfg.family_width, "precision": precision}
     for frames in MEMORY_FRAMES:
         out[frames] = {}
         for on in (False, True):
             figures: dict = {}
             for tensors in (False, True) if cfg.device == "cpu" else (False,):
-                queue = context.Queue()
-                args = (cfg.family_width, frames, cfg.resolution, on, precision, cfg.device, tensors, queue)
-                child = context.Process(target=_memory_child, args=args)
-                child.start()
-                child.join()
-                figures |= queue.get() if child.exitcode == 0 else {"error": f"exit {child.exitcode}"}
+                args = (cfg.family_width, frames, cfg.resolution, on, precision, cfg.device, tensors)
+                figures |= in_child(_memory_child, *args)
             out[frames]["on" if on else "off"] = figures
         off, on = out[frames]["off"], out[frames]["on"]
         for key in set(off) & set(on) - {"error"}:
