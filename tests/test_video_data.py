@@ -340,7 +340,9 @@ def test_a_killed_video_stream_resumes_at_the_sample(video_shards, tmp_path):
     cfg = stream_config(video_shards["pattern"], folder_of(tmp_path / "val", v=gray(6)), image_ratio=0.4)
 
     def loader() -> StatefulDataLoader:
-        return StatefulDataLoader(build_stream(cfg, 0, 0, 1)[0], batch_size=2, num_workers=2)
+        return StatefulDataLoader(
+            build_stream(cfg, 0, 0, 1)[0], batch_size=2, num_workers=2, multiprocessing_context="forkserver"
+        )  # no fork of the suite's threads
 
     straight = list(loader())
     assert {x.shape[2] for _, x in straight} == {1, 5}  # image batches and clip batches
