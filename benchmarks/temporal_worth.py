@@ -15,13 +15,15 @@ clip, on the same data, steps and losses; held-out PSNR paired by seed.
   `--resize` px (the scale the runs train at). A causal model encodes the first frame of a clip alone, so the first
   frame and the other eight are reported apart.
 - Every training and evaluation is the `kl-ae` command a user would run, printed as it starts; finished runs and
-  evaluations are reused, so calls for some seeds or one kind (`--kinds`), in parallel, fill the same folder and a
-  last call with every seed prints the whole table (OUT/results.json holds it).
+  evaluations are reused (a run in progress is waited for), so calls for some seeds or one kind (`--kinds`), in
+  parallel, fill the same folder and a last call with every seed prints the whole table (OUT/results.json holds
+  it).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -84,7 +86,13 @@ def held_out_windows(out: Path) -> Path:
 
 def train_and_eval(kind: str, seed: int, args, heldout: Path) -> dict:
     """One run and its held-out evaluation (each skipped when already done): PSNR of all frames, the first, the
-    rest, and the training wall time."""
+    rest, and the training wall time. A call in parallel that wants the same run waits for it (a lock file)."""
+    with (args.out / f"{kind}_s{seed}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train_and_eval(kind, seed, args, heldout)
+
+
+def _train_and_eval(kind: str, seed: int, args, heldout: Path) -> dict:
     folder = args.out / f"{kind}_s{seed}"
     metrics = folder / "heldout" / "metrics.json"
     timing = folder / "train_seconds.txt"
